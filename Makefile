@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` (the whole pipeline, offline) and `make test`.
+# Each creates .venv and installs everything on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU-only machines here carry these wheels on disk; elsewhere pip fetches them.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m jobs.pipeline --config configs/demo.yaml --out results/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

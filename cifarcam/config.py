@@ -1,0 +1,296 @@
+"""Experiment configuration: frozen dataclasses read from YAML, validated before any cluster time.
+
+Every error is one line naming the key and what was expected, e.g.
+``search.grid.optimzer: unknown key; did you mean 'optimizer'?``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+DATA_SOURCES = ("synthetic", "cifar10", "cifar100", "parquet")
+STEMS = ("cifar", "imagenet")
+SCHEDULERS = ("cosine", "onecycle", "multistep", "none")
+EARLY_STOPPING = ("asha", "none")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_classes: int = 10
+    train_size: int = 5000
+    test_size: int = 1000
+    image_size: int = 32
+    object_size: int = 12
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"
+    path: str | None = None  # folder or archive; None: the cache (and a download where allowed)
+    cache_dir: str = "~/.cache/cifarcam"
+    download: bool = True
+    val_fraction: float = 0.1
+    seed: int = 0
+    limit_train: int | None = None  # stratified subsample of the train split (demos, tests)
+    limit_test: int | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One trial's hyperparameters. The search space overrides any of these by name."""
+
+    model: str = "resnet18"
+    stem: str = "cifar"
+    input_size: int = 32
+    pretrained: bool | str = False  # True: timm's ImageNet weights; a str: a local weights file
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of the run
+    epochs: int = 40
+    batch_size: int = 64  # per worker
+    label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None
+    bf16: bool = True  # autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    grid: dict[str, list] = field(default_factory=dict)  # every combination is tried
+    sample: dict[str, dict] = field(default_factory=dict)  # {"lr": {"loguniform": [1e-4, 1e-2]}}
+    num_samples: int = 1  # repeats of the grid, each with fresh samples
+    metric: str = "val_top1"
+    mode: str = "max"
+    early_stopping: str = "asha"
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    keep_checkpoints: int = 2
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's resources fit
+    worker_restarts: int = 2  # Ray Train FailureConfig.max_failures
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    workers_per_trial: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    gpus_per_worker: float = 1.0  # fractions let small trials share a GPU
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SAMPLERS = ("uniform", "loguniform", "choice", "randint")
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce YAML scalars to ``annotation`` (ints to floats, lists to tuples) or raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {annotation}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1]
+        return tuple(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, list):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{where}: expected a {origin.__name__}, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation in (float, str) and not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected a {annotation.__name__}, got {value!r}")
+    return value
+
+
+def unknown_key_error(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(known)}"
+    return ConfigError(f"{where}: unknown key; {hint}")
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise unknown_key_error(str(key), names, path)
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = from_dict(hints[key], value, path)
+        else:
+            values[key] = _check_type(value, hints[key], path)
+    return cls(**values)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_train(cfg: TrainConfig, where: str = "train") -> None:
+    """Value checks for one trial's hyperparameters (names are checked against the registries)."""
+    from cifarcam.models import check_model_name
+    from cifarcam.optim import check_optimizer_name
+
+    _require(cfg.lr > 0, f"{where}.lr: must be > 0, got {cfg.lr}")
+    _require(cfg.weight_decay >= 0, f"{where}.weight_decay: must be >= 0, got {cfg.weight_decay}")
+    _require(cfg.epochs > 0, f"{where}.epochs: must be > 0, got {cfg.epochs}")
+    _require(cfg.batch_size > 0, f"{where}.batch_size: must be > 0, got {cfg.batch_size}")
+    _require(cfg.input_size >= 16, f"{where}.input_size: must be >= 16 pixels, got {cfg.input_size}")
+    _require(cfg.stem in STEMS, f"{where}.stem: expected one of {', '.join(STEMS)}, got {cfg.stem!r}")
+    _require(
+        cfg.scheduler in SCHEDULERS, f"{where}.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}"
+    )
+    _require(0 <= cfg.warmup_epochs < cfg.epochs, f"{where}.warmup_epochs: must be in [0, epochs), got {cfg.warmup_epochs}")
+    _require(0 <= cfg.label_smoothing < 1, f"{where}.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}")
+    check_model_name(cfg.model, f"{where}.model")
+    check_optimizer_name(cfg.optimizer, f"{where}.optimizer")
+
+
+def _space_values(cfg: SearchConfig) -> dict[str, list]:
+    """Every value the grid names, and each sampler's bounds, by hyperparameter."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, list] = {}
+    for key, options in cfg.grid.items():
+        if key not in train_fields:
+            raise unknown_key_error(key, sorted(train_fields), f"search.grid.{key}")
+        _require(isinstance(options, list) and options, f"search.grid.{key}: expected a non-empty list")
+        values[key] = options
+    for key, spec in cfg.sample.items():
+        if key not in train_fields:
+            raise unknown_key_error(key, sorted(train_fields), f"search.sample.{key}")
+        _require(
+            isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS,
+            f"search.sample.{key}: expected one of {{{', '.join(SAMPLERS)}: [...]}}, got {spec!r}",
+        )
+        (kind, args), = spec.items()
+        _require(isinstance(args, list) and args, f"search.sample.{key}.{kind}: expected a list of bounds or options")
+        if kind in ("uniform", "loguniform", "randint"):
+            _require(len(args) == 2 and args[0] < args[1], f"search.sample.{key}.{kind}: expected [low, high] with low < high")
+        if kind == "loguniform":
+            _require(args[0] > 0, f"search.sample.{key}.loguniform: bounds must be > 0, got {args}")
+        _require(key not in values, f"search.sample.{key}: already in search.grid; name it in one place")
+        values[key] = args
+    return values
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check everything that can be checked without a cluster; raise ConfigError naming the input."""
+    d, s, sc = cfg.data, cfg.search, cfg.scaling
+    _require(d.source in DATA_SOURCES, f"data.source: expected one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
+    _require(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    for key in ("limit_train", "limit_test"):
+        n = getattr(d, key)
+        _require(n is None or n > 0, f"data.{key}: must be > 0, got {n}")
+    _require(s.num_samples > 0, f"search.num_samples: must be > 0, got {s.num_samples}")
+    _require(s.mode in ("max", "min"), f"search.mode: expected max or min, got {s.mode!r}")
+    _require(
+        s.early_stopping in EARLY_STOPPING,
+        f"search.early_stopping: expected one of {', '.join(EARLY_STOPPING)}, got {s.early_stopping!r}",
+    )
+    _require(s.keep_checkpoints > 0, f"search.keep_checkpoints: must be > 0, got {s.keep_checkpoints}")
+    _require(sc.workers_per_trial > 0, f"scaling.workers_per_trial: must be > 0, got {sc.workers_per_trial}")
+    _require(sc.cpus_per_worker > 0, f"scaling.cpus_per_worker: must be > 0, got {sc.cpus_per_worker}")
+    _require(sc.gpus_per_worker > 0, f"scaling.gpus_per_worker: must be > 0, got {sc.gpus_per_worker}")
+    validate_train(cfg.train)
+    # Each value the search may pick must itself be valid: check every grid value and bound.
+    for key, options in _space_values(s).items():
+        for option in options:
+            try:
+                value = _check_type(option, typing.get_type_hints(TrainConfig)[key], f"search.{key}")
+                validate_train(dataclasses.replace(cfg.train, **{key: value}), where="search")
+            except ConfigError as err:
+                raise ConfigError(str(err).replace("search.", f"search.{key}=", 1)) from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read, type-check and validate a YAML experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return validate(from_dict(ExperimentConfig, raw, ""))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        return obj
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
+def trial_config(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """The trial's hyperparameters: ``base`` with the search's picks (type-coerced) applied."""
+    hints = typing.get_type_hints(TrainConfig)
+    picked = {k: _check_type(v, hints[k], f"trial.{k}") for k, v in overrides.items() if k in hints}
+    return dataclasses.replace(base, **picked)

@@ -1,0 +1,129 @@
+"""The run's Parquet tables: schemas, atomic writers and the run-folder layout.
+
+Every table is written to a temporary name and renamed into place, so a crash never leaves a
+half-written file under a name a reader would open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TRIALS = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("model", pa.string()),
+        ("optimizer", pa.string()),
+        ("scheduler", pa.string()),
+        ("lr", pa.float64()),
+        ("weight_decay", pa.float64()),
+        ("batch_size", pa.int64()),
+        ("hyperparameters", pa.string()),  # JSON of every searched value
+        ("status", pa.string()),  # completed | stopped_early | diverged | error
+        ("error", pa.string()),
+        ("epochs_run", pa.int64()),
+        ("epochs_planned", pa.int64()),
+        ("stopped_by_asha", pa.bool_()),
+        ("best_val_top1", pa.float64()),
+        ("best_epoch", pa.int64()),
+        ("best_checkpoint", pa.string()),
+        ("time_s", pa.float64()),
+    ]
+)
+
+EPOCHS = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("model", pa.string()),
+        ("epoch", pa.int64()),
+        ("train_loss", pa.float64()),
+        ("val_loss", pa.float64()),
+        ("val_top1", pa.float64()),
+        ("val_top5", pa.float64()),
+        ("images_per_s", pa.float64()),
+        ("lr", pa.float64()),
+        ("epoch_time_s", pa.float64()),
+        ("diverged", pa.bool_()),
+        ("checkpoint_path", pa.string()),
+    ]
+)
+
+ACCURACY = pa.schema(
+    [
+        ("model", pa.string()),
+        ("variant", pa.string()),  # the timm model behind the family name
+        ("stem", pa.string()),
+        ("input_size", pa.int64()),
+        ("params", pa.int64()),
+        ("trial_id", pa.string()),
+        ("optimizer", pa.string()),
+        ("scheduler", pa.string()),
+        ("lr", pa.float64()),
+        ("weight_decay", pa.float64()),
+        ("epochs", pa.int64()),
+        ("val_top1", pa.float64()),
+        ("test_top1", pa.float64()),
+        ("test_top5", pa.float64()),
+        ("test_superclass_top1", pa.float64()),  # null where the dataset has no superclasses
+        ("train_time_s", pa.float64()),
+        ("images_per_s", pa.float64()),
+        ("checkpoint", pa.string()),
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("image_index", pa.int64()),
+        ("label", pa.int64()),
+        ("coarse_label", pa.int64()),
+        ("pred", pa.int64()),
+        ("top5", pa.list_(pa.int64())),
+        ("prob", pa.float64()),
+        ("correct", pa.bool_()),
+    ]
+)
+
+TABLES = {"trials": TRIALS, "epochs": EPOCHS, "accuracy": ACCURACY, "predictions": PREDICTIONS}
+
+
+def write_table(rows: Iterable[dict[str, Any]] | dict[str, Any], schema: pa.Schema, path: Path, metadata: dict | None = None) -> Path:
+    """Write rows (a list of dicts, or a dict of columns) with ``schema``, atomically."""
+    table = pa.Table.from_pydict(rows, schema=schema) if isinstance(rows, dict) else pa.Table.from_pylist(list(rows), schema=schema)
+    if metadata:
+        table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail before any cluster time when ``out_dir`` cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"--out {out_dir}: cannot create the results folder ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out_dir}: the results folder is not writable")
+
+
+def write_provenance(out_dir: Path, config_yaml: str) -> None:
+    """The resolved config, package versions and git revision beside the run's outputs."""
+    from cifarcam.provenance import git_revision, package_versions
+
+    write_text_atomic(out_dir / "config.yaml", config_yaml)
+    write_text_atomic(out_dir / "versions.json", json.dumps({**package_versions(), "git": git_revision()}, indent=2) + "\n")

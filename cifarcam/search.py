@@ -1,0 +1,366 @@
+"""The only Ray Tune / Ray Train glue: one Tune trial = one TorchTrainer (DDP over N workers).
+
+Data reaches the workers through the object store: the driver ``ray.put``s the uint8 arrays once,
+and each worker ``ray.get``s them (zero-copy on a node, no shared filesystem needed for data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import ray.tune
+import torch
+
+from cifarcam.checkpoint import load_train_state, load_weights, save_checkpoint
+from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig, TrainConfig, trial_config
+from cifarcam.data import Splits
+from cifarcam.loader import DeviceLoader
+from cifarcam.models import ModelSpec, build_model
+from cifarcam.train import EpochMetrics, fit
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    use_gpu: bool
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_concurrent_trials: int
+
+
+def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> TrialResources:
+    """How many trials fit the cluster at once; fail fast when even one does not."""
+    sc = cfg.scaling
+    gpus = cluster.get("GPU", 0.0)
+    use_gpu = gpus > 0 if sc.use_gpu is None else sc.use_gpu
+    cpu_need = sc.workers_per_trial * sc.cpus_per_worker
+    fits = [math.floor(cluster.get("CPU", 0.0) / cpu_need + 1e-9)]
+    if use_gpu:
+        fits.append(math.floor(gpus / (sc.workers_per_trial * sc.gpus_per_worker) + 1e-9))
+    if min(fits) < 1:
+        have = f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs"
+        need = f"{cpu_need:g} CPUs" + (f" and {sc.workers_per_trial * sc.gpus_per_worker:g} GPUs" if use_gpu else "")
+        raise ConfigError(f"scaling: one trial needs {need} ({sc.workers_per_trial} workers) but the cluster has {have}")
+    concurrent = min(fits)
+    if cfg.search.max_concurrent_trials:
+        concurrent = min(concurrent, cfg.search.max_concurrent_trials)
+    return TrialResources(use_gpu, sc.workers_per_trial, sc.cpus_per_worker, sc.gpus_per_worker if use_gpu else 0.0, concurrent)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search space
+
+_SAMPLERS = {
+    "uniform": lambda a: ray.tune.uniform(*a),
+    "loguniform": lambda a: ray.tune.loguniform(*a),
+    "randint": lambda a: ray.tune.randint(*a),
+    "choice": lambda a: ray.tune.choice(a),
+}
+
+
+def param_space(search: SearchConfig) -> dict[str, Any]:
+    space: dict[str, Any] = {key: ray.tune.grid_search(values) for key, values in search.grid.items()}
+    for key, spec in search.sample.items():
+        (kind, args), = spec.items()
+        space[key] = _SAMPLERS[kind](args)
+    return space
+
+
+def count_trials(search: SearchConfig) -> int:
+    return int(np.prod([len(v) for v in search.grid.values()] or [1])) * search.num_samples
+
+
+# ---------------------------------------------------------------------------------------------
+# One worker of one trial
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs on every DDP worker: fetch data from the object store, build, fit, report."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = TrainConfig(**config["train"])
+    spec = ModelSpec(config["model_family"], config["num_classes"], cfg.stem, cfg.input_size)
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+
+    train_x, train_y, val_x, val_y = ray.get(config["data"])
+    model = build_model(spec, cfg.pretrained)
+    resume = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:  # a worker restarted after a failure: continue from the last epoch
+        with restored.as_directory() as folder:
+            load_weights(model, folder, spec)
+            resume = load_train_state(folder)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
+
+    loader_args = dict(device=device, rank=rank, world_size=world, seed=cfg.seed, input_size=cfg.input_size)
+    train_loader = DeviceLoader(train_x, train_y, cfg.batch_size, train=True, **loader_args)
+    val_loader = DeviceLoader(val_x, val_y, max(cfg.batch_size, 256), train=False, **loader_args)
+    meta = {"train": dataclasses.asdict(cfg), "class_names": config["class_names"], "dataset": config["dataset"]}
+
+    def report(metrics: EpochMetrics, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+        values = {**metrics.to_dict(), "model": spec.family}
+        if rank != 0:  # every rank reports (Train needs it); only rank 0 writes a checkpoint
+            ray.train.report(values, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), model, spec, meta, optimizer, scheduler, epoch=metrics.epoch)
+            ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    fit(model, cfg, train_loader, val_loader, on_epoch_end=report, resume=resume)
+
+
+# ---------------------------------------------------------------------------------------------
+# One Tune trial: a TorchTrainer over N workers
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], shared: dict[str, Any]) -> None:
+    """Tune's trainable: launches one distributed Ray Train run with the trial's hyperparameters."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(TrainConfig(**base["train"]), config)
+    res: TrialResources = shared["resources"]
+    search: SearchConfig = shared["search"]
+    resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.use_gpu else {})
+    trainer = ray.train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "train": dataclasses.asdict(cfg),
+            "model_family": cfg.model,
+            "num_classes": shared["num_classes"],
+            "class_names": shared["class_names"],
+            "dataset": shared["dataset"],
+            "data": shared["data"],
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            # A stable name per trial: a restarted trial finds its Train run and resumes it.
+            name=f"trial_{ray.tune.get_context().get_trial_id()}",
+            storage_path=shared["storage_path"],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=search.keep_checkpoints,
+                checkpoint_score_attribute=search.metric,
+                checkpoint_score_order=search.mode,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=search.worker_restarts),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def early_stopper(cfg: ExperimentConfig) -> Any:
+    if cfg.search.early_stopping == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=cfg.train.epochs,
+        grace_period=cfg.search.grace_period,
+        reduction_factor=cfg.search.reduction_factor,
+    )
+
+
+def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, callbacks: list | None = None) -> ray.tune.Tuner:
+    """A new Tuner, or the one stored under ``out_dir`` when resuming."""
+    res = plan_resources(cfg, ray.cluster_resources())
+    # The driver puts each array once; every worker of every trial reads the same objects.
+    data = [ray.put(splits.train.images), ray.put(splits.train.labels), ray.put(splits.val.images), ray.put(splits.val.labels)]
+    shared = {
+        "resources": res,
+        "search": cfg.search,
+        "data": data,
+        "num_classes": splits.train.num_classes,
+        "class_names": list(splits.class_names),
+        "dataset": cfg.data.source,
+        "storage_path": str(out_dir / "train"),
+    }
+    # The trial driver only waits on its TorchTrainer, so it holds no CPU (the workers hold the
+    # real resources); Tune needs a non-empty bundle, hence a token 64 MiB of memory.
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, base={"train": dataclasses.asdict(cfg.train)}, shared=shared), {"memory": 64 << 20}
+    )
+    experiment = out_dir / "tune" / cfg.name
+    if resume and ray.tune.Tuner.can_restore(str(experiment)):
+        return ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space(cfg.search),
+        tune_config=ray.tune.TuneConfig(
+            metric=cfg.search.metric,
+            mode=cfg.search.mode,
+            scheduler=early_stopper(cfg),
+            num_samples=cfg.search.num_samples,
+            max_concurrent_trials=res.max_concurrent_trials,
+        ),
+        run_config=ray.tune.RunConfig(name=cfg.name, storage_path=str(out_dir / "tune"), callbacks=callbacks, verbose=0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# From Tune's results to table rows
+
+
+def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
+    """(trials rows, epochs rows) for ``results.TRIALS`` / ``results.EPOCHS``."""
+    trials, epochs = [], []
+    searched = set(cfg.search.grid) | set(cfg.search.sample)
+    for result in results:
+        picks = {k: v for k, v in (result.config or {}).items() if k in searched}
+        tcfg = trial_config(cfg.train, picks)
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        frame = result.metrics_dataframe
+        rows = [] if frame is None or frame.empty else frame.to_dict("records")
+        for row in rows:
+            epochs.append(
+                {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged")}
+                | {"trial_id": trial_id, "model": tcfg.model, "checkpoint_path": row.get("checkpoint_path")}
+            )
+        diverged = bool(rows and rows[-1].get("diverged"))
+        done = int(rows[-1]["epoch"]) if rows else 0
+        status = "error" if result.error else "diverged" if diverged else "completed" if done >= tcfg.epochs else "stopped_early"
+        scored = [r for r in rows if r.get(cfg.search.metric) is not None and not r.get("diverged")]
+        best = (max if cfg.search.mode == "max" else min)(scored, key=lambda r: r[cfg.search.metric]) if scored else None
+        # Train keeps the best-k checkpoints by the same metric, so the best epoch's survives.
+        with_ckpt = [r for r in scored if r.get("checkpoint_path")]
+        best_ckpt = (max if cfg.search.mode == "max" else min)(with_ckpt, key=lambda r: r[cfg.search.metric]) if with_ckpt else None
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "model": tcfg.model,
+                "optimizer": tcfg.optimizer,
+                "scheduler": tcfg.scheduler,
+                "lr": tcfg.lr,
+                "weight_decay": tcfg.weight_decay,
+                "batch_size": tcfg.batch_size,
+                "hyperparameters": json.dumps(picks, sort_keys=True, default=str),
+                "status": status,
+                "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:500],
+                "epochs_run": done,
+                "epochs_planned": tcfg.epochs,
+                "stopped_by_asha": status == "stopped_early" and cfg.search.early_stopping == "asha",
+                "best_val_top1": best["val_top1"] if best else None,
+                "best_epoch": int(best["epoch"]) if best else None,
+                "best_checkpoint": best_ckpt["checkpoint_path"] if best_ckpt else None,
+                "time_s": float(sum(r.get("epoch_time_s") or 0 for r in rows)),
+            }
+        )
+    return trials, epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-set evaluation of each family's best trial
+
+
+def best_per_model(trials: list[dict], mode: str) -> list[dict]:
+    usable = [t for t in trials if t["best_checkpoint"] and t["status"] != "diverged"]
+    best: dict[str, dict] = {}
+    for t in usable:
+        current = best.get(t["model"])
+        better = current is None or (
+            t["best_val_top1"] > current["best_val_top1"] if mode == "max" else t["best_val_top1"] < current["best_val_top1"]
+        )
+        if better:
+            best[t["model"]] = t
+    return sorted(best.values(), key=lambda t: t["model"])
+
+
+def evaluate_best(trials: list[dict], epochs: list[dict], cfg: ExperimentConfig, splits: Splits, res: TrialResources) -> tuple[list[dict], dict[str, list]]:
+    """Evaluate each model family's best checkpoint on the test set, as Ray tasks sized like a
+    training worker (so a GPU cluster evaluates on GPUs). Returns accuracy rows and prediction columns."""
+    from cifarcam.evaluate import evaluate_checkpoint
+    from cifarcam.models import FAMILIES
+
+    def _evaluate(folder: str, test: Any) -> Any:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return evaluate_checkpoint(folder, test, device=device)
+
+    task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(_evaluate)
+    test_ref = ray.put(splits.test)
+    chosen = best_per_model(trials, cfg.search.mode)
+    evaluations = ray.get([task.remote(t["best_checkpoint"], test_ref) for t in chosen])
+    accuracy, predictions = [], {name: [] for name in ("model", "image_index", "label", "coarse_label", "pred", "top5", "prob", "correct")}
+    for trial, ev in zip(chosen, evaluations):
+        tcfg = trial_config(cfg.train, json.loads(trial["hyperparameters"]))
+        curve = [e for e in epochs if e["trial_id"] == trial["trial_id"]]
+        accuracy.append(
+            {
+                "model": trial["model"],
+                "variant": FAMILIES[trial["model"]].timm_name,
+                "stem": tcfg.stem,
+                "input_size": tcfg.input_size,
+                "params": ev.params,
+                "trial_id": trial["trial_id"],
+                "optimizer": tcfg.optimizer,
+                "scheduler": tcfg.scheduler,
+                "lr": tcfg.lr,
+                "weight_decay": tcfg.weight_decay,
+                "epochs": trial["epochs_run"],
+                "val_top1": trial["best_val_top1"],
+                "test_top1": ev.top1,
+                "test_top5": ev.top5,
+                "test_superclass_top1": ev.superclass_top1,
+                "train_time_s": trial["time_s"],
+                "images_per_s": float(np.mean([e["images_per_s"] for e in curve])) if curve else None,
+                "checkpoint": trial["best_checkpoint"],
+            }
+        )
+        predictions["model"] += [trial["model"]] * len(ev.predictions["pred"])
+        for key, column in ev.predictions.items():
+            predictions[key] += column
+    return accuracy, predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole search stage
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    out_dir: Path
+    trials: list[dict]
+    accuracy: list[dict]
+
+
+def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool = False, progress: bool = True) -> SearchSummary:
+    """Tune over ``cfg.search``, then evaluate each family's best trial on the test set and write
+    trials / epochs / accuracy / predictions Parquet under ``out_dir``. Ray must be initialised."""
+    from cifarcam import results
+    from cifarcam.config import dump_config
+    from cifarcam.progress import RichProgress
+
+    config_yaml = dump_config(cfg)
+    saved = out_dir / "config.yaml"
+    if (out_dir / "tune" / cfg.name).exists():
+        if not resume:
+            raise FileExistsError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
+        if saved.is_file() and saved.read_text() != config_yaml:
+            raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
+    res = plan_resources(cfg, ray.cluster_resources())
+    results.write_provenance(out_dir, config_yaml)
+    callbacks = [RichProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode)] if progress else None
+    grid = make_tuner(cfg, splits, out_dir, resume, callbacks).fit()
+    trials, epochs = trial_rows(grid, cfg)
+    results.write_table(trials, results.TRIALS, out_dir / "trials.parquet")
+    results.write_table(epochs, results.EPOCHS, out_dir / "epochs.parquet")
+    accuracy, predictions = evaluate_best(trials, epochs, cfg, splits, res)
+    meta = {"class_names": list(splits.class_names), "coarse_names": list(splits.test.coarse_names or [])}
+    results.write_table(accuracy, results.ACCURACY, out_dir / "accuracy.parquet", metadata=meta)
+    results.write_table(predictions, results.PREDICTIONS, out_dir / "predictions.parquet", metadata=meta)
+    return SearchSummary(out_dir, trials, accuracy)

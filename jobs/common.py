@@ -1,0 +1,63 @@
+"""What every job shares: the common options, connecting to Ray, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from cifarcam.config import ConfigError
+
+console = Console()
+
+# Mistakes a user can make (bad config, data, paths, addresses) end in one line, not a traceback.
+USER_ERRORS = (ConfigError, ValueError, OSError, ConnectionError)
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join, e.g. 10.0.0.1:6379 or 'auto' (default: $RAY_ADDRESS; unset: start a local Ray in-process)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all of this machine's)")
+
+
+def default_out(name: str) -> Path:
+    return Path("results") / name
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address``, or start a local one bound to 127.0.0.1."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConnectionError(f"--address {address}: no Ray cluster answers there ({first})") from None
+        return
+    # The dashboard (on loopback) is not optional: Ray Train's PlacementGroupCleaner asks the
+    # state API it serves whether a trial's controller still lives, and without it a trial that
+    # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def run(main: Callable[[], int]) -> None:
+    """Run a job's ``main``; user mistakes print ``error: …`` (one line) and exit 2."""
+    try:
+        sys.exit(main())
+    except USER_ERRORS as err:
+        if os.environ.get("CIFARCAM_DEBUG"):
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
