@@ -294,3 +294,13 @@ def trial_config(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     picked = {k: _check_type(v, hints[k], f"trial.{k}") for k, v in overrides.items() if k in hints}
     return dataclasses.replace(base, **picked)
+
+
+def check_batch_fits(cfg: ExperimentConfig, train_images: int) -> None:
+    """Every batch size the search may use must fit each worker's share of the training split."""
+    sizes = [cfg.train.batch_size] + [int(b) for b in cfg.search.grid.get("batch_size", [])]
+    workers = cfg.scaling.workers_per_trial
+    for size in sizes:
+        if size > train_images // workers:
+            share = f"{train_images} images" + (f" / {workers} workers" if workers > 1 else "")
+            raise ConfigError(f"train.batch_size: {size} is larger than the training split ({share})")

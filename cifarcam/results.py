@@ -49,7 +49,8 @@ EPOCHS = pa.schema(
         ("lr", pa.float64()),
         ("epoch_time_s", pa.float64()),
         ("diverged", pa.bool_()),
-        ("checkpoint_path", pa.string()),
+        ("workers", pa.int64()),  # DDP processes that trained this epoch
+        ("checkpoint_path", pa.string()),  # null once Train dropped it (only the best k are kept)
     ]
 )
 

@@ -114,7 +114,7 @@ def train_worker(config: dict[str, Any]) -> None:
     meta = {"train": dataclasses.asdict(cfg), "class_names": config["class_names"], "dataset": config["dataset"]}
 
     def report(metrics: EpochMetrics, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-        values = {**metrics.to_dict(), "model": spec.family}
+        values = {**metrics.to_dict(), "model": spec.family, "workers": world}
         if rank != 0:  # every rank reports (Train needs it); only rank 0 writes a checkpoint
             ray.train.report(values, checkpoint=None)
             return
@@ -217,6 +217,13 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
 # From Tune's results to table rows
 
 
+def _surviving(path: str | None) -> str | None:
+    """A local checkpoint path if Train kept it (it keeps only the best k); remote URIs as given."""
+    if path is None or "://" in path:
+        return path
+    return path if Path(path).exists() else None
+
+
 def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     """(trials rows, epochs rows) for ``results.TRIALS`` / ``results.EPOCHS``."""
     trials, epochs = [], []
@@ -229,8 +236,8 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
         rows = [] if frame is None or frame.empty else frame.to_dict("records")
         for row in rows:
             epochs.append(
-                {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged")}
-                | {"trial_id": trial_id, "model": tcfg.model, "checkpoint_path": row.get("checkpoint_path")}
+                {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged", "workers")}
+                | {"trial_id": trial_id, "model": tcfg.model, "checkpoint_path": _surviving(row.get("checkpoint_path"))}
             )
         diverged = bool(rows and rows[-1].get("diverged"))
         done = int(rows[-1]["epoch"]) if rows else 0

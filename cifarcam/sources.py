@@ -210,6 +210,8 @@ def read_parquet_split(file: Path, class_names: tuple[str, ...] | None = None) -
         if b"class_names" in meta:
             class_names = tuple(json.loads(meta[b"class_names"]))
     labels = table.column("label").to_numpy().astype(np.int64)
+    if len(labels) == 0:
+        raise ValueError(f"{file}: the dataset is empty (0 images)")
     if class_names is None:
         class_names = tuple(str(i) for i in range(int(labels.max()) + 1))
     images = []

@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace):
     """Everything that can fail without a cluster: config, output folder, data."""
-    from cifarcam.config import load_config
+    from cifarcam.config import check_batch_fits, load_config
     from cifarcam.data import load_splits
     from cifarcam.results import check_writable
 
@@ -31,6 +31,7 @@ def prepare(args: argparse.Namespace):
     check_writable(out)
     with console.status(f"loading {cfg.data.source} data"):
         splits = load_splits(cfg.data)
+    check_batch_fits(cfg, len(splits.train))
     console.print(f"data: {cfg.data.source}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, {splits.train.num_classes} classes")
     return cfg, out.resolve(), splits
 

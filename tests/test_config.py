@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from cifarcam.config import ConfigError, TrainConfig, load_config, trial_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["demo", "paper"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.name == name
+
+
+def test_paper_config_is_the_papers_study():
+    cfg = load_config(ROOT / "configs" / "paper.yaml")
+    assert len(cfg.search.grid["model"]) == 7 and cfg.search.grid["optimizer"] == ["adamw", "sgd"]
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.data.val_fraction, cfg.data.source) == (40, 64, 0.1, "cifar100")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {optimzer: adamw}", r"^train\.optimzer: unknown key; did you mean 'optimizer'\?$"),
+        ("search: {grid: {modle: [resnet18]}}", r"^search\.grid\.modle: unknown key; did you mean 'model'\?$"),
+        ("train: {lr: 0}", r"^train\.lr: must be > 0, got 0\.0$"),
+        ("train: {lr: -1}", r"^train\.lr: must be > 0, got -1\.0$"),
+        ("train: {epochs: 0}", r"^train\.epochs: must be > 0, got 0$"),
+        ("train: {batch_size: -8}", r"^train\.batch_size: must be > 0, got -8$"),
+        ("train: {model: resnet5}", r"^train\.model: unknown model 'resnet5'; did you mean 'resnet50'\?$"),
+        ("train: {optimizer: adamx}", r"^train\.optimizer: unknown optimizer 'adamx'; did you mean 'adamax'\?$"),
+        ("train: {scheduler: cosin}", r"^train\.scheduler: expected one of cosine, onecycle, multistep, none, got 'cosin'$"),
+        ("search: {grid: {model: [resnet18, resnet1O1]}}", r"^search\.model=model: unknown model 'resnet1O1'; did you mean 'resnet101'\?$"),
+        ("search: {grid: {lr: [0.1, -0.1]}}", r"^search\.lr=lr: must be > 0, got -0\.1$"),
+        ("search: {sample: {lr: {loguniform: [0, 1]}}}", r"^search\.sample\.lr\.loguniform: bounds must be > 0"),
+        ("train: {epochs: ten}", r"^train\.epochs: expected an integer, got 'ten'$"),
+        ("data: {source: imagenet}", r"^data\.source: expected one of synthetic, cifar10, cifar100, parquet, got 'imagenet'$"),
+        ("train: [1, 2", r"cfg\.yaml: YAML syntax error at line 1"),
+    ],
+)
+def test_bad_configs_give_one_line_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(_write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_trial_picks_override_and_are_type_checked():
+    cfg = trial_config(TrainConfig(), {"lr": 1, "model": "resnet34"})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.model == "resnet34"

@@ -1,0 +1,81 @@
+"""End to end: `python -m jobs.search` on a real local Ray, 2 trials x 2 DDP workers (gloo)."""
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from helpers import run_job, write_config
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    out = folder / "run"
+    proc = run_job("jobs.search", "--config", str(write_config(folder)), "--out", str(out), "--num-cpus", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc
+
+
+def test_search_writes_every_table_and_the_provenance(search_run):
+    out, _ = search_run
+    for name in ("trials", "epochs", "accuracy", "predictions"):
+        assert (out / f"{name}.parquet").is_file(), name
+    assert "name: small" in (out / "config.yaml").read_text()
+    versions = json.loads((out / "versions.json").read_text())
+    assert versions["ray"].startswith("2.") and versions["torch"] and versions["git"]
+
+
+def test_asha_stops_the_hopeless_trial_and_keeps_the_good_one(search_run):
+    out, _ = search_run
+    rows = duckdb.sql(f"select lr, status, stopped_by_asha, epochs_run, best_val_top1 from '{out}/trials.parquet' order by lr desc").fetchall()
+    assert len(rows) == 2
+    (good_lr, good_status, good_stopped, good_epochs, good_acc), (bad_lr, bad_status, bad_stopped, bad_epochs, bad_acc) = rows
+    assert (good_lr, good_status, good_stopped, good_epochs) == (0.004, "completed", False, 2)
+    assert (bad_lr, bad_status, bad_stopped, bad_epochs) == (0.000001, "stopped_early", True, 1)
+    assert good_acc > 0.5 > bad_acc
+
+
+def test_epochs_agree_with_trials_and_ran_on_two_ddp_workers(search_run):
+    out, _ = search_run
+    mismatches = duckdb.sql(
+        f"""
+        select t.trial_id, t.epochs_run, count(e.epoch) as n, max(e.val_top1) as best, t.best_val_top1
+        from '{out}/trials.parquet' t left join '{out}/epochs.parquet' e using (trial_id)
+        group by all having n != t.epochs_run or abs(best - t.best_val_top1) > 1e-12
+        """
+    ).fetchall()
+    assert mismatches == []
+    assert duckdb.sql(f"select distinct workers from '{out}/epochs.parquet'").fetchall() == [(2,)]
+
+
+def test_accuracy_and_predictions_agree(search_run):
+    out, _ = search_run
+    (model, test_top1, params, ckpt), = duckdb.sql(f"select model, test_top1, params, checkpoint from '{out}/accuracy.parquet'").fetchall()
+    assert model == "resnet_tiny" and params > 100_000 and test_top1 > 0.5
+    (n, acc, distinct), = duckdb.sql(
+        f"select count(*), avg(correct::int), count(distinct image_index) from '{out}/predictions.parquet'"
+    ).fetchall()
+    assert n == distinct == 300 and acc == pytest.approx(test_top1)
+    assert duckdb.sql(f"select count(*) from '{out}/predictions.parquet' where (pred = label) != correct or top5[1] != pred").fetchall() == [(0,)]
+    assert {p.name for p in Path(ckpt).iterdir()} >= {"model.pt", "meta.json", "train_state.pt"}
+
+
+def test_checkpoint_rebuilds_from_its_meta_alone(search_run):
+    from cifarcam.checkpoint import load_model
+
+    out, _ = search_run
+    ckpt = duckdb.sql(f"select checkpoint from '{out}/accuracy.parquet'").fetchall()[0][0]
+    model, meta = load_model(ckpt)
+    assert meta["model"] == {"family": "resnet_tiny", "num_classes": 10, "stem": "cifar", "input_size": 32}
+    assert meta["class_names"][:2] == ["square", "disk"]
+
+
+def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, tmp_path):
+    out, _ = search_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(out), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --out {out}: already holds search 'small'; pass --resume to continue it, or choose another --out"
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
