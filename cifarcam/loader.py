@@ -13,6 +13,19 @@ import torch.nn.functional as F
 from cifarcam.data import CIFAR_MEAN, CIFAR_STD
 
 
+def to_model_input(batch_uint8_nhwc: torch.Tensor, input_size: int = 32) -> torch.Tensor:
+    """uint8 NHWC images -> normalised float NCHW (channels_last in memory), resized to ``input_size``."""
+    # NHWC -> NCHW by permute is already channels_last in memory: no copy for the conv layers.
+    x = batch_uint8_nhwc.permute(0, 3, 1, 2).float()
+    device = x.device
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+    x = (x - mean) / std
+    if input_size != x.shape[-1]:
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
+    return x
+
+
 class DeviceLoader:
     """Batches of (float images NCHW in channels_last memory, int64 labels) on ``device``.
 
@@ -49,8 +62,6 @@ class DeviceLoader:
         self.batch_size, self.train, self.rank, self.world_size = batch_size, train, rank, world_size
         self.seed, self.input_size, self.pad = seed, input_size, pad
         self.epoch = 0
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -87,12 +98,7 @@ class DeviceLoader:
         return padded[torch.arange(b, device=self.device)[:, None, None], ys[:, :, None], xs[:, None, :]]
 
     def normalize(self, batch_uint8_nhwc: torch.Tensor) -> torch.Tensor:
-        # NHWC -> NCHW by permute is already channels_last in memory: no copy for the conv layers.
-        x = batch_uint8_nhwc.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        if self.input_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return x
+        return to_model_input(batch_uint8_nhwc, self.input_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows = self._rows()

@@ -128,3 +128,34 @@ def write_provenance(out_dir: Path, config_yaml: str) -> None:
 
     write_text_atomic(out_dir / "config.yaml", config_yaml)
     write_text_atomic(out_dir / "versions.json", json.dumps({**package_versions(), "git": git_revision()}, indent=2) + "\n")
+
+
+HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the model's input size
+
+# One row per test image x model x layer x method x target. The folder layout
+# cams/model=<m>/layer=<l>/method=<k>/*.parquet carries model, layer and method (hive partitions).
+CAMS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("layer_h", pa.int64()),  # the layer's feature-map size at the model's input size
+        ("layer_w", pa.int64()),
+        ("low_res_layer", pa.bool_()),  # 2x2 or smaller: the map can only say which quadrant
+        ("target", pa.string()),  # 'pred' or 'label'
+        ("target_class", pa.int64()),
+        ("image_index", pa.int64()),
+        ("label", pa.int64()),
+        ("pred", pa.int64()),
+        ("target_prob", pa.float64()),  # softmax probability of target_class
+        ("correct", pa.bool_()),
+        ("heatmap", pa.list_(pa.uint8(), HEATMAP_SIZE * HEATMAP_SIZE)),  # row-major, 0-255
+        ("peak_y", pa.int64()),
+        ("peak_x", pa.int64()),
+        ("entropy", pa.float64()),  # 0: all mass on one pixel, 1: uniform
+        ("top10_mass", pa.float64()),  # share of the map's mass in its top 10% of pixels
+        ("degenerate", pa.bool_()),  # constant map, or from a 1x1 feature map
+        ("peak_in_object", pa.bool_()),  # synthetic data only: the peak lies on the object's mask
+        ("deletion_auc", pa.float64()),  # lower = more faithful; null when faithfulness is off
+        ("deletion_auc_random", pa.float64()),  # the same metric for a random heatmap
+    ]
+)
+CAM_PARTITIONS = ("model", "layer", "method")

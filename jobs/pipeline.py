@@ -1,4 +1,4 @@
-"""The whole pipeline on one config: search (then, as they land, the CAM and report stages).
+"""The whole pipeline on one config: search, then Grad-CAM over the test set.
 
     python -m jobs.pipeline --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
 """
@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import argparse
 
-from jobs import search
+from jobs import cam, search
 from jobs.common import run
 
 
 def parser() -> argparse.ArgumentParser:
     p = search.parser()
     p.prog, p.description = "python -m jobs.pipeline", __doc__
+    cam.add_cam_options(p)
     return p
 
 
 def main() -> int:
     args = parser().parse_args()
-    search.search(args)
+    settings = cam.settings_from(args)  # checked before the search spends any cluster time
+    summary = search.search(args)
+    args.run, args.checkpoint = summary.out_dir, None
+    cam.cam(args, settings)
     return 0
 
 

@@ -1,0 +1,280 @@
+"""The CAM stage on Ray Data: every test image x model x layer x method x target, to Parquet.
+
+Each model is one Ray Data pipeline: the test set as a dataset, ``map_batches`` with a CAM actor
+(model and hooks built once per actor, one GPU or a fraction of one per actor where there are
+GPUs), written by Ray Data's Parquet writer into a staging folder. Finished partitions are then
+renamed into ``cams/model=…/layer=…/method=…/``: a rename is atomic, so a reader never sees a
+half-written partition, and a rerun skips the partitions that exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import shutil
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cifarcam import results
+from cifarcam.cam import MultiLayerCam, deletion_auc, heatmap_stats, method_key, reference_maps
+from cifarcam.checkpoint import load_model
+from cifarcam.config import ConfigError
+from cifarcam.data import ImageSet
+from cifarcam.loader import to_model_input
+from cifarcam.models import FAMILIES, CamLayer, ModelSpec, build_model, cam_layers
+
+TARGET_KINDS = ("pred", "label")
+
+
+@dataclass(frozen=True)
+class CamSettings:
+    methods: tuple[str, ...] = ("gradcam",)
+    layers: tuple[str, ...] | None = None  # None: every CAM layer the family names
+    targets: tuple[str, ...] = TARGET_KINDS
+    batch_size: int = 128
+    faithfulness_steps: int = 8  # deletion-AUC steps; 0 turns the metric off
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(method_key(m) for m in self.methods))
+        for t in self.targets:
+            if t not in TARGET_KINDS:
+                raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size: must be > 0, got {self.batch_size}")
+        if self.faithfulness_steps < 0:
+            raise ConfigError(f"--faithfulness-steps: must be >= 0, got {self.faithfulness_steps}")
+
+    def comparable(self) -> dict:
+        """What must match for existing partitions to be reused."""
+        return {"targets": list(self.targets), "faithfulness_steps": self.faithfulness_steps}
+
+
+def resolve_layers(spec: ModelSpec, requested: tuple[str, ...] | None, where: str) -> list[CamLayer]:
+    model = build_model(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the actor warns once, in its own log
+        known = cam_layers(model, spec)
+    if requested is None:
+        return known
+    names = dict(model.named_modules())
+    chosen = []
+    for name in requested:
+        if name not in names:
+            close = difflib.get_close_matches(name, [l.name for l in known] + list(names), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"{spec.family} has CAM layers {[l.name for l in known]}"
+            raise ConfigError(f"--layers: {where} has no layer {name!r}; {hint}")
+        match = [l for l in known if l.name == name]
+        chosen.append(match[0] if match else _measure(model, spec, name))
+    return chosen
+
+
+def _measure(model: torch.nn.Module, spec: ModelSpec, name: str) -> CamLayer:
+    shape: list[int] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, _i, out: shape.extend(out.shape))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, spec.input_size, spec.input_size))
+    handle.remove()
+    h, w = (shape[1], shape[2]) if FAMILIES[spec.family].channels_last_output else (shape[2], shape[3])
+    return CamLayer(name, h, w)
+
+
+_OUTPUT_SCHEMA = pa.schema(list(results.CAMS) + [pa.field(name, pa.string()) for name in results.CAM_PARTITIONS])
+
+
+def _fast(method: str) -> bool:
+    from cifarcam.cam import METHODS
+
+    return METHODS[method][0] is not None
+
+
+class CamActor:
+    """A Ray Data actor: loads one checkpoint and its hooks once, then explains batches."""
+
+    def __init__(self, checkpoint: str, run: str, settings: CamSettings, layers: list[CamLayer]) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, meta = load_model(checkpoint, self.device)
+        self.spec = ModelSpec(**meta["model"])
+        self.channels_last_output = FAMILIES[self.spec.family].channels_last_output
+        self.run, self.settings, self.layers = run, settings, layers
+        for layer in layers:
+            if layer.degenerate:
+                warnings.warn(f"{self.spec.family} {layer.name} is {layer.height}x{layer.width}: its maps are degenerate", stacklevel=1)
+        self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], self.channels_last_output)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+
+    def _maps(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """Logits, and (target kind, layer, method) -> map and its pre-scaling range."""
+        targets = {kind: (None if kind == "pred" else labels) for kind in self.settings.targets}
+        out = self.cams(x, targets, [m for m in self.settings.methods if _fast(m)], results.HEATMAP_SIZE)
+        maps, spread = dict(out.maps), dict(out.raw_peak)
+        pred = out.logits.argmax(1)
+        for method in (m for m in self.settings.methods if not _fast(m)):  # through pytorch-grad-cam
+            for kind in self.settings.targets:
+                for layer in self.layers:
+                    classes = pred if kind == "pred" else labels
+                    heat = reference_maps(self.model, x, layer.name, method, classes, self.channels_last_output).to(self.device)
+                    heat = torch.nn.functional.interpolate(heat[:, None], size=(results.HEATMAP_SIZE,) * 2, mode="bilinear")[:, 0]
+                    maps[(kind, layer.name, method)] = heat
+                    spread[(kind, layer.name, method)] = heat.flatten(1).amax(1) - heat.flatten(1).amin(1)
+        return out.logits, maps, spread
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        image_bytes = batch.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        images = torch.from_numpy(image_bytes.reshape(n, 32, 32, 3)).to(self.device)
+        labels = torch.from_numpy(batch.column("label").to_numpy().astype(np.int64)).to(self.device)
+        x = to_model_input(images, self.spec.input_size)
+        logits, maps, spread = self._maps(x, labels)
+        pred = logits.argmax(1)
+        probs = logits.float().softmax(1)
+        masks = None
+        if batch.column("mask").null_count == 0:
+            masks = torch.from_numpy(batch.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)).to(self.device)
+        steps = self.settings.faithfulness_steps
+        shared = {"image_index": batch.column("image_index").to_numpy(), "label": labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy()}
+        parts = []
+        for kind in self.settings.targets:
+            classes = pred if kind == "pred" else labels
+            random_auc = None
+            if steps:
+                noise = torch.rand(n, 32, 32, generator=self.generator, device=self.device)
+                random_auc = deletion_auc(self.model, x, noise, classes, steps).cpu().numpy()
+            for layer in self.layers:
+                for method in self.settings.methods:
+                    heat = maps[(kind, layer.name, method)]
+                    stats = {k: v.cpu().numpy() for k, v in heatmap_stats(heat).items()}
+                    peak = stats["peak_y"] * 32 + stats["peak_x"]
+                    columns = {
+                        **shared,
+                        "run": [self.run] * n,
+                        "model": [self.spec.family] * n,
+                        "layer": [layer.name] * n,
+                        "method": [method] * n,
+                        "layer_h": [layer.height] * n,
+                        "layer_w": [layer.width] * n,
+                        "low_res_layer": [layer.degenerate] * n,
+                        "target": [kind] * n,
+                        "target_class": classes.cpu().numpy(),
+                        "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy(),
+                        "heatmap": list((heat * 255).round().to(torch.uint8).flatten(1).cpu().numpy()),
+                        **stats,
+                        "degenerate": (spread[(kind, layer.name, method)] <= 1e-12).cpu().numpy() | (layer.height * layer.width == 1),
+                        "peak_in_object": masks.cpu().numpy()[np.arange(n), peak].astype(bool) if masks is not None else [None] * n,
+                        "deletion_auc": deletion_auc(self.model, x, heat, classes, steps).cpu().numpy() if steps else [None] * n,
+                        "deletion_auc_random": random_auc if steps else [None] * n,
+                    }
+                    parts.append(pa.Table.from_pydict(columns, schema=_OUTPUT_SCHEMA))
+        return pa.concat_tables(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The test set as a Ray Dataset
+
+
+def test_table(test: ImageSet) -> pa.Table:
+    n = len(test)
+    image = pa.FixedSizeListArray.from_arrays(pa.array(test.images.reshape(-1), pa.uint8()), 32 * 32 * 3)
+    if test.masks is not None:
+        mask = pa.FixedSizeListArray.from_arrays(pa.array(test.masks.reshape(-1).astype(np.uint8), pa.uint8()), 32 * 32)
+    else:
+        mask = pa.nulls(n, pa.list_(pa.uint8(), 32 * 32))
+    return pa.table({"image_index": test.index, "label": test.labels, "image": image, "mask": mask})
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions: what exists, staging, atomic publication
+
+
+def partition_dir(cams_dir: Path, model: str, layer: str, method: str) -> Path:
+    return cams_dir / f"model={model}" / f"layer={layer}" / f"method={method}"
+
+
+def check_settings(cams_dir: Path, settings: CamSettings) -> None:
+    """Existing partitions are reused only when they were computed the same way."""
+    path = cams_dir / "_settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings.comparable():
+            raise ConfigError(f"{cams_dir}: computed with {saved}, now asked for {settings.comparable()}; use the same settings or remove {cams_dir}")
+    else:
+        results.write_text_atomic(path, json.dumps(settings.comparable()))
+
+
+def publish(staging: Path, cams_dir: Path) -> list[Path]:
+    """Rename each complete partition folder from ``staging`` into ``cams_dir`` (atomic per folder)."""
+    published = []
+    for folder in sorted(staging.glob("model=*/layer=*/method=*")):
+        target = cams_dir / folder.relative_to(staging)
+        if target.exists():  # computed alongside a missing one; the published copy stands
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(target)
+        published.append(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return published
+
+
+@dataclass(frozen=True)
+class ModelToExplain:
+    name: str  # the model family
+    checkpoint: str
+
+
+def explain(
+    run_dir: Path,
+    models: list[ModelToExplain],
+    test: ImageSet,
+    settings: CamSettings,
+    actors: int,
+    gpus_per_actor: float,
+) -> dict[str, Any]:
+    """Run the CAM stage for ``models``; skip partitions that already exist. Ray must be up."""
+    import ray
+
+    cams_dir = run_dir / "cams"
+    cams_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(cams_dir, settings)
+    plans = []
+    for model in models:  # every layer name is checked before any cluster time is spent
+        meta = json.loads((Path(model.checkpoint) / "meta.json").read_text())
+        spec = ModelSpec(**meta["model"])
+        layers = resolve_layers(spec, settings.layers, f"model {model.name}")
+        missing = [(l, m) for l in layers for m in settings.methods if not partition_dir(cams_dir, spec.family, l.name, m).exists()]
+        plans.append((model, spec, layers, missing))
+    summary = {"skipped": 0, "written": []}
+    dataset = None
+    for model, spec, layers, missing in plans:
+        summary["skipped"] += len(layers) * len(settings.methods) - len(missing)
+        if not missing:
+            continue
+        if dataset is None:  # several blocks, so that every actor gets work (no shuffle needed)
+            table = test_table(test)
+            rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
+            dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
+        needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]
+        needed_methods = tuple(m for m in settings.methods if any(m == mm for _, mm in missing))
+        staging = run_dir / ".staging" / f"cams-{spec.family}-{uuid.uuid4().hex[:8]}"
+        explained = dataset.map_batches(
+            CamActor,
+            fn_constructor_kwargs={
+                "checkpoint": model.checkpoint,
+                "run": run_dir.name,
+                "settings": CamSettings(**{**asdict(settings), "methods": needed_methods}),
+                "layers": needed_layers,
+            },
+            batch_size=settings.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus_per_actor or None,
+            num_cpus=None if gpus_per_actor else 1,
+        )
+        explained.write_parquet(str(staging), partition_cols=list(results.CAM_PARTITIONS))
+        summary["written"] += publish(staging, cams_dir)
+    return summary

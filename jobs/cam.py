@@ -1,0 +1,107 @@
+"""Grad-CAM for every test image, every model, several layers, methods and targets (Ray Data).
+
+    python -m jobs.cam --run results/demo [--checkpoint PATH ...] [--methods gradcam,gradcam++]
+                       [--layers layer3,layer4] [--targets pred,label] [--address ADDR]
+
+Writes DIR/cams/model=<m>/layer=<l>/method=<k>/*.parquet; a rerun skips finished partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jobs.common import add_ray_options, connect_ray, console, run
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_cam_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", type=_csv, default=("gradcam",), help="comma-separated pytorch-grad-cam methods (default: gradcam)")
+    p.add_argument("--layers", type=_csv, default=None, help="comma-separated layer names (default: every CAM layer of each model)")
+    p.add_argument("--targets", type=_csv, default=("pred", "label"), help="explain the predicted class, the true label, or both (default)")
+    p.add_argument("--cam-batch-size", type=int, default=128, help="images per CAM batch (default: 128)")
+    p.add_argument("--faithfulness-steps", type=int, default=8, help="deletion-AUC steps per heatmap; 0 turns it off (default: 8)")
+    p.add_argument("--actors", type=int, default=None, help="CAM actors (default: one per GPU, else one per CPU but one)")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPU share of each actor where there are GPUs (default: 1)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.cam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run folder written by jobs.search (its config.yaml names the data)")
+    p.add_argument("--checkpoint", type=Path, action="append", default=None, help="checkpoint folder to explain (repeatable; default: each model's best in accuracy.parquet)")
+    add_cam_options(p)
+    add_ray_options(p)
+    return p
+
+
+def settings_from(args: argparse.Namespace):
+    from cifarcam.cam_stage import CamSettings
+
+    return CamSettings(methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size, faithfulness_steps=args.faithfulness_steps)
+
+
+def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes: int):
+    """The checkpoints to explain, each checked against the run's dataset before any cluster time."""
+    import duckdb
+
+    from cifarcam.cam_stage import ModelToExplain
+    from cifarcam.checkpoint import read_meta
+
+    if checkpoints:
+        chosen = [(read_meta(c)["model"]["family"], str(c)) for c in checkpoints]
+    else:
+        table = run_dir / "accuracy.parquet"
+        if not table.is_file():
+            raise FileNotFoundError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
+        chosen = duckdb.sql(f"select model, checkpoint from read_parquet('{table}') order by model").fetchall()
+    models = []
+    for name, folder in chosen:
+        meta = read_meta(folder)
+        if meta["model"]["num_classes"] != num_classes:
+            raise ValueError(f"--checkpoint {folder}: a {meta['model']['num_classes']}-class model, but the run's dataset has {num_classes} classes")
+        models.append(ModelToExplain(name, folder))
+    return models
+
+
+def cam(args: argparse.Namespace, settings=None) -> dict:
+    import ray
+
+    from cifarcam.cam_stage import explain
+    from cifarcam.config import load_config
+    from cifarcam.data import load_splits
+
+    settings = settings or settings_from(args)
+    run_dir = args.run.resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    with console.status("loading the test set"):
+        test = load_splits(cfg.data).test
+    models = models_to_explain(run_dir, args.checkpoint, test.num_classes)
+    if not ray.is_initialized():
+        connect_ray(args.address, args.num_cpus)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus_per_actor = args.gpus_per_actor if gpus else 0.0
+    # On CPUs, one core stays free for Ray Data's write tasks: actors holding every CPU would
+    # leave the writer waiting forever.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = args.actors or max(1, int(gpus / gpus_per_actor) if gpus else cpus - 1)
+    if not gpus and actors >= cpus:
+        raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
+    summary = explain(run_dir, models, test, settings, actors, gpus_per_actor)
+    console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
+    console.print(json.dumps({"models": [m.name for m in models], "methods": list(settings.methods), "targets": list(settings.targets)}))
+    return summary
+
+
+def main() -> int:
+    cam(parser().parse_args())
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
