@@ -227,30 +227,40 @@ class ModelToExplain:
     checkpoint: str
 
 
-def explain(
-    run_dir: Path,
-    models: list[ModelToExplain],
-    test: ImageSet,
-    settings: CamSettings,
-    actors: int,
-    gpus_per_actor: float,
-) -> dict[str, Any]:
-    """Run the CAM stage for ``models``; skip partitions that already exist. Ray must be up."""
-    import ray
+@dataclass(frozen=True)
+class ModelPlan:
+    model: ModelToExplain
+    spec: ModelSpec
+    layers: list[CamLayer]
+    missing: list[tuple[CamLayer, str]]  # (layer, method) partitions not yet published
+
+
+def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> list[ModelPlan]:
+    """Check every layer name and the stored settings, and find what is left to compute:
+    all before any cluster time is spent."""
+    from cifarcam.checkpoint import read_meta
 
     cams_dir = run_dir / "cams"
     cams_dir.mkdir(parents=True, exist_ok=True)
     check_settings(cams_dir, settings)
     plans = []
-    for model in models:  # every layer name is checked before any cluster time is spent
-        meta = json.loads((Path(model.checkpoint) / "meta.json").read_text())
-        spec = ModelSpec(**meta["model"])
+    for model in models:
+        spec = ModelSpec(**read_meta(model.checkpoint)["model"])
         layers = resolve_layers(spec, settings.layers, f"model {model.name}")
         missing = [(l, m) for l in layers for m in settings.methods if not partition_dir(cams_dir, spec.family, l.name, m).exists()]
-        plans.append((model, spec, layers, missing))
-    summary = {"skipped": 0, "written": []}
+        plans.append(ModelPlan(model, spec, layers, missing))
+    return plans
+
+
+def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float) -> dict[str, Any]:
+    """Run the CAM stage for the planned models; Ray must be up."""
+    import ray
+
+    cams_dir = run_dir / "cams"
+    summary: dict[str, Any] = {"skipped": 0, "written": []}
     dataset = None
-    for model, spec, layers, missing in plans:
+    for p in plans:
+        model, spec, layers, missing = p.model, p.spec, p.layers, p.missing
         summary["skipped"] += len(layers) * len(settings.methods) - len(missing)
         if not missing:
             continue

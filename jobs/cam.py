@@ -70,7 +70,7 @@ def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes
 def cam(args: argparse.Namespace, settings=None) -> dict:
     import ray
 
-    from cifarcam.cam_stage import explain
+    from cifarcam.cam_stage import explain, plan
     from cifarcam.config import load_config
     from cifarcam.data import load_splits
 
@@ -81,7 +81,7 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     cfg = load_config(run_dir / "config.yaml")
     with console.status("loading the test set"):
         test = load_splits(cfg.data).test
-    models = models_to_explain(run_dir, args.checkpoint, test.num_classes)
+    plans = plan(run_dir, models_to_explain(run_dir, args.checkpoint, test.num_classes), settings)
     if not ray.is_initialized():
         connect_ray(args.address, args.num_cpus)
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -92,9 +92,9 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     actors = args.actors or max(1, int(gpus / gpus_per_actor) if gpus else cpus - 1)
     if not gpus and actors >= cpus:
         raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
-    summary = explain(run_dir, models, test, settings, actors, gpus_per_actor)
+    summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor)
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
-    console.print(json.dumps({"models": [m.name for m in models], "methods": list(settings.methods), "targets": list(settings.targets)}))
+    console.print(json.dumps({"models": [p.model.name for p in plans], "methods": list(settings.methods), "targets": list(settings.targets)}))
     return summary
 
 

@@ -1,0 +1,118 @@
+"""The CAM fast path against pytorch-grad-cam, orientation, localisation and faithfulness."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cifarcam.cam import METHODS, MultiLayerCam, deletion_auc, heatmap_stats, method_key, reference_maps
+from cifarcam.config import ConfigError, DataConfig, SyntheticConfig, TrainConfig
+from cifarcam.data import load_splits
+from cifarcam.loader import DeviceLoader, to_model_input
+from cifarcam.models import FAMILIES, ModelSpec, build_model
+from cifarcam.train import fit
+
+FAST = [m for m, (fn, _) in METHODS.items() if fn is not None]
+
+
+@pytest.mark.parametrize("family", ["resnet_tiny", "mobilenetv3_small", "resnet18"])
+def test_every_fast_method_equals_pytorch_grad_cam(family):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(family, 10)).eval()
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.arange(6) % 10
+    layers = list(FAMILIES[family].cam_layers)
+    with MultiLayerCam(model, layers) as cams:
+        out = cams(x, {"pred": None, "label": labels}, FAST, 32)
+    pred = out.logits.argmax(1)
+    for kind, classes in (("pred", pred), ("label", labels)):
+        for layer in layers:
+            for method in FAST:
+                reference = reference_maps(model, x, layer, method, classes)
+                np.testing.assert_allclose(out.maps[(kind, layer, method)].numpy(), reference.numpy(), atol=1e-4, err_msg=f"{layer} {method} {kind}")
+
+
+def test_swin_through_its_reshape_transform_equals_pytorch_grad_cam():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("swin", 10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with MultiLayerCam(model, ["layers.2"], channels_last_output=True) as cams:
+        out = cams(x, {"pred": None}, ["gradcam"], 32)
+    reference = reference_maps(model, x, "layers.2", "gradcam", out.logits.argmax(1), channels_last_output=True)
+    np.testing.assert_allclose(out.maps[("pred", "layers.2", "gradcam")].numpy(), reference.numpy(), atol=1e-4)
+
+
+class _RedChannel(nn.Module):
+    """A model whose 'features' layer is the input's red channel: its Grad-CAM is that channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 1, 1, bias=False)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1))
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_heatmaps_are_neither_transposed_nor_flipped():
+    x = torch.zeros(1, 3, 32, 32)
+    x[0, 0, 3, 20] = 10.0  # one bright red pixel at row 3, column 20: not symmetric in any axis
+    with MultiLayerCam(_RedChannel(), ["features"]) as cams:
+        out = cams(x, {"label": torch.tensor([0])}, ["gradcam"], 32)
+    heat = out.maps[("label", "features", "gradcam")]
+    stats = heatmap_stats(heat)
+    assert (stats["peak_y"].item(), stats["peak_x"].item()) == (3, 20)
+    stored = (heat * 255).round().to(torch.uint8).flatten(1)[0].numpy()  # what the stage writes
+    assert stored[3 * 32 + 20] == 255 and stored[20 * 32 + 3] == 0 and stored[3 * 32 + 11] == 0
+
+
+def test_stats_of_a_point_and_a_uniform_map():
+    point = torch.zeros(1, 32, 32)
+    point[0, 5, 6] = 1
+    uniform = torch.ones(1, 32, 32)
+    p, u = heatmap_stats(point), heatmap_stats(uniform)
+    assert p["entropy"].item() == pytest.approx(0, abs=1e-6) and p["top10_mass"].item() == pytest.approx(1)
+    assert u["entropy"].item() == pytest.approx(1, abs=1e-6) and u["top10_mass"].item() == pytest.approx(102 / 1024)
+
+
+def test_unknown_method_suggests_the_closest():
+    assert method_key("GradCAM++") == "gradcam++" and method_key("Grad-CAM") == "gradcam"
+    with pytest.raises(ConfigError, match=r"unknown CAM method 'gradcan'; did you mean 'gradcam'\?"):
+        method_key("gradcan")
+
+
+def test_gradcam_localises_objects_on_the_synthetic_set():
+    """A small ResNet trained for about 20 s on shapes at random positions: the layer2 (16x16)
+    Grad-CAM peak must fall on the object for >= 90% of correctly classified test images, and far
+    more often than a random heatmap's. Measured here: 0.990 against 0.045 (accuracy 0.993)."""
+    torch.manual_seed(0)
+    splits = load_splits(DataConfig(synthetic=SyntheticConfig(train_size=3000, test_size=400)))
+    cfg = TrainConfig(model="resnet_tiny", epochs=3, batch_size=64, lr=0.004, warmup_epochs=0.3)
+    model = build_model(ModelSpec("resnet_tiny", 10))
+    fit(model, cfg, DeviceLoader(splits.train.images, splits.train.labels, 64), DeviceLoader(splits.val.images, splits.val.labels, 256, train=False))
+    x = to_model_input(torch.from_numpy(splits.test.images))
+    labels = torch.from_numpy(splits.test.labels)
+    with MultiLayerCam(model, ["layer2"]) as cams:
+        out = cams(x, {"label": labels}, ["gradcam"], 32)
+    correct = out.logits.argmax(1) == labels
+    masks = torch.from_numpy(splits.test.masks).flatten(1)
+    stats = heatmap_stats(out.maps[("label", "layer2", "gradcam")])
+    hit = masks.gather(1, (stats["peak_y"] * 32 + stats["peak_x"])[:, None])[:, 0]
+    random_peak = torch.randint(0, 1024, (len(labels),), generator=torch.Generator().manual_seed(0))
+    random_hit = masks.gather(1, random_peak[:, None])[:, 0]
+    rate, random_rate = hit[correct].float().mean().item(), random_hit[correct].float().mean().item()
+    print(f"accuracy {correct.float().mean():.3f}; peak on the object: Grad-CAM {rate:.3f}, random {random_rate:.3f}")
+    assert correct.float().mean() > 0.8
+    assert rate >= 0.90
+    assert random_rate < 0.3 and rate > 3 * random_rate
+
+    # faithfulness: deleting what Grad-CAM points at hurts the prediction more than random deletion
+    auc = deletion_auc(model.eval(), x[:200], out.maps[("label", "layer2", "gradcam")][:200], labels[:200], steps=8)
+    noise = torch.rand(200, 32, 32, generator=torch.Generator().manual_seed(1))
+    random_auc = deletion_auc(model, x[:200], noise, labels[:200], steps=8)
+    print(f"deletion AUC: Grad-CAM {auc.mean():.3f}, random {random_auc.mean():.3f}")
+    assert auc.mean() < random_auc.mean() - 0.03

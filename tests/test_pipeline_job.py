@@ -1,0 +1,112 @@
+"""The demo pipeline end to end on a real local Ray: search, then the Ray Data CAM stage."""
+
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pytest
+
+from cifarcam.config import load_config
+from cifarcam.data import load_splits
+from cifarcam.models import FAMILIES
+from helpers import ROOT, run_job
+
+CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = run_job("jobs.pipeline", "--config", "configs/demo.yaml", "--out", str(out), "--num-cpus", "2", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def test_cam_rows_are_images_x_models_x_layers_x_methods_x_targets(demo_run):
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    models = [m for (m,) in duckdb.sql(f"select model from '{demo_run}/accuracy.parquet'").fetchall()]
+    layers = sum(len(FAMILIES[m].cam_layers) for m in models)
+    expected = cfg.data.synthetic.test_size * layers * 1 * 2  # 1 method (gradcam), 2 targets
+    cams = CAMS.format(out=demo_run)
+    assert duckdb.sql(f"select count(*) from {cams}").fetchall() == [(expected,)]
+    # keys are unique: no duplicate rows
+    assert duckdb.sql(f"select count(*) from (select distinct model, layer, method, target, image_index from {cams})").fetchall() == [(expected,)]
+
+
+def test_cams_agree_with_predictions(demo_run):
+    cams = CAMS.format(out=demo_run)
+    disagreements = duckdb.sql(
+        f"select count(*) from {cams} c join '{demo_run}/predictions.parquet' p using (model, image_index) "
+        "where c.pred != p.pred or c.correct != p.correct or c.label != p.label"
+    ).fetchall()
+    assert disagreements == [(0,)]
+
+
+def test_stored_heatmaps_point_at_the_objects(demo_run):
+    """Recompute each peak from the stored uint8 heatmap (row-major 32x32) and look it up in the
+    regenerated synthetic masks: a transposed or flipped storage would miss the objects."""
+    cfg = load_config(demo_run / "config.yaml")
+    masks = load_splits(cfg.data).test.masks
+    model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc limit 1").fetchall()[0][0]
+    layer = FAMILIES[model].cam_layers[0]
+    rows = duckdb.sql(
+        f"select image_index, heatmap, peak_y, peak_x from {CAMS.format(out=demo_run)} "
+        f"where model = '{model}' and layer = '{layer}' and target = 'label' and correct"
+    ).fetchall()
+    maps = np.array([r[1] for r in rows], dtype=np.uint8).reshape(-1, 32, 32)
+    index = np.array([r[0] for r in rows])
+    peaks = maps.reshape(len(rows), -1).argmax(1)
+    on_object = masks[index].reshape(len(rows), -1)[np.arange(len(rows)), peaks].mean()
+    transposed = masks[index].transpose(0, 2, 1).reshape(len(rows), -1)[np.arange(len(rows)), peaks].mean()
+    flipped = masks[index][:, :, ::-1].reshape(len(rows), -1)[np.arange(len(rows)), peaks].mean()
+    print(f"{model} {layer}: stored peak on the object {on_object:.3f}, transposed {transposed:.3f}, flipped {flipped:.3f}")
+    assert on_object >= 0.9 and transposed < 0.5 and flipped < 0.5
+    # the stored peak columns point at a maximal pixel of the stored map
+    stored_at_peak = maps.reshape(len(rows), -1)[np.arange(len(rows)), [py * 32 + px for _, _, py, px in rows]]
+    assert (stored_at_peak == 255).all()
+
+
+def test_low_resolution_layers_are_flagged_and_faithfulness_has_a_baseline(demo_run):
+    cams = CAMS.format(out=demo_run)
+    flags = duckdb.sql(f"select distinct layer_h, low_res_layer from {cams} order by layer_h").fetchall()
+    assert flags == [(4, False), (8, False), (16, False)]  # the CIFAR stem keeps 4x4 at the end
+    (auc, random_auc), = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where correct").fetchall()
+    assert auc < random_auc
+
+
+def test_pandas_reads_the_cams_without_ray(demo_run):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # importing ray now fails: prove it is not needed
+        "import pandas as pd\n"
+        f"df = pd.read_parquet('{demo_run}/cams')\n"
+        "assert {'model', 'layer', 'method', 'heatmap', 'peak_y'} <= set(df.columns), df.columns\n"
+        "assert len(df['heatmap'].iloc[0]) == 1024\n"
+        "print(len(df))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip()) == duckdb.sql(f"select count(*) from {CAMS.format(out=demo_run)}").fetchall()[0][0]
+
+
+def test_rerun_skips_complete_partitions_and_redoes_a_missing_one(demo_run):
+    import shutil
+
+    parts = sorted((demo_run / "cams").glob("model=*/layer=*/method=*"))
+    before = {p: sorted(f.name for f in p.iterdir()) for p in parts}
+    shutil.rmtree(parts[0])
+    proc = run_job("jobs.cam", "--run", str(demo_run), "--num-cpus", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"cams: 1 partitions written, {len(parts) - 1} already complete" in proc.stdout
+    after = {p: sorted(f.name for f in p.iterdir()) for p in parts}
+    assert all(after[p] == before[p] for p in parts[1:])  # untouched
+    assert after[parts[0]]  # recomputed
+    assert not (demo_run / ".staging").exists() or not any((demo_run / ".staging").iterdir())
+
+
+def test_bad_layer_and_method_fail_before_any_work(demo_run):
+    proc = run_job("jobs.cam", "--run", str(demo_run), "--layers", "layer9", timeout=120)
+    assert proc.returncode == 2 and "has no layer 'layer9'" in proc.stderr.strip().splitlines()[-1]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in proc.stdout  # no cluster time
+    proc = run_job("jobs.cam", "--run", str(demo_run), "--methods", "gradcan", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --methods: unknown CAM method 'gradcan'; did you mean 'gradcam'?"
