@@ -111,7 +111,8 @@ class MultiLayerCam:
 
     def __init__(self, model: nn.Module, layers: list[str], channels_last_output: bool = False) -> None:
         self.model = model.eval()
-        for p in model.parameters():
+        self._grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p in model.parameters():  # no weight gradients: backward stops at the earliest CAM layer
             p.requires_grad_(False)
         self.layers = layers
         self.channels_last_output = channels_last_output
@@ -128,6 +129,8 @@ class MultiLayerCam:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for p, flag in self._grad_flags:
+            p.requires_grad_(flag)
 
     def __enter__(self) -> MultiLayerCam:
         return self

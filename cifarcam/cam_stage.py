@@ -128,7 +128,7 @@ class CamActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         image_bytes = batch.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        images = torch.from_numpy(image_bytes.reshape(n, 32, 32, 3)).to(self.device)
+        images = torch.from_numpy(image_bytes.reshape(n, 32, 32, 3).copy()).to(self.device)  # Arrow buffers are read-only
         labels = torch.from_numpy(batch.column("label").to_numpy().astype(np.int64)).to(self.device)
         x = to_model_input(images, self.spec.input_size)
         logits, maps, spread = self._maps(x, labels)
@@ -136,7 +136,7 @@ class CamActor:
         probs = logits.float().softmax(1)
         masks = None
         if batch.column("mask").null_count == 0:
-            masks = torch.from_numpy(batch.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1)).to(self.device)
+            masks = torch.from_numpy(batch.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1).copy()).to(self.device)
         steps = self.settings.faithfulness_steps
         shared = {"image_index": batch.column("image_index").to_numpy(), "label": labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy()}
         parts = []
@@ -178,7 +178,7 @@ class CamActor:
 # The test set as a Ray Dataset
 
 
-def test_table(test: ImageSet) -> pa.Table:
+def images_table(test: ImageSet) -> pa.Table:
     n = len(test)
     image = pa.FixedSizeListArray.from_arrays(pa.array(test.images.reshape(-1), pa.uint8()), 32 * 32 * 3)
     if test.masks is not None:
@@ -265,7 +265,7 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
         if not missing:
             continue
         if dataset is None:  # several blocks, so that every actor gets work (no shuffle needed)
-            table = test_table(test)
+            table = images_table(test)
             rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
             dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
         needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]

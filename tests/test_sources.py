@@ -141,3 +141,30 @@ def test_empty_parquet_dataset_is_rejected(tmp_path):
     pq.write_table(pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())}), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match=r"t\.parquet: the dataset is empty"):
         sources.read_parquet_split(tmp_path / "t.parquet")
+
+
+def test_download_verifies_the_checksum_and_happens_once(cifar100_test20, tmp_path):
+    """The real download path, served from a file:// URL (no network here)."""
+    from dataclasses import replace
+
+    (tmp_path / "served").mkdir()
+    archive = _tarball(cifar100_test20, tmp_path / "served" / "cifar-100-python.tar.gz")
+    release = replace(sources.CIFAR_RELEASES["cifar100"], url=archive.as_uri(), md5=sources.md5sum(archive))
+    cache = tmp_path / "cache"
+    first = sources.download_archive(release, cache)
+    assert first == cache / "cifar-100-python.tar.gz" and first.read_bytes() == archive.read_bytes()
+    archive.unlink()  # a second call must not fetch again
+    assert sources.download_archive(release, cache) == first
+    assert sources.read_cifar_split("cifar100", first, "test").labels.tolist() == FINE_LABELS_TEST20
+
+    bad = replace(release, md5="0" * 32)
+    with pytest.raises(ValueError, match=r"checksum mismatch"):
+        sources.download_archive(bad, cache)
+
+
+def test_download_failure_says_where_to_put_the_files(tmp_path):
+    from dataclasses import replace
+
+    release = replace(sources.CIFAR_RELEASES["cifar10"], url=(tmp_path / "missing.tar.gz").as_uri())
+    with pytest.raises(FileNotFoundError, match=r"cannot download .* offline, put missing\.tar\.gz \(or the extracted cifar-10-batches-py/ folder\) in"):
+        sources.download_archive(release, tmp_path / "cache")

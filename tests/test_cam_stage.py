@@ -1,0 +1,70 @@
+"""The CAM actor's rows, outside Ray: schema, counts, a pytorch-grad-cam-only method, bad input."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cifarcam import results
+from cifarcam.cam_stage import CamActor, CamSettings, check_settings, resolve_layers, images_table
+from cifarcam.checkpoint import save_checkpoint
+from cifarcam.config import ConfigError, DataConfig, SyntheticConfig
+from cifarcam.data import load_splits
+from cifarcam.models import ModelSpec, build_model, cam_layers
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    spec = ModelSpec("resnet_tiny", 10)
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt"), build_model(spec), spec, {}), spec
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    return load_splits(DataConfig(synthetic=SyntheticConfig(train_size=100, test_size=20))).test
+
+
+def test_actor_rows_cover_every_layer_method_and_target(checkpoint, test_set):
+    folder, spec = checkpoint
+    layers = cam_layers(build_model(spec), spec)
+    settings = CamSettings(methods=("gradcam", "eigencam"), targets=("pred", "label"), faithfulness_steps=2)
+    table = CamActor(str(folder), "run", settings, layers)(images_table(test_set))
+    assert table.num_rows == 20 * len(layers) * 2 * 2
+    assert table.schema.field("heatmap").type == pa.list_(pa.uint8(), 1024)
+    rows = table.to_pylist()
+    assert {(r["layer"], r["method"], r["target"]) for r in rows} == {
+        (l.name, m, t) for l in layers for m in ("gradcam", "eigencam") for t in ("pred", "label")
+    }
+    for r in rows:
+        heat = np.array(r["heatmap"])
+        assert heat.max() == 255 or r["degenerate"]
+        assert heat[r["peak_y"] * 32 + r["peak_x"]] == heat.max()
+        assert r["peak_in_object"] in (True, False)  # synthetic data has masks
+        assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["deletion_auc_random"] <= 1
+        assert r["target_class"] == (r["pred"] if r["target"] == "pred" else r["label"])
+
+
+def test_unknown_layer_is_named_with_a_suggestion(checkpoint):
+    _, spec = checkpoint
+    with pytest.raises(ConfigError, match=r"--layers: model resnet_tiny has no layer 'layer5'; did you mean 'layer4'\?"):
+        resolve_layers(spec, ("layer5",), "model resnet_tiny")
+
+
+def test_any_named_module_can_be_a_layer(checkpoint):
+    _, spec = checkpoint
+    (layer,) = resolve_layers(spec, ("layer1",), "m")
+    assert (layer.name, layer.height, layer.width) == ("layer1", 32, 32)
+
+
+def test_changed_settings_refuse_to_mix_with_existing_partitions(tmp_path):
+    check_settings(tmp_path, CamSettings())
+    with pytest.raises(ConfigError, match=r"computed with .*'targets': \['pred', 'label'\].* now asked for .*'targets': \['pred'\]"):
+        check_settings(tmp_path, CamSettings(targets=("pred",)))
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"--targets: unknown target 'truth'"):
+        CamSettings(targets=("truth",))
+    with pytest.raises(ConfigError, match=r"--batch-size: must be > 0"):
+        CamSettings(batch_size=0)
