@@ -172,12 +172,17 @@ def reference_maps(
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    for p in model.parameters():  # pytorch-grad-cam backpropagates into the weights
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:  # pytorch-grad-cam backpropagates into the weights
         p.requires_grad_(True)
     cls = getattr(pytorch_grad_cam, METHODS[method][1])
     reshape = (lambda t: t.permute(0, 3, 1, 2)) if channels_last_output else None
-    with cls(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
-        out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    try:
+        with cls(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
+            out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return torch.from_numpy(out)
 
 

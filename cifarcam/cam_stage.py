@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from cifarcam import results
-from cifarcam.cam import MultiLayerCam, deletion_auc, heatmap_stats, method_key, reference_maps
+from cifarcam.cam import METHODS, MultiLayerCam, deletion_auc, heatmap_stats, method_key, reference_maps
 from cifarcam.checkpoint import load_model
 from cifarcam.config import ConfigError
 from cifarcam.data import ImageSet
@@ -89,8 +89,6 @@ _OUTPUT_SCHEMA = pa.schema(list(results.CAMS) + [pa.field(name, pa.string()) for
 
 
 def _fast(method: str) -> bool:
-    from cifarcam.cam import METHODS
-
     return METHODS[method][0] is not None
 
 
