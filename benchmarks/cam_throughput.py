@@ -132,7 +132,7 @@ def stage_vs_loop(args, test, spec, model) -> dict:
     layers = [l for l in cam_layers(model, spec) if l.name == args.layer]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_checkpoint(Path(tmp) / "ckpt", model.cpu(), spec, {})
-        ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         cpus = int(ray.cluster_resources()["CPU"])
         gpus = ray.cluster_resources().get("GPU", 0)
         actors = int(gpus) if gpus else max(1, cpus - 1)

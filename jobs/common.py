@@ -13,7 +13,8 @@ from rich.console import Console
 
 from cifarcam.config import ConfigError
 
-console = Console()
+# Logs and CI are no terminals: give tables room there instead of rich's default 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 # Mistakes a user can make (bad config, data, paths, addresses) end in one line, not a traceback.
 USER_ERRORS = (ConfigError, ValueError, OSError, ConnectionError)
@@ -48,7 +49,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     # The dashboard (on loopback) is not optional: Ray Train's PlacementGroupCleaner asks the
     # state API it serves whether a trial's controller still lives, and without it a trial that
     # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    # address="local": always a new cluster, never one another job left running on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run(main: Callable[[], int]) -> None:

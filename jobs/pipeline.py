@@ -1,4 +1,4 @@
-"""The whole pipeline on one config: search, then Grad-CAM over the test set.
+"""The whole pipeline on one config: search, Grad-CAM over the test set, then the report.
 
     python -m jobs.pipeline --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs import cam, search
+from jobs import cam, report, search
 from jobs.common import run
 
 
@@ -24,6 +24,7 @@ def main() -> int:
     summary = search.search(args)
     args.run, args.checkpoint = summary.out_dir, None
     cam.cam(args, settings)
+    report.report(summary.out_dir)
     return 0
 
 

@@ -5,22 +5,12 @@ import sys
 
 import duckdb
 import numpy as np
-import pytest
-
 from cifarcam.config import load_config
 from cifarcam.data import load_splits
 from cifarcam.models import FAMILIES
 from helpers import ROOT, run_job
 
 CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    proc = run_job("jobs.pipeline", "--config", "configs/demo.yaml", "--out", str(out), "--num-cpus", "2", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
 
 
 def test_cam_rows_are_images_x_models_x_layers_x_methods_x_targets(demo_run):

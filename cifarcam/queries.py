@@ -1,0 +1,38 @@
+"""DuckDB over a run's Parquet: the tables as views, and one-line errors for bad runs and SQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+TABLE_FILES = {"trials": "trials.parquet", "epochs": "epochs.parquet", "accuracy": "accuracy.parquet", "predictions": "predictions.parquet"}
+
+
+def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with views trials, epochs, accuracy, predictions and cams (if present)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    missing = [name for name, file in TABLE_FILES.items() if not (run_dir / file).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: not a finished run (missing {', '.join(TABLE_FILES[m] for m in missing)}); run jobs.search first")
+    con = duckdb.connect()
+    for name, file in TABLE_FILES.items():
+        con.execute(f"create view {name} as select * from read_parquet('{run_dir / file}')")
+    if any((run_dir / "cams").glob("model=*/layer=*/method=*/*.parquet")):
+        con.execute(f"create view cams as select * from read_parquet('{run_dir}/cams/**/*.parquet', hive_partitioning = true)")
+    return con
+
+
+def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("select count(*) from duckdb_views() where view_name = ?", [name]).fetchall()[0][0])
+
+
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str):
+    """A DataFrame of ``sql``'s result; DuckDB's errors become one-line ValueErrors."""
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as err:
+        first = " ".join(str(err).split())
+        raise ValueError(f"SQL: {first}") from None

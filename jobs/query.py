@@ -1,0 +1,41 @@
+"""Any DuckDB SQL over a run's tables (views: trials, epochs, accuracy, predictions, cams).
+
+    python -m jobs.query results/demo "select model, test_top1 from accuracy"
+    python -m jobs.query results/demo "select * from cams where layer = 'layer2'" --parquet out.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobs.common import console, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("sql", help="DuckDB SQL")
+    p.add_argument("--csv", type=Path, help="write the result as CSV instead of printing it")
+    p.add_argument("--parquet", type=Path, help="write the result as Parquet instead of printing it")
+    p.add_argument("--limit", type=int, default=50, help="rows to print (default: 50)")
+    return p
+
+
+def main() -> int:
+    from cifarcam.queries import connect, run_sql
+    from cifarcam.report import rich_table
+
+    args = parser().parse_args()
+    frame = run_sql(connect(args.run), args.sql)
+    if args.csv:
+        frame.to_csv(args.csv, index=False)
+    if args.parquet:
+        frame.to_parquet(args.parquet, index=False)
+    if not (args.csv or args.parquet):
+        console.print(rich_table(frame.head(args.limit), title=f"{len(frame)} rows"))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,36 @@
+"""The report of a run: the paper's Table 2 and Grad-CAM figures, and what the paper could not show.
+
+    python -m jobs.report --run results/demo
+
+Prints rich tables and writes DIR/report/report.md with its PNG figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobs.common import console, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run folder")
+    return p
+
+
+def report(run_dir: Path) -> Path:
+    from cifarcam.report import write_report
+
+    path = write_report(run_dir, console)
+    console.print(f"report: {path}")
+    return path
+
+
+def main() -> int:
+    report(parser().parse_args().run)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,105 @@
+"""The report and the query job on the demo run: sections, figures, numbers, errors."""
+
+import re
+import struct
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from cifarcam.queries import connect, run_sql
+from helpers import ROOT, run_job
+
+SECTIONS = [
+    "Table 2: accuracy of each model",
+    "Grad-CAM by layer: correct and misclassified examples",
+    "Degenerate maps by layer feature size",
+    "Faithfulness by model and layer",
+    "Most-confused class pairs",
+    "Per-class accuracy",
+    "Learning curves",
+    "The search: what mattered and what ASHA stopped",
+]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_has_every_section_and_its_figures(demo_run):
+    text = (demo_run / "report" / "report.md").read_text()
+    for title in SECTIONS:
+        assert f"## {title}" in text, title
+    models = [m for (m,) in duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by model").fetchall()]
+    expected = {f"cams_{m}.png" for m in models} | {"degenerate_by_size.png", "faithfulness.png", "confusions.png", "per_class_accuracy.png", "learning_curves.png", "search.png"}
+    linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))
+    assert expected <= linked
+    for name in expected:
+        width, height = _png_size(demo_run / "report" / name)
+        assert 300 <= width <= 3000 and 200 <= height <= 3000, (name, width, height)
+    # the per-model grid: image + 3 layers wide, 1.6 in per panel at 100 dpi; 8 examples tall at most
+    width, height = _png_size(demo_run / "report" / f"cams_{models[0]}.png")
+    assert width == 640 and 200 < height <= 1400
+
+
+def test_report_numbers_agree_with_direct_counts(demo_run):
+    text = (demo_run / "report" / "report.md").read_text()
+    table2 = text.split("## Table 2")[1].split("##")[0]
+    for model, top1 in duckdb.sql(f"select model, test_top1 from '{demo_run}/accuracy.parquet'").fetchall():
+        row = next(line for line in table2.splitlines() if f"| {model} " in line)
+        assert f"{top1:.4g}" in row, (row, top1)
+    counts = dict(duckdb.sql(f"select status, count(*) from '{demo_run}/trials.parquet' group by status").fetchall())
+    assert "Trials by status: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) in text
+    (n_wrong_pairs,) = duckdb.sql(
+        f"select max(n) from (select count(*) n from '{demo_run}/predictions.parquet' where not correct group by model, label, pred)"
+    ).fetchall()[0]
+    confusions = text.split("## Most-confused class pairs")[1].split("##")[0]
+    first_row = [line for line in confusions.splitlines() if line.startswith("| ") and "model" not in line][0]
+    assert first_row.rstrip(" |").endswith(str(n_wrong_pairs))
+
+
+def test_the_ten_documented_queries_run(demo_run):
+    readme = (ROOT / "results" / "README.md").read_text()
+    block = readme.split("```sql")[1].split("```")[0]
+    queries = [q.strip() for q in block.split(";") if q.strip() and not q.strip().startswith("--") or "select" in q]
+    queries = [re.sub(r"^--.*$", "", q, flags=re.M).strip() for q in queries]
+    queries = [q for q in queries if q]
+    assert len(queries) == 10
+    con = connect(demo_run)
+    for q in queries:
+        frame = run_sql(con, q)
+        assert len(frame) > 0, q
+
+
+def test_query_job_prints_and_writes(demo_run, tmp_path):
+    proc = run_job("jobs.query", str(demo_run), "select model, test_top1 from accuracy order by model", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for (model,) in duckdb.sql(f"select model from '{demo_run}/accuracy.parquet'").fetchall():
+        assert model in proc.stdout
+    out = tmp_path / "acc.csv"
+    proc = run_job("jobs.query", str(demo_run), "select count(*) as n from cams", "--csv", str(out), timeout=120)
+    assert proc.returncode == 0 and out.read_text().splitlines()[1] == str(duckdb.sql(f"select count(*) from read_parquet('{demo_run}/cams/**/*.parquet')").fetchall()[0][0])
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["/nonexistent-run", "select 1"], "error: /nonexistent-run: no such run folder"),
+        (["{tmp}", "select 1"], "error: {tmp}: not a finished run (missing trials.parquet, epochs.parquet, accuracy.parquet, predictions.parquet); run jobs.search first"),
+        (["{demo}", "selct * from trials"], "error: SQL: Parser Error: syntax error at or near \"selct\""),
+        (["{demo}", "select * from nosuchtable"], "error: SQL: Catalog Error: Table with name nosuchtable does not exist!"),
+    ],
+)
+def test_bad_run_or_sql_gives_one_line(demo_run, tmp_path, args, expected):
+    args = [a.format(tmp=tmp_path, demo=demo_run) for a in args]
+    proc = run_job("jobs.query", *args, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected.format(tmp=tmp_path)), lines
+
+
+def test_report_job_on_a_bad_run_folder(tmp_path):
+    proc = run_job("jobs.report", "--run", str(tmp_path / "missing"), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'missing'}: no such run folder"
