@@ -148,10 +148,21 @@ class RunReport:
                from cams group by layer_h, layer_w order by layer_h desc"""
         )
 
+        measures = {
+            "mean_entropy": "entropy (1 = uniform)",
+            "mean_top10_mass": "mass in top 10% of pixels",
+            "peak_on_object": "peak on the object (synthetic)",
+            "degenerate_share": "degenerate share",
+        }
+
         def draw(fig):
             ax = fig.add_subplot(1, 1, 1)
-            ax.bar(frame.feature_size, frame.mean_entropy, label="mean entropy (1 = uniform)")
-            ax.bar(frame.feature_size, frame.degenerate_share, label="degenerate share", alpha=0.7)
+            shown = [c for c in measures if frame[c].notna().any()]
+            x = np.arange(len(frame))
+            width = 0.8 / len(shown)
+            for k, column in enumerate(shown):
+                ax.bar(x + (k - (len(shown) - 1) / 2) * width, frame[column].fillna(0), width, label=measures[column])
+            ax.set_xticks(x, frame.feature_size)
             ax.set_xlabel("CAM layer feature map")
             ax.set_ylim(0, 1)
             ax.legend(fontsize=7)
@@ -281,6 +292,9 @@ class RunReport:
             for (model, opt), part in frame.groupby(["model", "optimizer"]):
                 ax.scatter(part.lr, part.best_val_top1, label=f"{model} {opt}", marker="x" if part.stopped_by_asha.all() else "o")
             ax.set_xscale("log")
+            from matplotlib.ticker import NullFormatter
+
+            ax.xaxis.set_minor_formatter(NullFormatter())  # log-axis minor labels collide
             ax.set_xlabel("learning rate")
             ax.set_ylabel("best val top-1")
             ax.legend(fontsize=6)
