@@ -179,6 +179,8 @@ def early_stopper(cfg: ExperimentConfig) -> Any:
 
 def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, callbacks: list | None = None) -> ray.tune.Tuner:
     """A new Tuner, or the one stored under ``out_dir`` when resuming."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     res = plan_resources(cfg, ray.cluster_resources())
     # The driver puts each array once; every worker of every trial reads the same objects.
     data = [ray.put(splits.train.images), ray.put(splits.train.labels), ray.put(splits.val.images), ray.put(splits.val.labels)]
@@ -207,7 +209,8 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
             mode=cfg.search.mode,
             scheduler=early_stopper(cfg),
             num_samples=cfg.search.num_samples,
-            max_concurrent_trials=res.max_concurrent_trials,
+            # Seeded sampling: the same config draws the same learning rates on every run.
+            search_alg=BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=res.max_concurrent_trials),
         ),
         run_config=ray.tune.RunConfig(name=cfg.name, storage_path=str(out_dir / "tune"), callbacks=callbacks, verbose=0),
     )
