@@ -220,6 +220,13 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
 # From Tune's results to table rows
 
 
+def _best(items: list[dict], key: str, mode: str) -> dict | None:
+    """The item with the best ``key`` under ``mode`` ('max' or 'min'), or None when empty."""
+    if not items:
+        return None
+    return (max if mode == "max" else min)(items, key=lambda item: item[key])
+
+
 def _surviving(path: str | None) -> str | None:
     """A local checkpoint path if Train kept it (it keeps only the best k); remote URIs as given."""
     if path is None or "://" in path:
@@ -246,10 +253,9 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
         done = int(rows[-1]["epoch"]) if rows else 0
         status = "error" if result.error else "diverged" if diverged else "completed" if done >= tcfg.epochs else "stopped_early"
         scored = [r for r in rows if r.get(cfg.search.metric) is not None and not r.get("diverged")]
-        best = (max if cfg.search.mode == "max" else min)(scored, key=lambda r: r[cfg.search.metric]) if scored else None
+        best = _best(scored, cfg.search.metric, cfg.search.mode)
         # Train keeps the best-k checkpoints by the same metric, so the best epoch's survives.
-        with_ckpt = [r for r in scored if r.get("checkpoint_path")]
-        best_ckpt = (max if cfg.search.mode == "max" else min)(with_ckpt, key=lambda r: r[cfg.search.metric]) if with_ckpt else None
+        best_ckpt = _best([r for r in scored if r.get("checkpoint_path")], cfg.search.metric, cfg.search.mode)
         trials.append(
             {
                 "trial_id": trial_id,
@@ -280,15 +286,8 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
 
 def best_per_model(trials: list[dict], mode: str) -> list[dict]:
     usable = [t for t in trials if t["best_checkpoint"] and t["status"] != "diverged"]
-    best: dict[str, dict] = {}
-    for t in usable:
-        current = best.get(t["model"])
-        better = current is None or (
-            t["best_val_top1"] > current["best_val_top1"] if mode == "max" else t["best_val_top1"] < current["best_val_top1"]
-        )
-        if better:
-            best[t["model"]] = t
-    return sorted(best.values(), key=lambda t: t["model"])
+    models = sorted({t["model"] for t in usable})
+    return [_best([t for t in usable if t["model"] == m], "best_val_top1", mode) for m in models]
 
 
 def evaluate_best(trials: list[dict], epochs: list[dict], cfg: ExperimentConfig, splits: Splits, res: TrialResources) -> tuple[list[dict], dict[str, list]]:
