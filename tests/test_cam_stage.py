@@ -68,3 +68,17 @@ def test_settings_are_checked():
         CamSettings(targets=("truth",))
     with pytest.raises(ConfigError, match=r"--batch-size: must be > 0"):
         CamSettings(batch_size=0)
+
+
+def test_low_resolution_layers_warn_and_are_flagged(tmp_path, test_set):
+    """The paper's setting (ImageNet stem at 32 px): layer3 is 2x2, layer4 1x1."""
+    spec = ModelSpec("resnet_tiny", 10, stem="imagenet")
+    folder = save_checkpoint(tmp_path, build_model(spec), spec, {})
+    layers = resolve_layers(spec, None, "m")
+    with pytest.warns(UserWarning, match=r"resnet_tiny layer4 is 1x1: its maps are degenerate"):
+        actor = CamActor(str(folder), "run", CamSettings(targets=("pred",), faithfulness_steps=0), layers)
+    rows = actor(images_table(test_set)).to_pylist()
+    by_layer = {r["layer"]: r for r in rows}
+    assert (by_layer["layer2"]["layer_h"], by_layer["layer2"]["low_res_layer"]) == (4, False)
+    assert (by_layer["layer3"]["layer_h"], by_layer["layer3"]["low_res_layer"]) == (2, True)
+    assert all(r["degenerate"] for r in rows if r["layer"] == "layer4")  # a 1x1 map says nothing about where
