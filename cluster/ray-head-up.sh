@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Start a local Ray head with its dashboard / job server on 127.0.0.1, as `ray start --block` in
+# its own session, so that ray-head-down.sh stops it by PID (`ray stop` would end every Ray
+# process on the machine). Usage: RAY_VENV=.venv cluster/ray-head-up.sh  (prints the address)
+set -euo pipefail
+venv="$(cd "${RAY_VENV:-.venv}" && pwd)"
+state="${RAY_STATE_DIR:-/tmp/cifarcam-ray}"
+cpus="${RAY_NUM_CPUS:-$(nproc)}"
+gcs_port="${RAY_GCS_PORT:-6380}"
+dash_port="${RAY_DASHBOARD_PORT:-8266}"
+mkdir -p "$state"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"  # clients need the same setting and ~/.ray/auth_token
+export RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_DATA_DISABLE_PROGRESS_BARS=1
+# job entrypoints resolve `python` from the head's PATH: the project's venv first
+export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
+setsid "$venv/bin/ray" start --head --block --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
+  --port="$gcs_port" --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash_port" \
+  --object-store-memory=$((512 * 1024 * 1024)) --disable-usage-stats --temp-dir="$state/ray" \
+  </dev/null >"$state/head.log" 2>&1 &
+echo $! >"$state/head.pid"
+# Ray 2.59+ protects local clusters with a token (~/.ray/auth_token); the API wants it too.
+api() { curl -sf -H "Authorization: Bearer $(cat "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" 2>/dev/null)" "http://127.0.0.1:$dash_port$1"; }
+for _ in $(seq 600); do
+  if api /api/jobs/ >/dev/null 2>&1 && api /api/v0/nodes 2>/dev/null | grep -q '"state": *"ALIVE"'; then
+    echo "http://127.0.0.1:$dash_port"; exit 0
+  fi
+  kill -0 "$(cat "$state/head.pid")" 2>/dev/null || break
+  sleep 0.1
+done
+echo "ray head did not come up; see $state/head.log" >&2
+tail -20 "$state/head.log" >&2
+exit 1
