@@ -5,7 +5,6 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cifarcam import results
 from cifarcam.cam_stage import CamActor, CamSettings, check_settings, resolve_layers, images_table
 from cifarcam.checkpoint import save_checkpoint
 from cifarcam.config import ConfigError, DataConfig, SyntheticConfig
