@@ -47,7 +47,7 @@ class CamSettings:
             if t not in TARGET_KINDS:
                 raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
         if self.batch_size <= 0:
-            raise ConfigError(f"--cam-batch-size: must be > 0, got {self.batch_size}")
+            raise ConfigError(f"--batch-size: must be > 0, got {self.batch_size}")
         if self.faithfulness_steps < 0:
             raise ConfigError(f"--faithfulness-steps: must be >= 0, got {self.faithfulness_steps}")
 
