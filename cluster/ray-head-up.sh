@@ -4,7 +4,7 @@
 # process on the machine). Usage: RAY_VENV=.venv cluster/ray-head-up.sh  (prints the address)
 set -euo pipefail
 venv="$(cd "${RAY_VENV:-.venv}" && pwd)"
-state="${RAY_STATE_DIR:-/tmp/cifarcam-ray}"
+state="${RAY_STATE_DIR:-/tmp/cifarcam-ray}"  # keep it short: Ray's AF_UNIX socket paths must stay under 108 bytes
 cpus="${RAY_NUM_CPUS:-$(nproc)}"
 gcs_port="${RAY_GCS_PORT:-6380}"
 dash_port="${RAY_DASHBOARD_PORT:-8266}"

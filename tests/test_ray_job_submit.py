@@ -1,7 +1,10 @@
 """`ray job submit` against a real local Ray head (dashboard and job server on 127.0.0.1)."""
 
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -10,9 +13,11 @@ from helpers import ROOT, SMALL_SEARCH, write_config
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head():
     # Token auth on: the head and every client read ~/.ray/auth_token.
-    state = tmp_path_factory.mktemp("rayhead")
+    # A short folder: Ray's unix sockets live under it, and AF_UNIX paths stop at 107 bytes
+    # (pytest's tmp paths plus Ray's session name can pass that, depending on the PID).
+    state = Path(tempfile.mkdtemp(prefix="cfray-", dir="/tmp"))
     env = {**os.environ, "RAY_STATE_DIR": str(state), "RAY_VENV": str(ROOT / ".venv"), "RAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     try:
@@ -21,6 +26,7 @@ def ray_head(tmp_path_factory):
         yield up.stdout.strip(), env
     finally:  # by PID, also when start-up failed half-way
         subprocess.run(["bash", "cluster/ray-head-down.sh"], cwd=ROOT, env=env, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_the_search_job_runs_through_ray_job_submit(ray_head, tmp_path):
