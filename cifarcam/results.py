@@ -50,6 +50,7 @@ EPOCHS = pa.schema(
         ("epoch_time_s", pa.float64()),
         ("diverged", pa.bool_()),
         ("workers", pa.int64()),  # DDP processes that trained this epoch
+        ("nodes", pa.int64()),  # distinct Ray nodes those processes ran on
         ("checkpoint_path", pa.string()),  # null once Train dropped it (only the best k are kept)
     ]
 )

@@ -87,6 +87,16 @@ def count_trials(search: SearchConfig) -> int:
 # One worker of one trial
 
 
+def _distinct_nodes(world: int) -> int:
+    """How many Ray nodes this trial's workers span (recorded so a run shows its placement)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    ids: list[Any] = [None] * world
+    torch.distributed.all_gather_object(ids, node)
+    return len(set(ids))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Runs on every DDP worker: fetch data from the object store, build, fit, report."""
     ctx = ray.train.get_context()
@@ -111,10 +121,11 @@ def train_worker(config: dict[str, Any]) -> None:
     loader_args = dict(device=device, rank=rank, world_size=world, seed=cfg.seed, input_size=cfg.input_size)
     train_loader = DeviceLoader(train_x, train_y, cfg.batch_size, train=True, **loader_args)
     val_loader = DeviceLoader(val_x, val_y, max(cfg.batch_size, 256), train=False, **loader_args)
+    nodes = _distinct_nodes(world)
     meta = {"train": dataclasses.asdict(cfg), "class_names": config["class_names"], "dataset": config["dataset"]}
 
     def report(metrics: EpochMetrics, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-        values = {**metrics.to_dict(), "model": spec.family, "workers": world}
+        values = {**metrics.to_dict(), "model": spec.family, "workers": world, "nodes": nodes}
         if rank != 0:  # every rank reports (Train needs it); only rank 0 writes a checkpoint
             ray.train.report(values, checkpoint=None)
             return
@@ -246,7 +257,7 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
         rows = [] if frame is None or frame.empty else frame.to_dict("records")
         for row in rows:
             epochs.append(
-                {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged", "workers")}
+                {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged", "workers", "nodes")}
                 | {"trial_id": trial_id, "model": tcfg.model, "checkpoint_path": _surviving(row.get("checkpoint_path"))}
             )
         diverged = bool(rows and rows[-1].get("diverged"))

@@ -1,0 +1,171 @@
+"""What runs on each node of a SLURM allocation: a Ray head or a Ray worker, and on the head the
+pipeline's driver (`python -m jobs.pipeline`).
+
+The nodes meet through the job's submitit folder, which submitit already requires on a filesystem
+every node sees: the head writes its address there, the workers join it, and the head marks the end
+so that the workers leave. Every port is picked free on its node, so several jobs (or several
+virtual nodes) on one host never collide, and each attempt of a requeued job meets in its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import submitit
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAD_FILE, DONE_FILE, STATUS_FILE = "ray-head.json", "driver-done", "driver-status.json"
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """The address this node is known by in SLURM (its NodeAddr), which the other nodes can reach."""
+    return socket.gethostbyname(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+
+
+def wait_until(ready, timeout_s: float, what: str, poll_s: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM the group `ray start --block` leads (its raylet, GCS, dashboard), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@dataclass
+class RayOnSlurm(submitit.helpers.Checkpointable):
+    """The submitted callable: one task per node; global rank 0 is the Ray head and the driver."""
+
+    pipeline_args: list[str]
+    token_path: str  # per-submission Ray auth token, on the shared filesystem, mode 0600
+    object_store_bytes: int | None = None
+    join_timeout_s: float = 600.0
+    resume: bool = False  # set by checkpoint() when submitit requeues on preemption or timeout
+
+    def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
+        # Requeued after preemption or timeout: the search resumes from its Tune storage.
+        return submitit.helpers.DelayedSubmission(dataclasses.replace(self, resume=True))
+
+    def __call__(self) -> int:
+        env = submitit.JobEnvironment()
+        # `scontrol requeue` reruns the original submission: SLURM's restart count says so.
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        meeting = env.paths.folder / f"attempt-{attempt}"
+        meeting.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.gettempdir()) / f"cfr-{env.job_id}-{attempt}-{env.global_rank}"  # short: AF_UNIX paths
+        os.environ.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=self.token_path,
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+            RAY_DATA_DISABLE_PROGRESS_BARS="1",
+            # the driver and Ray's workers find this venv's python first
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        try:
+            if env.global_rank == 0:
+                return self._head(env.num_tasks, meeting, temp, resume=self.resume or attempt > 0)
+            return self._worker(meeting, temp)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+
+    # -- Ray processes ----------------------------------------------------------------------
+
+    def _ray_start(self, extra: list[str], temp: Path, log: IO) -> subprocess.Popen:
+        ip = node_ip()
+        cmd = [
+            str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+            f"--node-ip-address={ip}", f"--temp-dir={temp}",
+            f"--dashboard-agent-listen-port={free_port(ip)}", f"--metrics-export-port={free_port(ip)}",
+        ]
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+        if cpus:
+            cmd.append(f"--num-cpus={cpus}")
+        if self.object_store_bytes:
+            cmd.append(f"--object-store-memory={self.object_store_bytes}")
+        # its own session, so that stopping it stops exactly its raylet, GCS and dashboard
+        return subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _head(self, num_nodes: int, meeting: Path, temp: Path, resume: bool) -> int:
+        ip = node_ip()
+        gcs, dashboard, client = free_port(ip), free_port(ip), free_port(ip)
+        address = f"{ip}:{gcs}"
+        log = meeting / "ray-head.log"
+        with open(log, "ab") as out:
+            head = self._ray_start(
+                ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
+                temp, out,
+            )
+        try:
+            api = f"http://127.0.0.1:{dashboard}"
+            self._wait_for_nodes(api, num_nodes, head, log, need=1)
+            (meeting / HEAD_FILE).write_text(json.dumps({"address": address}))  # workers may now join
+            self._wait_for_nodes(api, num_nodes, head, log, need=num_nodes)
+            args = [*self.pipeline_args, "--address", address] + (["--resume"] if resume and "--resume" not in self.pipeline_args else [])
+            print(f"[cifarcam] {num_nodes} Ray node(s) up at {address}; running jobs.pipeline {' '.join(args)}", flush=True)
+            rc = subprocess.run([sys.executable, "-m", "jobs.pipeline", *args], cwd=ROOT).returncode
+        finally:
+            (meeting / DONE_FILE).touch()
+            stop_process_group(head)
+        (meeting.parent / STATUS_FILE).write_text(json.dumps({"returncode": rc, "resumed": resume}))
+        if rc != 0:  # the SLURM job fails with the driver, and submitit's result says why
+            raise RuntimeError(f"jobs.pipeline exited with status {rc}")
+        return rc
+
+    def _wait_for_nodes(self, dashboard: str, num_nodes: int, head: subprocess.Popen, log: Path, need: int) -> None:
+        """Until ``need`` nodes are alive, as the head's state API (on its dashboard) reports them."""
+        token = Path(self.token_path).read_text().strip()
+        request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=10000", headers={"Authorization": f"Bearer {token}"})
+
+        def alive() -> bool:
+            if head.poll() is not None:
+                raise RuntimeError(f"the Ray head exited with status {head.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    nodes = json.load(response)["data"]["result"]["result"]
+            except (OSError, ValueError, KeyError):  # still starting
+                return False
+            return sum(node["state"] == "ALIVE" for node in nodes) >= need
+
+        wait_until(alive, self.join_timeout_s, f"Ray cluster ({need} of {num_nodes} nodes alive)")
+
+    def _worker(self, meeting: Path, temp: Path) -> int:
+        wait_until((meeting / HEAD_FILE).exists, self.join_timeout_s, f"Ray head address in {meeting}")
+        address = json.loads((meeting / HEAD_FILE).read_text())["address"]
+        with open(meeting / f"ray-worker-{submitit.JobEnvironment().global_rank}.log", "ab") as log:
+            worker = self._ray_start([f"--address={address}"], temp, log)
+        try:
+            wait_until(lambda: (meeting / DONE_FILE).exists() or worker.poll() is not None, float("inf"), "driver")
+        finally:
+            stop_process_group(worker)
+        return 0

@@ -1,0 +1,170 @@
+"""Run the pipeline on a SLURM allocation through submitit: a Ray head on the first node, Ray
+workers on the others, the driver on the head; requeued on preemption or timeout, and resumed.
+
+    python -m cluster.slurm [--nodes N] [--gpus-per-node G] [--cpus-per-task C] [--partition P]
+        [--account A] [--time MIN] [--qos Q] [--constraint X] [--sbatch-arg KEY=VALUE ...]
+        [--logs DIR] [--detach] -- --config configs/paper.yaml --out /shared/results/paper
+
+    python -m cluster.slurm --nodes 2 --array configs/a.yaml configs/b.yaml -- --out /shared/results
+
+Everything after `--` goes to `python -m jobs.pipeline`. With --array, each config is one array
+task writing to <--out>/<config name>. The run folder and --logs must be on a filesystem every node
+sees. Without --detach the command waits and exits with the driver's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+from jobs.common import console, run
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an sbatch option without its dashes), got {text!r}")
+    return key.lstrip("-"), value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cluster.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=_positive, default=1, help="nodes in the allocation; Ray runs one node per SLURM node (default: 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request on each node (default: 0)")
+    p.add_argument("--cpus-per-task", type=_positive, default=None, help="CPUs on each node for Ray (one task per node; default: SLURM's)")
+    p.add_argument("--mem-gb", type=_positive, default=None, help="memory per node in GB (default: SLURM's)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None)
+    p.add_argument("--time", type=_positive, default=240, help="time limit per attempt in minutes (default: 240)")
+    p.add_argument("--requeues", type=int, default=3, help="times a timed-out job is requeued to continue (default: 3; preemptions do not count)")
+    p.add_argument("--sbatch-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. mail-type=END (repeatable)")
+    p.add_argument("--job-name", default="cifarcam")
+    p.add_argument("--logs", type=Path, default=Path("results/slurm"), help="submitit folder, shared by all nodes; each job logs to <logs>/<job id> (default: results/slurm)")
+    p.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES", help="Ray object store per node (default: Ray's, 30%% of memory)")
+    p.add_argument("--array", nargs="+", type=Path, default=None, metavar="CONFIG", help="one array task per config, each its own sweep")
+    p.add_argument("--array-parallelism", type=_positive, default=None, help="array tasks running at once (default: all)")
+    p.add_argument("--detach", action="store_true", help="print the job id and return instead of waiting for the result")
+    return p
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" not in argv:
+        raise ValueError("expected `--` followed by the jobs.pipeline arguments, e.g. -- --config configs/demo.yaml")
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def pipeline_runs(pipeline_argv: list[str], array: list[Path] | None) -> list[list[str]]:
+    """One jobs.pipeline argument list per job, with absolute paths (nodes need not share a cwd),
+    checked here so that a mistake costs no allocation."""
+    from cifarcam.config import load_config
+    from cifarcam.results import check_writable
+    from jobs import cam, pipeline
+
+    for option in ("--address", "--num-cpus"):
+        if option in pipeline_argv:
+            raise ValueError(f"{option}: set by cluster.slurm (the job's own Ray cluster); remove it from the jobs.pipeline arguments")
+    if array and "--config" in pipeline_argv:
+        raise ValueError("--array: each config is one array task; do not pass --config after `--` as well")
+    base = pipeline_argv + (["--config", str(array[0])] if array else [])
+    args = pipeline.parser().parse_args(base)  # argparse mistakes exit here, before submitting
+    cam.settings_from(args)
+    runs = []
+    for config in array or [Path(args.config)]:
+        cfg = load_config(config)
+        out = (args.out / cfg.name if array and args.out else args.out) or Path("results") / cfg.name
+        check_writable(out)
+        rest = _without(pipeline_argv, "--config", "--out")
+        runs.append([*rest, "--config", str(Path(config).resolve()), "--out", str(out.resolve())])
+    return runs
+
+
+def _without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` less each ``option VALUE`` / ``option=VALUE`` pair."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in options:
+            skip = True
+        elif not any(item.startswith(f"{o}=") for o in options):
+            kept.append(item)
+    return kept
+
+
+def make_executor(opts: argparse.Namespace):
+    import submitit
+
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("sbatch: not found on PATH; cluster.slurm runs on a SLURM login node")
+    executor = submitit.AutoExecutor(folder=opts.logs.resolve() / "%j", cluster="slurm", slurm_max_num_timeout=opts.requeues)
+    params = dict(
+        name=opts.job_name, nodes=opts.nodes, tasks_per_node=1, timeout_min=opts.time,
+        slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
+        slurm_constraint=opts.constraint,
+        slurm_additional_parameters=dict(opts.sbatch_arg), slurm_array_parallelism=opts.array_parallelism,
+        cpus_per_task=opts.cpus_per_task, gpus_per_node=opts.gpus_per_node or None, mem_gb=opts.mem_gb,
+    )
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None and v != {}})
+    return executor
+
+
+def new_token(logs: Path) -> Path:
+    """A Ray auth token for this submission's clusters, readable by its owner only."""
+    path = logs.resolve() / "tokens" / secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32))
+    return path
+
+
+def driver_status(job) -> int:
+    """The driver's exit status, as the head wrote it; 1 when the job ended without one."""
+    status = job.paths.folder / "driver-status.json"
+    if status.is_file():
+        return int(json.loads(status.read_text())["returncode"])
+    console.print(f"job {job.job_id}: ended {job.state} without running the driver to the end; see {job.paths.stderr}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.ray_on_slurm import RayOnSlurm
+
+    slurm_argv, pipeline_argv = split_argv(sys.argv[1:] if argv is None else argv)
+    opts = parser().parse_args(slurm_argv)
+    runs = pipeline_runs(pipeline_argv, opts.array)
+    executor = make_executor(opts)
+    token = new_token(opts.logs)
+    tasks = [RayOnSlurm(args, str(token), opts.object_store_memory) for args in runs]
+    if opts.array:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    else:
+        jobs = [executor.submit(tasks[0])]
+    for job, args in zip(jobs, runs):
+        print(f"submitted job {job.job_id} ({opts.nodes} node(s)): jobs.pipeline {' '.join(args)}; logs in {job.paths.folder}", flush=True)
+    if opts.detach:
+        return 0
+    for job in jobs:
+        job.wait()
+    codes = [driver_status(job) for job in jobs]
+    for job, code in zip(jobs, codes):
+        console.print(f"job {job.job_id}: driver exit status {code}; logs in {job.paths.folder}")
+    return max(codes)
+
+
+if __name__ == "__main__":
+    run(main)
