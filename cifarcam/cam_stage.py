@@ -47,7 +47,7 @@ class CamSettings:
             if t not in TARGET_KINDS:
                 raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
         if self.batch_size <= 0:
-            raise ConfigError(f"--batch-size: must be > 0, got {self.batch_size}")
+            raise ConfigError(f"--cam-batch-size: must be > 0, got {self.batch_size}")
         if self.faithfulness_steps < 0:
             raise ConfigError(f"--faithfulness-steps: must be >= 0, got {self.faithfulness_steps}")
 
@@ -255,6 +255,8 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
     import ray
 
     cams_dir = run_dir / "cams"
+    # What a killed earlier run left half-written; never visible under cams/, removed here.
+    shutil.rmtree(run_dir / ".staging", ignore_errors=True)
     summary: dict[str, Any] = {"skipped": 0, "written": []}
     dataset = None
     for p in plans:

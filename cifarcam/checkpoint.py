@@ -54,6 +54,18 @@ def load_weights(model: nn.Module, folder: str | Path, spec: ModelSpec) -> None:
     unwrap(model).load_state_dict(state)
 
 
+def check_weights(folder: str | Path) -> None:
+    """Fail early, in one line, when a checkpoint's weights do not fit the model its meta.json names."""
+    import pickle
+
+    spec = ModelSpec(**read_meta(folder)["model"])
+    try:
+        load_weights(build_model(spec), folder, spec)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise ValueError(f"{folder}: its weights do not fit the {spec.family} model its {META_FILE} names ({first})") from None
+
+
 def load_train_state(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / STATE_FILE
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None

@@ -257,6 +257,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
+def searched_models(cfg: ExperimentConfig) -> list[str]:
+    """Every model family a trial of this search may train."""
+    return sorted({cfg.train.model, *_space_values(cfg.search).get("model", [])})
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read, type-check and validate a YAML experiment file."""
     path = Path(path)

@@ -21,7 +21,7 @@ import ray.train.torch
 import ray.tune
 import torch
 
-from cifarcam.checkpoint import load_train_state, load_weights, save_checkpoint
+from cifarcam.checkpoint import load_train_state, load_weights, read_meta, save_checkpoint
 from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig, TrainConfig, trial_config
 from cifarcam.data import Splits
 from cifarcam.loader import DeviceLoader
@@ -108,12 +108,13 @@ def train_worker(config: dict[str, Any]) -> None:
 
     train_x, train_y, val_x, val_y = ray.get(config["data"])
     model = build_model(spec, cfg.pretrained)
-    resume = None
+    resume, history = None, []
     restored = ray.train.get_checkpoint()
     if restored is not None:  # a worker restarted after a failure: continue from the last epoch
         with restored.as_directory() as folder:
             load_weights(model, folder, spec)
             resume = load_train_state(folder)
+            history = read_meta(folder).get("history", [])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
@@ -126,11 +127,13 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: EpochMetrics, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
         values = {**metrics.to_dict(), "model": spec.family, "workers": world, "nodes": nodes}
+        history.append(values)
         if rank != 0:  # every rank reports (Train needs it); only rank 0 writes a checkpoint
             ray.train.report(values, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), model, spec, meta, optimizer, scheduler, epoch=metrics.epoch)
+            # Every epoch so far rides along: Tune restarts a resumed trial's log, the checkpoint keeps it.
+            save_checkpoint(Path(tmp), model, spec, meta | {"history": history}, optimizer, scheduler, epoch=metrics.epoch)
             ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     fit(model, cfg, train_loader, val_loader, on_epoch_end=report, resume=resume)
@@ -245,6 +248,29 @@ def _surviving(path: str | None) -> str | None:
     return path if Path(path).exists() else None
 
 
+def _with_earlier_epochs(rows: list[dict]) -> list[dict]:
+    """A trial resumed after a crash logs to Tune afresh from the epoch it restarted at; the epochs
+    before it come back from the history its newest surviving checkpoint carries."""
+    if not rows or min(r["epoch"] for r in rows) <= 1:
+        return rows
+    seen = {r["epoch"] for r in rows}
+    for row in sorted(rows, key=lambda r: -r["epoch"]):
+        path = _surviving(row.get("checkpoint_path"))
+        if path and "://" not in path:
+            earlier = [h | {"checkpoint_path": None} for h in read_meta(path).get("history", []) if h["epoch"] not in seen]
+            return sorted(earlier + rows, key=lambda r: r["epoch"])
+    return rows
+
+
+def _failure(result: Any, rows: list[dict]) -> str | None:
+    """Why a trial failed: its exception's last line, or the epoch its loss stopped being finite."""
+    if result.error is not None:
+        return str(result.error).strip().splitlines()[-1][:500]
+    if rows and rows[-1].get("diverged"):
+        return f"diverged: training loss {rows[-1].get('train_loss')} at epoch {int(rows[-1]['epoch'])}"
+    return None
+
+
 def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     """(trials rows, epochs rows) for ``results.TRIALS`` / ``results.EPOCHS``."""
     trials, epochs = [], []
@@ -254,7 +280,7 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
         tcfg = trial_config(cfg.train, picks)
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         frame = result.metrics_dataframe
-        rows = [] if frame is None or frame.empty else frame.to_dict("records")
+        rows = _with_earlier_epochs([] if frame is None or frame.empty else frame.to_dict("records"))
         for row in rows:
             epochs.append(
                 {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged", "workers", "nodes")}
@@ -278,7 +304,7 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
                 "batch_size": tcfg.batch_size,
                 "hyperparameters": json.dumps(picks, sort_keys=True, default=str),
                 "status": status,
-                "error": None if result.error is None else str(result.error).strip().splitlines()[-1][:500],
+                "error": _failure(result, rows),
                 "epochs_run": done,
                 "epochs_planned": tcfg.epochs,
                 "stopped_by_asha": status == "stopped_early" and cfg.search.early_stopping == "asha",
@@ -358,6 +384,18 @@ class SearchSummary:
     accuracy: list[dict]
 
 
+def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool) -> None:
+    """A run folder holding this search is continued only on --resume, and only with its own config."""
+    from cifarcam.config import dump_config
+
+    saved = out_dir / "config.yaml"
+    if (out_dir / "tune" / cfg.name).exists():
+        if not resume:
+            raise FileExistsError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
+        if saved.is_file() and saved.read_text() != dump_config(cfg):
+            raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
+
+
 def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool = False, progress: bool = True) -> SearchSummary:
     """Tune over ``cfg.search``, then evaluate each family's best trial on the test set and write
     trials / epochs / accuracy / predictions Parquet under ``out_dir``. Ray must be initialised."""
@@ -366,12 +404,7 @@ def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     from cifarcam.progress import RichProgress
 
     config_yaml = dump_config(cfg)
-    saved = out_dir / "config.yaml"
-    if (out_dir / "tune" / cfg.name).exists():
-        if not resume:
-            raise FileExistsError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
-        if saved.is_file() and saved.read_text() != config_yaml:
-            raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
+    check_resumable(cfg, out_dir, resume)
     res = plan_resources(cfg, ray.cluster_resources())
     results.write_provenance(out_dir, config_yaml)
     callbacks = [RichProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode)] if progress else None

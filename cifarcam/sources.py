@@ -143,6 +143,8 @@ def _locate(source: str, path: str | None, cache_dir: str, download: bool) -> Pa
     cache = Path(cache_dir).expanduser()
     for candidate in (cache / release.folder, cache / Path(release.url).name):
         if candidate.exists():
+            if candidate.is_file():  # an earlier download: may be cut short or damaged since
+                verify_md5(candidate, release.md5)
             return candidate
     if not download:
         raise FileNotFoundError(

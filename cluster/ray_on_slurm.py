@@ -61,6 +61,15 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
         proc.wait()
 
 
+class AttemptEnded(BaseException):
+    """SLURM is ending this attempt (requeue, preemption, scancel, time limit). A BaseException so
+    that submitit records no result: the waiting client keeps waiting for the requeued attempt."""
+
+
+def _attempt_ended(signum: int, frame: object) -> None:
+    raise AttemptEnded(f"signal {signal.Signals(signum).name}")
+
+
 @dataclass
 class RayOnSlurm(submitit.helpers.Checkpointable):
     """The submitted callable: one task per node; global rank 0 is the Ray head and the driver."""
@@ -91,6 +100,9 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
             # the driver and Ray's workers find this venv's python first
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         )
+        # submitit ignores SIGTERM; here it ends the attempt at once: the finally blocks stop Ray,
+        # and nothing reports the driver's forced exit as its result.
+        signal.signal(signal.SIGTERM, _attempt_ended)
         try:
             if env.global_rank == 0:
                 return self._head(env.num_tasks, meeting, temp, resume=self.resume or attempt > 0)

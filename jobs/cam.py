@@ -44,12 +44,23 @@ def settings_from(args: argparse.Namespace):
     return CamSettings(methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size, faithfulness_steps=args.faithfulness_steps)
 
 
+def check_layers(cfg, settings) -> None:
+    """Every --layers name exists in every model the search may train: checked before the search."""
+    from cifarcam.cam_stage import resolve_layers
+    from cifarcam.config import searched_models
+    from cifarcam.models import ModelSpec
+
+    if settings.layers is not None:
+        for family in searched_models(cfg):  # layer names do not depend on the class count
+            resolve_layers(ModelSpec(family, 10, cfg.train.stem, cfg.train.input_size), settings.layers, f"model {family}")
+
+
 def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes: int):
     """The checkpoints to explain, each checked against the run's dataset before any cluster time."""
     import duckdb
 
     from cifarcam.cam_stage import ModelToExplain
-    from cifarcam.checkpoint import read_meta
+    from cifarcam.checkpoint import check_weights, read_meta
 
     if checkpoints:
         chosen = [(read_meta(c)["model"]["family"], str(c)) for c in checkpoints]
@@ -63,6 +74,7 @@ def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes
         meta = read_meta(folder)
         if meta["model"]["num_classes"] != num_classes:
             raise ValueError(f"--checkpoint {folder}: a {meta['model']['num_classes']}-class model, but the run's dataset has {num_classes} classes")
+        check_weights(folder)
         models.append(ModelToExplain(name, folder))
     return models
 

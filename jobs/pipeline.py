@@ -20,7 +20,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = parser().parse_args()
+    from cifarcam.config import load_config
+
     settings = cam.settings_from(args)  # checked before the search spends any cluster time
+    cam.check_layers(load_config(args.config), settings)
     summary = search.search(args)
     args.run, args.checkpoint = summary.out_dir, None
     cam.cam(args, settings)

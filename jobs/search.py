@@ -25,15 +25,17 @@ def prepare(args: argparse.Namespace):
     from cifarcam.config import check_batch_fits, load_config
     from cifarcam.data import load_splits
     from cifarcam.results import check_writable
+    from cifarcam.search import check_resumable
 
     cfg = load_config(args.config)
-    out = args.out or default_out(cfg.name)
+    out = (args.out or default_out(cfg.name)).resolve()
+    check_resumable(cfg, out, args.resume)
     check_writable(out)
     with console.status(f"loading {cfg.data.source} data"):
         splits = load_splits(cfg.data)
     check_batch_fits(cfg, len(splits.train))
     console.print(f"data: {cfg.data.source}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, {splits.train.num_classes} classes")
-    return cfg, out.resolve(), splits
+    return cfg, out, splits
 
 
 def search(args: argparse.Namespace):

@@ -47,3 +47,35 @@ def write_config(folder: Path, name: str = "small", text: str = SMALL_SEARCH) ->
     path = folder / f"{name}.yaml"
     path.write_text(text.format(name=name))
     return path
+
+
+def start_job(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """A job in the background, in its own session, so that a test can kill it and everything it
+    started (its local Ray included) as one process group."""
+    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    full_env.pop("RAY_ADDRESS", None)
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every process below ``pid``, read from /proc (Ray renames its
+    workers' command lines, e.g. ``ray::RayTrainWorker``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            todo.append(child)
+    return found

@@ -65,7 +65,7 @@ def test_changed_settings_refuse_to_mix_with_existing_partitions(tmp_path):
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match=r"--targets: unknown target 'truth'"):
         CamSettings(targets=("truth",))
-    with pytest.raises(ConfigError, match=r"--batch-size: must be > 0"):
+    with pytest.raises(ConfigError, match=r"--cam-batch-size: must be > 0"):
         CamSettings(batch_size=0)
 
 

@@ -1,46 +1,276 @@
-"""Bad input ends in one line naming the input, exit status 2, before any Ray start."""
+"""Bad input, one case each: a one-line error naming the input and what was expected, exit status 2,
+before any trial starts (before Ray starts, where the mistake is knowable without a cluster), and an
+existing run folder left exactly as it was."""
 
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import run_job, write_config
 
+OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40}}\n"
 
-def _one_line_error(proc):
-    assert proc.returncode == 2, proc.stderr[-2000:]
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def existing_run(tmp_path: Path) -> Path:
+    """A run folder from an earlier search, which no failed command may touch."""
+    run = tmp_path / "existing"
+    (run / "cams").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: earlier\n")
+    pq.write_table(pa.table({"trial_id": ["t1"], "val_top1": [0.5]}), run / "trials.parquet")
+    return run
+
+
+def _fails_cleanly(proc, run: Path, before: dict, expected: str, ray_started: bool = False) -> str:
+    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
-    return lines[0]
+    if not ray_started:  # knowable without a cluster: nothing but the error line
+        assert len(lines) == 1, proc.stderr
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert lines[-1].startswith(expected), lines[-1]
+    assert _snapshot(run) == before
+    return lines[-1]
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("name: x\ntrain: {lr: 0}\n", "error: train.lr: must be > 0, got 0.0"),
-        ("name: x\nsearch: {grid: {optimzer: [sgd]}}\n", "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
-        ("name: x\ndata: {source: cifar100, download: false, cache_dir: /nonexistent-cache}\n", "error: cifar100: not in /nonexistent-cache and data.download is false;"),
-        ("name: x\ndata: {source: parquet, path: /nonexistent-data}\n", "error: data.path /nonexistent-data: not a folder; expected train.parquet and test.parquet in it"),
-        ("name: x\ntrain: {batch_size: 100000}\n", "error: train.batch_size: 100000 is larger than the training split (4500 images)"),
-    ],
-)
-def test_bad_config_or_data(tmp_path, text, expected):
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(text)
-    assert _one_line_error(run_job("jobs.search", "--config", str(cfg), "--out", str(tmp_path / "out"), timeout=120)).startswith(expected)
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "case.yaml"
+    path.write_text(text)
+    return path
 
 
-def test_missing_config_file(tmp_path):
-    line = _one_line_error(run_job("jobs.search", "--config", str(tmp_path / "nope.yaml"), timeout=120))
-    assert line == f"error: {tmp_path / 'nope.yaml'}: config file not found"
+# --- data ---------------------------------------------------------------------------------------
+
+
+def _cifar_tarball(src: Path, target: Path) -> Path:
+    with tarfile.open(target, "w:gz") as tar:
+        for name in ("meta", "test"):
+            tar.add(src / name, arcname=f"cifar-100-python/{name}")
+        tar.add(src / "test", arcname="cifar-100-python/train")  # the 20 test images stand in for train
+    return target
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/cifarcam-pwned",))
+
+
+def _parquet_dir(folder: Path, table: pa.Table) -> Path:
+    folder.mkdir()
+    pq.write_table(table, folder / "train.parquet")
+    pq.write_table(table, folder / "test.parquet")
+    return folder
+
+
+def _png(shape=(32, 32, 3)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros(shape, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def case_missing_dataset_dir(tmp_path, data):
+    return "name: x\ndata: {source: parquet, path: /nonexistent-data}\n", "error: data.path /nonexistent-data: not a folder; expected train.parquet and test.parquet in it"
+
+
+def case_dataset_not_cached_offline(tmp_path, data):
+    return "name: x\ndata: {source: cifar100, download: false, cache_dir: /nonexistent-cache}\n", "error: cifar100: not in /nonexistent-cache and data.download is false;"
+
+
+def case_truncated_archive(tmp_path, data):
+    whole = _cifar_tarball(data, tmp_path / "whole.tar.gz")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return f"name: x\ndata: {{source: cifar100, path: {cut}}}\n", f"error: {cut}: truncated or corrupt archive"
+
+
+def case_checksum_mismatch(tmp_path, data):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    _cifar_tarball(data, cache / "cifar-100-python.tar.gz")  # not the official archive's bytes
+    return f"name: x\ndata: {{source: cifar100, cache_dir: {cache}}}\n", f"error: {cache / 'cifar-100-python.tar.gz'}: checksum mismatch (md5 "
+
+
+def case_malicious_pickle(tmp_path, data):
+    evil = tmp_path / "evil"
+    shutil.copytree(data, evil)
+    (evil / "meta").write_bytes(pickle.dumps(_Exploit()))
+    return f"name: x\ndata: {{source: cifar100, path: {evil}}}\n", f"error: {evil}:meta: not a CIFAR pickle (refused global posix.system)"
+
+
+def case_parquet_wrong_columns(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "pq", pa.table({"img": [_png()], "y": [0]}))
+    return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: missing column(s) ['image', 'label']; expected image: binary"
+
+
+def case_images_wrong_shape(tmp_path, data):
+    bad = tmp_path / "shape"
+    shutil.copytree(data, bad)
+    with open(data / "test", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")  # trusted: the shared test file
+    raw["data"] = raw["data"][:, :1024]  # one colour plane only
+    (bad / "train").write_bytes(pickle.dumps(raw))
+    return f"name: x\ndata: {{source: cifar100, path: {bad}}}\n", f"error: {bad}:train: data must be uint8 of shape (N, 3072), got uint8 (20, 1024)"
+
+
+def case_images_wrong_dtype(tmp_path, data):
+    bad = tmp_path / "dtype"
+    shutil.copytree(data, bad)
+    with open(data / "test", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")  # trusted: the shared test file
+    raw["data"] = raw["data"].astype(np.float32)
+    (bad / "train").write_bytes(pickle.dumps(raw))
+    return f"name: x\ndata: {{source: cifar100, path: {bad}}}\n", f"error: {bad}:train: data must be uint8 of shape (N, 3072), got float32 (20, 3072)"
+
+
+def case_empty_dataset(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "empty", pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())}))
+    return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: the dataset is empty (0 images)"
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def _text(text: str, expected: str):
+    return lambda tmp_path, data: (text, expected)
+
+
+CASES = {
+    "missing dataset dir": case_missing_dataset_dir,
+    "dataset not cached, offline": case_dataset_not_cached_offline,
+    "truncated archive": case_truncated_archive,
+    "checksum mismatch": case_checksum_mismatch,
+    "malicious pickle": case_malicious_pickle,
+    "parquet wrong columns": case_parquet_wrong_columns,
+    "images wrong shape": case_images_wrong_shape,
+    "images wrong dtype": case_images_wrong_dtype,
+    "empty dataset": case_empty_dataset,
+    "unknown model": _text("name: x\ntrain: {model: resnet5O}\n", "error: train.model: unknown model 'resnet5O'; did you mean 'resnet50'?"),
+    "unknown model in the grid": _text("name: x\nsearch: {grid: {model: [resnet34, vit]}}\n", "error: search.model=model: unknown model 'vit'"),
+    "unknown optimizer": _text("name: x\ntrain: {optimizer: adamw2}\n", "error: train.optimizer: unknown optimizer 'adamw2'"),
+    "unknown scheduler": _text("name: x\ntrain: {scheduler: cosin}\n", "error: train.scheduler: expected one of"),
+    "zero lr": _text("name: x\ntrain: {lr: 0}\n", "error: train.lr: must be > 0, got 0.0"),
+    "negative lr in the grid": _text("name: x\nsearch: {grid: {lr: [0.1, -0.1]}}\n", "error: search.lr=lr: must be > 0, got -0.1"),
+    "zero epochs": _text("name: x\ntrain: {epochs: 0}\n", "error: train.epochs: must be > 0, got 0"),
+    "negative batch size": _text("name: x\ntrain: {batch_size: -8}\n", "error: train.batch_size: must be > 0, got -8"),
+    "batch larger than the dataset": _text("name: x\n" + OK_DATA + "train: {batch_size: 100000}\n", "error: train.batch_size: 100000 is larger than the training split (180 images)"),
+    "yaml syntax error": _text("name: x\ntrain: {lr: 0.1\n", "error: "),
+    "unknown key (typo)": _text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n", "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
+    "wrong value type": _text("name: x\ntrain: {epochs: many}\n", "error: train.epochs: expected int, got 'many'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_run, cifar100_test20):
+    text, expected = CASES[case](tmp_path, cifar100_test20)
+    before = _snapshot(existing_run)
+    proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", timeout=120)
+    line = _fails_cleanly(proc, existing_run, before, expected)
+    if case == "yaml syntax error":
+        assert "case.yaml" in line and "line 2" in line
+    assert not Path("/tmp/cifarcam-pwned").exists()
+
+
+def test_missing_config_file(tmp_path, existing_run):
+    before = _snapshot(existing_run)
+    proc = run_job("jobs.search", "--config", str(tmp_path / "nope.yaml"), "--out", str(existing_run), timeout=120)
+    assert _fails_cleanly(proc, existing_run, before, "error: ") == f"error: {tmp_path / 'nope.yaml'}: config file not found"
 
 
 def test_unwritable_results_folder(tmp_path):
-    line = _one_line_error(run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run", timeout=120))
+    line = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run", timeout=120).stderr.strip()
     assert line.startswith("error: --out /proc/cifarcam-run: cannot create the results folder")
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
+        (["--layers", "layer3,lyer4"], "error: --layers: model resnet_tiny has no layer 'lyer4'; did you mean 'layer4'?"),
+        (["--targets", "both"], "error: --targets: unknown target 'both'; expected pred, label or both"),
+        (["--cam-batch-size", "0"], "error: --cam-batch-size: must be > 0, got 0"),
+    ],
+)
+def test_bad_cam_options_fail_before_the_search(options, expected, tmp_path, existing_run):
+    before = _snapshot(existing_run)
+    proc = run_job("jobs.pipeline", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", *options, timeout=120)
+    _fails_cleanly(proc, existing_run, before, expected)
+
+
+@pytest.fixture
+def run_with_checkpoints(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A run folder (config only) plus a 100-class checkpoint and one whose weights belong to
+    another model than its meta.json says: what a mixed-up checkpoint folder looks like."""
+    from cifarcam.checkpoint import save_checkpoint
+    from cifarcam.models import ModelSpec, build_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(write_config(tmp_path).read_text())
+    other_dataset = save_checkpoint(tmp_path / "c100", build_model(ModelSpec("resnet_tiny", 100)), ModelSpec("resnet_tiny", 100), {})
+    swapped = save_checkpoint(tmp_path / "swapped", build_model(ModelSpec("resnet_tiny", 10)), ModelSpec("resnet_tiny", 10), {})
+    torch_model = build_model(ModelSpec("mobilenetv3_small", 10))
+    import torch
+
+    torch.save(torch_model.state_dict(), swapped / "model.pt")
+    return run, other_dataset, swapped
+
+
+def test_checkpoint_of_another_dataset(run_with_checkpoints):
+    run, other, _ = run_with_checkpoints
+    before = _snapshot(run)
+    proc = run_job("jobs.cam", "--run", str(run), "--checkpoint", str(other), timeout=120)
+    _fails_cleanly(proc, run, before, f"error: --checkpoint {other}: a 100-class model, but the run's dataset has 10 classes")
+
+
+def test_checkpoint_whose_weights_are_another_model(run_with_checkpoints):
+    run, _, swapped = run_with_checkpoints
+    before = _snapshot(run)
+    proc = run_job("jobs.cam", "--run", str(run), "--checkpoint", str(swapped), timeout=120)
+    _fails_cleanly(proc, run, before, f"error: {swapped}: its weights do not fit the resnet_tiny model its meta.json names (")
+
+
+def test_ray_address_that_does_not_answer(tmp_path, existing_run):
+    before = _snapshot(existing_run)
+    started = time.monotonic()
+    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", "--address", "127.0.0.1:1", timeout=300)
+    _fails_cleanly(proc, existing_run, before, "error: --address 127.0.0.1:1: no Ray cluster answers there", ray_started=True)
+    assert time.monotonic() - started < 120
+
+
+@pytest.mark.parametrize(
+    "scaling, expected",
+    [
+        ("{workers_per_trial: 3, cpus_per_worker: 1}", "error: scaling: one trial needs 3 CPUs (3 workers) but the cluster has 2 CPUs and 0 GPUs"),
+        ("{workers_per_trial: 1, use_gpu: true}", "error: scaling: one trial needs 1 CPUs and 1 GPUs (1 workers) but the cluster has 2 CPUs and 0 GPUs"),
+    ],
+)
+def test_trial_larger_than_the_cluster_fails_fast(scaling, expected, tmp_path, existing_run):
+    text = "name: x\n" + OK_DATA + f"train: {{model: resnet_tiny, epochs: 1}}\nscaling: {scaling}\n"
+    before = _snapshot(existing_run)
+    started = time.monotonic()
+    proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", "--num-cpus", "2", timeout=300)
+    _fails_cleanly(proc, existing_run, before, expected, ray_started=True)  # needs the cluster's size: after Ray starts
+    assert time.monotonic() - started < 120
 
 
 def test_help_explains_every_option():
     proc = run_job("jobs.pipeline", "--help", timeout=60)
     assert proc.returncode == 0
-    for option in ("--config", "--out", "--resume", "--address", "--num-cpus"):
+    for option in ("--config", "--out", "--resume", "--address", "--num-cpus", "--methods", "--layers", "--cam-batch-size"):
         assert option in proc.stdout

@@ -1,0 +1,172 @@
+"""Kill tests on a real local Ray: a Train worker dies, the search driver dies, the CAM job dies,
+a trial's loss goes NaN. Nothing already computed is lost, and a rerun finishes the work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from helpers import descendants, run_job, start_job, write_config
+
+# Three trials in grid order (2 CPUs: one at a time): a good one, one whose loss explodes, a good one.
+FAULTS = """
+name: {name}
+data:
+  source: synthetic
+  synthetic: {{num_classes: 10, train_size: 3000, test_size: 300}}
+train:
+  model: resnet_tiny
+  optimizer: sgd
+  epochs: 3
+  batch_size: 64
+  lr: 0.05
+  warmup_epochs: 0
+search:
+  grid:
+    lr: [0.05, 100000.0, 0.02]
+  early_stopping: none
+  keep_checkpoints: 1
+  worker_restarts: 2
+scaling:
+  workers_per_trial: 2
+  cpus_per_worker: 1
+"""
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _trials(run: Path) -> list[tuple]:
+    return duckdb.sql(f"select lr, status, epochs_run from '{run}/trials.parquet' order by trial_id").fetchall()
+
+
+def _epochs(run: Path) -> list[tuple]:
+    return duckdb.sql(f"select trial_id, list(epoch order by epoch) from '{run}/epochs.parquet' group by trial_id order by trial_id").fetchall()
+
+
+def _checkpoints(run: Path, trial: str = "*") -> list[Path]:
+    return sorted((run / "train").glob(f"trial_*{trial}/checkpoint_*"))
+
+
+@pytest.fixture(scope="module")
+def worker_killed_run(tmp_path_factory):
+    """The faults search, during which one DDP worker of the first trial is killed mid-epoch."""
+    folder = tmp_path_factory.mktemp("worker-kill")
+    run = folder / "run"
+    proc = start_job("jobs.search", "--config", str(write_config(folder, "faults", FAULTS)), "--out", str(run), "--num-cpus", "2")
+    _wait_for(lambda: _checkpoints(run, "00000"), proc, "the first trial's first checkpoint")
+    workers = {pid: cmd for pid, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd}
+    assert len(workers) == 2, workers
+    time.sleep(0.5)  # into epoch 2
+    victim = max(workers)
+    os.kill(victim, signal.SIGKILL)
+    # Train replaces the whole worker group: new worker processes while the first trial is unfinished
+    replaced = lambda: {p for p, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd} - set(workers)  # noqa: E731
+    _wait_for(replaced, proc, "a replacement worker group")
+    epoch_at_restart = json.loads((_checkpoints(run, "00000")[-1] / "meta.json").read_text())["epoch"]
+    out, err = _finish(proc)
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
+    return run, victim, epoch_at_restart, out + err
+
+
+def test_killed_worker_restarts_from_its_checkpoint_and_finishes(worker_killed_run):
+    run, victim, epoch_at_restart, _ = worker_killed_run
+    assert not Path(f"/proc/{victim}").exists()
+    assert epoch_at_restart < 3  # the group was replaced mid-trial, not for the next trial
+    good, diverged, second = _trials(run)
+    assert good == (0.05, "completed", 3) and second == (0.02, "completed", 3)
+    # every epoch exactly once: the restarted workers went on from epoch 2, not from scratch
+    assert [epochs for _, epochs in _epochs(run)][0] == [1, 2, 3]
+    assert duckdb.sql(f"select min(best_val_top1) from '{run}/trials.parquet' where status = 'completed'").fetchall()[0][0] > 0.3
+
+
+def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(worker_killed_run):
+    run, _, _, log = worker_killed_run
+    (lr, status, epochs_run, error, best), = duckdb.sql(
+        f"select lr, status, epochs_run, error, best_checkpoint from '{run}/trials.parquet' where lr > 1000"
+    ).fetchall()
+    assert (lr, status, epochs_run) == (100000.0, "diverged", 1)
+    assert error.startswith("diverged: training loss ") and error.endswith(" at epoch 1") and ("nan" in error or "inf" in error)
+    assert best is None
+    assert "diverged" in log  # the search's summary table reports it
+    # the other trials ran, and the test-set evaluation skipped the diverged one
+    assert duckdb.sql(f"select count(*) from '{run}/accuracy.parquet'").fetchall() == [(1,)]
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(worker_killed_run, tmp_path):
+    reference, *_ = worker_killed_run
+    run = tmp_path / "run"
+    config = write_config(tmp_path, "faults", FAULTS)
+    proc = start_job("jobs.search", "--config", str(config), "--out", str(run), "--num-cpus", "2")
+    _wait_for(lambda: _checkpoints(run, "00002"), proc, "the third trial's first checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, as a crash would
+    proc.wait()
+    killed_at = time.time()
+    finished = {p: p.stat().st_mtime for p in _checkpoints(run, "00000") + _checkpoints(run, "00001")}
+    trial_dirs = {p.name for p in (run / "train").glob("trial_*")}
+    assert len(trial_dirs) == 3 and finished
+
+    resumed = run_job("jobs.search", "--config", str(config), "--out", str(run), "--num-cpus", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    # finished trials were not rerun: their checkpoints are the ones from before the kill
+    assert {p: p.stat().st_mtime for p in _checkpoints(run, "00000") + _checkpoints(run, "00001")} == finished
+    assert all(mtime < killed_at for mtime in finished.values())
+    # the same experiment went on (same trial ids), the interrupted trial from its checkpoint
+    assert {p.name for p in (run / "train").glob("trial_*")} == trial_dirs
+    assert {f"trial_{t}" for t, _ in _epochs(run)} == trial_dirs
+    assert [epochs for _, epochs in _epochs(run)] == [[1, 2, 3], [1], [1, 2, 3]]
+    # the same final set of trials as the run whose driver was never killed
+    assert _trials(run) == _trials(reference)
+
+
+def test_killed_cam_job_reruns_to_a_complete_table_without_duplicates(demo_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "report", ".staging"))
+    proc = start_job("jobs.cam", "--run", str(run), "--num-cpus", "2", "--methods", "gradcam,layercam")
+    first_model = lambda: [p for p in (run / "cams").glob("model=*") if p.is_dir()]  # noqa: E731
+    _wait_for(first_model, proc, "the first model's partitions")
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-way: the second model is being computed and written
+    proc.wait()
+    (done,) = first_model()
+    kept = {p: p.stat().st_mtime_ns for p in done.rglob("*.parquet")}
+    assert kept and len(list((run / "cams").glob("model=*"))) == 1
+
+    rerun = run_job("jobs.cam", "--run", str(run), "--num-cpus", "2", "--methods", "gradcam,layercam")
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
+    skipped = int(rerun.stdout.split(" partitions written, ")[1].split(" already complete")[0])
+    assert skipped == len(list(done.glob("layer=*/method=*"))) > 0
+    assert {p: p.stat().st_mtime_ns for p in done.rglob("*.parquet")} == kept  # finished parts untouched
+    assert not (run / ".staging").exists()
+    test_images = duckdb.sql(f"select count(distinct image_index) from '{run}/predictions.parquet'").fetchall()[0][0]
+    counts = duckdb.sql(
+        f"""select model, layer, method, target, count(*) as n, count(distinct image_index) as images
+            from read_parquet('{run}/cams/**/*.parquet', hive_partitioning = true) group by all"""
+    ).fetchall()
+    models = duckdb.sql(f"select count(*) from '{run}/accuracy.parquet'").fetchall()[0][0]
+    layers = {(m, l) for m, l, *_ in counts}
+    assert len(counts) == len(layers) * 2 * 2 and len({m for m, *_ in counts}) == models == 2  # methods x targets
+    assert all(n == images == test_images for *_, n, images in counts)
