@@ -287,4 +287,5 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
         )
         explained.write_parquet(str(staging), partition_cols=list(results.CAM_PARTITIONS))
         summary["written"] += publish(staging, cams_dir)
+    shutil.rmtree(run_dir / ".staging", ignore_errors=True)
     return summary

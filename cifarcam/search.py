@@ -235,17 +235,19 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
 
 
 def _best(items: list[dict], key: str, mode: str) -> dict | None:
-    """The item with the best ``key`` under ``mode`` ('max' or 'min'), or None when empty."""
+    """The item with the best ``key`` under ``mode`` ('max' or 'min'), or None when empty. Ties go
+    to the later epoch, as Ray Train breaks them when it decides which checkpoints to keep."""
     if not items:
         return None
-    return (max if mode == "max" else min)(items, key=lambda item: item[key])
+    sign = 1 if mode == "max" else -1
+    return max(items, key=lambda item: (sign * item[key], item.get("epoch", 0)))
 
 
 def _surviving(path: str | None) -> str | None:
     """A local checkpoint path if Train kept it (it keeps only the best k); remote URIs as given."""
     if path is None or "://" in path:
         return path
-    return path if Path(path).exists() else None
+    return path if (Path(path) / "meta.json").is_file() else None
 
 
 def _with_earlier_epochs(rows: list[dict]) -> list[dict]:

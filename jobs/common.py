@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -33,6 +34,19 @@ def default_out(name: str) -> Path:
     return Path("results") / name
 
 
+def _probe(address: str) -> None:
+    """Fail in seconds when nothing listens at ``address`` (ray.init would retry for minutes)."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except ValueError:
+        raise ConnectionError(f"--address {address}: expected HOST:PORT (or 'auto'), e.g. 10.0.0.1:6379") from None
+    except OSError as err:
+        raise ConnectionError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address``, or start a local one bound to 127.0.0.1."""
     import ray
@@ -40,6 +54,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if address:
+        _probe(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:

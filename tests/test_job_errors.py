@@ -171,7 +171,7 @@ CASES = {
     "batch larger than the dataset": _text("name: x\n" + OK_DATA + "train: {batch_size: 100000}\n", "error: train.batch_size: 100000 is larger than the training split (180 images)"),
     "yaml syntax error": _text("name: x\ntrain: {lr: 0.1\n", "error: "),
     "unknown key (typo)": _text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n", "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
-    "wrong value type": _text("name: x\ntrain: {epochs: many}\n", "error: train.epochs: expected int, got 'many'"),
+    "wrong value type": _text("name: x\ntrain: {epochs: many}\n", "error: train.epochs: expected an integer, got 'many'"),
 }
 
 
@@ -182,7 +182,7 @@ def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_r
     proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", timeout=120)
     line = _fails_cleanly(proc, existing_run, before, expected)
     if case == "yaml syntax error":
-        assert "case.yaml" in line and "line 2" in line
+        assert line.startswith(f"error: {tmp_path / 'case.yaml'}: YAML syntax error at line ")
     assert not Path("/tmp/cifarcam-pwned").exists()
 
 
@@ -248,9 +248,9 @@ def test_checkpoint_whose_weights_are_another_model(run_with_checkpoints):
 def test_ray_address_that_does_not_answer(tmp_path, existing_run):
     before = _snapshot(existing_run)
     started = time.monotonic()
-    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", "--address", "127.0.0.1:1", timeout=300)
-    _fails_cleanly(proc, existing_run, before, "error: --address 127.0.0.1:1: no Ray cluster answers there", ray_started=True)
-    assert time.monotonic() - started < 120
+    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", "--address", "127.0.0.1:1", timeout=120)
+    _fails_cleanly(proc, existing_run, before, "error: --address 127.0.0.1:1: no Ray cluster answers there (Connection refused)")
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize(
@@ -261,7 +261,8 @@ def test_ray_address_that_does_not_answer(tmp_path, existing_run):
     ],
 )
 def test_trial_larger_than_the_cluster_fails_fast(scaling, expected, tmp_path, existing_run):
-    text = "name: x\n" + OK_DATA + f"train: {{model: resnet_tiny, epochs: 1}}\nscaling: {scaling}\n"
+    data = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 1000, test_size: 40}}\n"
+    text = f"name: x\n{data}train: {{model: resnet_tiny, epochs: 1}}\nscaling: {scaling}\n"
     before = _snapshot(existing_run)
     started = time.monotonic()
     proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", "--num-cpus", "2", timeout=300)
