@@ -259,7 +259,7 @@ class RunReport:
 
         def draw(fig):
             ax = fig.add_subplot(1, 1, 1)
-            for trial, part in frame.groupby("trial_id"):
+            for _trial, part in frame.groupby("trial_id"):
                 first = part.iloc[0]
                 ax.plot(part.epoch, part.val_top1, marker="o", markersize=3, label=f"{first.model} {first.optimizer} ({first.status})")
             ax.set_xlabel("epoch")

@@ -132,3 +132,43 @@ def test_requeued_job_resumes_its_search(slurm, tmp_path):
     # no epoch lost or counted twice across the two attempts
     rows = duckdb.sql(f"select trial_id, list(epoch order by epoch) from '{run}/epochs.parquet' group by trial_id order by trial_id").fetchall()
     assert sorted(epochs for _, epochs in rows) == [[1], [1, 2]]
+
+
+def test_array_runs_one_sweep_per_config(slurm, tmp_path):
+    # Two configs whose data is missing: each array task must run its own config (and fail on it).
+    configs = []
+    for name in ("sweep_a", "sweep_b"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"name: {name}\ndata: {{source: parquet, path: /nonexistent-{name}}}\n")
+        configs.append(str(path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.slurm", "--nodes", "1", "--cpus-per-task", "1", "--time", "15", "--logs", str(tmp_path / "logs"),
+         "--array", *configs, "--", "--out", str(tmp_path / "runs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    jobs = re.findall(r"submitted job (\d+_\d) .*--config (\S+) --out (\S+);", proc.stdout)
+    assert [(Path(c).stem, Path(o)) for _, c, o in jobs] == [("sweep_a", tmp_path / "runs" / "sweep_a"), ("sweep_b", tmp_path / "runs" / "sweep_b")]
+    for (job, config, _), name in zip(jobs, ("sweep_a", "sweep_b")):
+        err = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
+        assert f"error: data.path /nonexistent-{name}: not a folder" in err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--nodes", "2"], "error: expected `--` followed by the jobs.pipeline arguments"),
+        (["--", "--config", "{typo}"], "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
+        (["--", "--config", "{good}", "--address", "10.0.0.1:6379"], "error: --address: set by cluster.slurm"),
+        (["--", "--config", "{good}", "--out", "/proc/run"], "error: --out /proc/run: cannot create the results folder"),
+        (["--", "--config", "{good}", "--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
+    ],
+)
+def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n")
+    args = [a.format(typo=typo, good=write_config(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "cluster.slurm", "--logs", str(tmp_path / "logs"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(expected), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "submitted" not in proc.stdout
+    assert not (tmp_path / "logs").exists()
