@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,15 +51,53 @@ def write_config(folder: Path, name: str = "small", text: str = SMALL_SEARCH) ->
     return path
 
 
-def start_job(*args: str, env: dict | None = None) -> subprocess.Popen:
+class BackgroundJob:
     """A job in the background, in its own session, so that a test can kill it and everything it
-    started (its local Ray included) as one process group."""
-    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    full_env.pop("RAY_ADDRESS", None)
-    full_env.update(env or {})
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    started (its local Ray included) as one process group. Output goes to a file (a pipe nobody
+    reads would fill up and stall the job). As a context manager it never outlives a failed test:
+    an orphaned job would compete with the next test's Ray for the 2 CPUs."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+        env.pop("RAY_ADDRESS", None)
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self) -> "BackgroundJob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the job's whole process group, as a crash or a lost node would."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait_for(self, condition, what: str, timeout: float = 300) -> None:
+        """Poll ``condition`` until true; folders that Ray creates and deletes meanwhile may vanish
+        under a glob, which counts as not yet."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the job ended before {what}: {self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 600) -> int:
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode
 
 
 def descendants(pid: int) -> dict[int, str]:

@@ -3,18 +3,16 @@ a trial's loss goes NaN. Nothing already computed is lost, and a rerun finishes 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from helpers import descendants, run_job, start_job, write_config
+from helpers import BackgroundJob, descendants, run_job, write_config
 
 # Three trials in grid order (2 CPUs: one at a time): a good one, one whose loss explodes, a good one.
 FAULTS = """
@@ -41,25 +39,6 @@ scaling:
 """
 
 
-def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended before {what}: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-
-
 def _trials(run: Path) -> list[tuple]:
     return duckdb.sql(f"select lr, status, epochs_run from '{run}/trials.parquet' order by trial_id").fetchall()
 
@@ -77,26 +56,26 @@ def worker_killed_run(tmp_path_factory):
     """The faults search, during which one DDP worker of the first trial is killed mid-epoch."""
     folder = tmp_path_factory.mktemp("worker-kill")
     run = folder / "run"
-    proc = start_job("jobs.search", "--config", str(write_config(folder, "faults", FAULTS)), "--out", str(run), "--num-cpus", "2")
-    _wait_for(lambda: _checkpoints(run, "00000"), proc, "the first trial's first checkpoint")
-    workers = {pid: cmd for pid, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd}
-    assert len(workers) == 2, workers
-    time.sleep(0.5)  # into epoch 2
-    victim = max(workers)
-    os.kill(victim, signal.SIGKILL)
-    # Train replaces the whole worker group: new worker processes while the first trial is unfinished
-    replaced = lambda: {p for p, cmd in descendants(proc.pid).items() if "RayTrainWorker" in cmd} - set(workers)  # noqa: E731
-    _wait_for(replaced, proc, "a replacement worker group")
-    epoch_at_restart = json.loads((_checkpoints(run, "00000")[-1] / "meta.json").read_text())["epoch"]
-    out, err = _finish(proc)
-    assert proc.returncode == 0, out[-2000:] + err[-4000:]
-    return run, victim, epoch_at_restart, out + err
+    config = write_config(folder, "faults", FAULTS)
+    with BackgroundJob(folder / "job.log", "jobs.search", "--config", str(config), "--out", str(run), "--num-cpus", "2") as job:
+        job.wait_for(lambda: _checkpoints(run, "00000"), "the first trial's first checkpoint")
+        workers = {pid for pid, cmd in descendants(job.proc.pid).items() if "RayTrainWorker" in cmd}
+        assert len(workers) == 2, descendants(job.proc.pid)
+        time.sleep(0.5)  # into epoch 2
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        # Train replaces the whole worker group: new worker processes appear...
+        job.wait_for(lambda: {p for p, cmd in descendants(job.proc.pid).items() if "RayTrainWorker" in cmd} - workers, "a replacement worker group")
+        # ...while the first trial still runs (the next trial's Train folder does not exist yet)
+        replaced_mid_trial = not list((run / "train").glob("trial_*00001"))
+        assert job.finish() == 0, job.output()[-5000:]
+        return run, victim, replaced_mid_trial, job.output()
 
 
 def test_killed_worker_restarts_from_its_checkpoint_and_finishes(worker_killed_run):
-    run, victim, epoch_at_restart, _ = worker_killed_run
+    run, victim, replaced_mid_trial, _ = worker_killed_run
     assert not Path(f"/proc/{victim}").exists()
-    assert epoch_at_restart == 1  # the group was replaced mid-trial, not for the next trial
+    assert replaced_mid_trial
     good, diverged, second = _trials(run)
     assert good == (0.05, "completed", 2) and second == (0.02, "completed", 2)
     # every epoch exactly once: the restarted workers went on from epoch 2, not from scratch
@@ -121,10 +100,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(worker_killed_r
     reference, *_ = worker_killed_run
     run = tmp_path / "run"
     config = write_config(tmp_path, "faults", FAULTS)
-    proc = start_job("jobs.search", "--config", str(config), "--out", str(run), "--num-cpus", "2")
-    _wait_for(lambda: _checkpoints(run, "00002"), proc, "the third trial's first checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, as a crash would
-    proc.wait()
+    with BackgroundJob(tmp_path / "job.log", "jobs.search", "--config", str(config), "--out", str(run), "--num-cpus", "2") as job:
+        job.wait_for(lambda: _checkpoints(run, "00002"), "the third trial's first checkpoint")
+        job.kill()  # the driver and the local Ray it started, as a crash would
     killed_at = time.time()
     finished = {p: p.stat().st_mtime for p in _checkpoints(run, "00000") + _checkpoints(run, "00001")}
     trial_dirs = {p.name for p in (run / "train").glob("trial_*")}
@@ -147,11 +125,10 @@ def test_killed_cam_job_reruns_to_a_complete_table_without_duplicates(demo_run, 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "report", ".staging"))
     cam_args = ["--run", str(run), "--num-cpus", "2", "--methods", "gradcam,layercam", "--targets", "pred", "--faithfulness-steps", "0"]
-    proc = start_job("jobs.cam", *cam_args)
     first_model = lambda: [p for p in (run / "cams").glob("model=*") if p.is_dir()]  # noqa: E731
-    _wait_for(first_model, proc, "the first model's partitions")
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-way: the second model is being computed and written
-    proc.wait()
+    with BackgroundJob(tmp_path / "job.log", "jobs.cam", *cam_args) as job:
+        job.wait_for(first_model, "the first model's partitions")
+        job.kill()  # mid-way: the second model is being computed and written
     (done,) = first_model()
     kept = {p: p.stat().st_mtime_ns for p in done.rglob("*.parquet")}
     assert kept and len(list((run / "cams").glob("model=*"))) == 1

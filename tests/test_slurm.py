@@ -42,10 +42,35 @@ def slurm() -> None:
     subprocess.run(["bash", str(ROOT / "cluster/slurm-down.sh")], env=SLURM_ENV, capture_output=True, timeout=300)
 
 
+LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running():
+    """A failed test leaves no launcher and no SLURM job behind to block the next one."""
+    yield
+    for proc in LAUNCHED:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    LAUNCHED.clear()
+    if shutil.which("squeue") and (STATE / "run" / "slurmctld.pid").exists():
+        queued = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
+        if queued:
+            subprocess.run(["scancel", *queued])
+            deadline = time.monotonic() + 60
+            while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(1)
+
+
+def _popen(cmd: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    LAUNCHED.append(proc)
+    return proc
+
+
 def _launch(tmp_path: Path, *extra: str) -> subprocess.Popen:
     config = write_config(tmp_path)
-    cmd = [*LAUNCH, "--logs", str(tmp_path / "logs"), *extra, "--", "--config", str(config), "--out", str(tmp_path / "run"), *PIPELINE]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), *extra, "--", "--config", str(config), "--out", str(tmp_path / "run"), *PIPELINE])
 
 
 def _job_id(proc: subprocess.Popen) -> str:
@@ -62,6 +87,13 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     return out, err
+
+
+def _any(folder: Path, pattern: str) -> bool:
+    try:
+        return bool(list(folder.glob(pattern)))
+    except OSError:  # Ray Train creates and deletes folders under the glob
+        return False
 
 
 def _sacct_state(job_id: str) -> str:
@@ -94,10 +126,7 @@ def test_pipeline_runs_on_two_slurm_nodes_with_ddp_across_them(slurm, tmp_path):
 def test_driver_failure_fails_the_job_with_its_exit_status(slurm, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndata: {source: parquet, path: /nonexistent-data}\n")  # fails in the driver, on the node
-    proc = subprocess.Popen(
-        [*LAUNCH, "--logs", str(tmp_path / "logs"), "--", "--config", str(bad), "--out", str(tmp_path / "run")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    proc = _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), "--", "--config", str(bad), "--out", str(tmp_path / "run")])
     job = _job_id(proc)
     out, err = _finish(proc, timeout=300)
     assert proc.returncode == 2, out + err  # jobs.pipeline's status for a user error
@@ -114,7 +143,7 @@ def test_requeued_job_resumes_its_search(slurm, tmp_path):
     job = _job_id(proc)
     train = tmp_path / "run" / "train"
     deadline = time.monotonic() + 300
-    while not list(train.glob("trial_*/checkpoint_*")):  # the first trial finished an epoch
+    while not _any(train, "trial_*/checkpoint_*"):  # the first trial finished an epoch
         assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint before the requeue"
         time.sleep(0.5)
     trials_before = {p.name for p in train.glob("trial_*")}
@@ -149,7 +178,7 @@ def test_array_runs_one_sweep_per_config(slurm, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     jobs = re.findall(r"submitted job (\d+_\d) .*--config (\S+) --out (\S+);", proc.stdout)
     assert [(Path(c).stem, Path(o)) for _, c, o in jobs] == [("sweep_a", tmp_path / "runs" / "sweep_a"), ("sweep_b", tmp_path / "runs" / "sweep_b")]
-    for (job, config, _), name in zip(jobs, ("sweep_a", "sweep_b")):
+    for (job, _, _), name in zip(jobs, ("sweep_a", "sweep_b")):
         err = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
         assert f"error: data.path /nonexistent-{name}: not a folder" in err
 
