@@ -1,16 +1,20 @@
 """Bad input, one case each: a one-line error naming the input and what was expected, exit status 2,
 before any trial starts (before Ray starts, where the mistake is knowable without a cluster), and an
-existing run folder left exactly as it was."""
+existing run folder left exactly as it was. Cases that need no cluster run the job's entry point in
+this process (an interpreter start per case cost minutes); the rest run the job as a subprocess."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +24,27 @@ import pytest
 from helpers import run_job, write_config
 
 OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40}}\n"
+
+
+def in_process(capsys, module: str, *args: str) -> SimpleNamespace:
+    """Run a job's ``main`` here, as its ``python -m`` entry point would (same argv, same error
+    handling), without paying an interpreter start per case; Ray must not have been started."""
+    import ray
+
+    from jobs.common import run
+
+    main = importlib.import_module(module).main
+    argv, sys.argv = sys.argv, [module, *args]
+    try:
+        run(main)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    assert not ray.is_initialized()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -176,24 +201,24 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
-def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_run, cifar100_test20):
+def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_run, cifar100_test20, capsys):
     text, expected = CASES[case](tmp_path, cifar100_test20)
     before = _snapshot(existing_run)
-    proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", timeout=120)
+    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume")
     line = _fails_cleanly(proc, existing_run, before, expected)
     if case == "yaml syntax error":
         assert line.startswith(f"error: {tmp_path / 'case.yaml'}: YAML syntax error at line ")
     assert not Path("/tmp/cifarcam-pwned").exists()
 
 
-def test_missing_config_file(tmp_path, existing_run):
+def test_missing_config_file(tmp_path, existing_run, capsys):
     before = _snapshot(existing_run)
-    proc = run_job("jobs.search", "--config", str(tmp_path / "nope.yaml"), "--out", str(existing_run), timeout=120)
+    proc = in_process(capsys, "jobs.search", "--config", str(tmp_path / "nope.yaml"), "--out", str(existing_run))
     assert _fails_cleanly(proc, existing_run, before, "error: ") == f"error: {tmp_path / 'nope.yaml'}: config file not found"
 
 
-def test_unwritable_results_folder(tmp_path):
-    line = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run", timeout=120).stderr.strip()
+def test_unwritable_results_folder(tmp_path, capsys):
+    line = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run").stderr.strip()
     assert line.startswith("error: --out /proc/cifarcam-run: cannot create the results folder")
 
 
@@ -206,9 +231,9 @@ def test_unwritable_results_folder(tmp_path):
         (["--cam-batch-size", "0"], "error: --cam-batch-size: must be > 0, got 0"),
     ],
 )
-def test_bad_cam_options_fail_before_the_search(options, expected, tmp_path, existing_run):
+def test_bad_cam_options_fail_before_the_search(options, expected, tmp_path, existing_run, capsys):
     before = _snapshot(existing_run)
-    proc = run_job("jobs.pipeline", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", *options, timeout=120)
+    proc = in_process(capsys, "jobs.pipeline", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", *options)
     _fails_cleanly(proc, existing_run, before, expected)
 
 
@@ -231,17 +256,17 @@ def run_with_checkpoints(tmp_path: Path) -> tuple[Path, Path, Path]:
     return run, other_dataset, swapped
 
 
-def test_checkpoint_of_another_dataset(run_with_checkpoints):
+def test_checkpoint_of_another_dataset(run_with_checkpoints, capsys):
     run, other, _ = run_with_checkpoints
     before = _snapshot(run)
-    proc = run_job("jobs.cam", "--run", str(run), "--checkpoint", str(other), timeout=120)
+    proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(other))
     _fails_cleanly(proc, run, before, f"error: --checkpoint {other}: a 100-class model, but the run's dataset has 10 classes")
 
 
-def test_checkpoint_whose_weights_are_another_model(run_with_checkpoints):
+def test_checkpoint_whose_weights_are_another_model(run_with_checkpoints, capsys):
     run, _, swapped = run_with_checkpoints
     before = _snapshot(run)
-    proc = run_job("jobs.cam", "--run", str(run), "--checkpoint", str(swapped), timeout=120)
+    proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(swapped))
     _fails_cleanly(proc, run, before, f"error: {swapped}: its weights do not fit the resnet_tiny model its meta.json names (")
 
 

@@ -100,29 +100,6 @@ def _sacct_state(job_id: str) -> str:
     return subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout.strip()
 
 
-def test_pipeline_runs_on_two_slurm_nodes_with_ddp_across_them(slurm, tmp_path):
-    proc = _launch(tmp_path)
-    job = _job_id(proc)
-    out, err = _finish(proc)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    assert f"job {job}: driver exit status 0" in out
-    run = tmp_path / "run"
-    # ASHA keeps the good trial to 2 epochs and stops the hopeless one after 1
-    assert duckdb.sql(f"select lr, status from '{run}/trials.parquet' order by lr").fetchall() == [(1e-6, "stopped_early"), (0.004, "completed")]
-    # both DDP workers of every epoch ran on different Ray nodes: the head's and the worker's
-    assert duckdb.sql(f"select distinct workers, nodes from '{run}/epochs.parquet'").fetchall() == [(2, 2)]
-    (n, distinct), = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
-    assert n == distinct == 300
-    assert (run / "report" / "report.md").is_file()
-    logs = tmp_path / "logs" / job  # the %j folder
-    assert json.loads((logs / "driver-status.json").read_text()) == {"returncode": 0, "resumed": False}
-    assert "Ray node(s) up" in (logs / f"{job}_0_log.out").read_text()
-    deadline = time.monotonic() + 60
-    while _sacct_state(job) != "COMPLETED" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _sacct_state(job) == "COMPLETED"
-
-
 def test_driver_failure_fails_the_job_with_its_exit_status(slurm, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndata: {source: parquet, path: /nonexistent-data}\n")  # fails in the driver, on the node
@@ -138,7 +115,9 @@ def test_driver_failure_fails_the_job_with_its_exit_status(slurm, tmp_path):
     assert _sacct_state(job) == "FAILED"
 
 
-def test_requeued_job_resumes_its_search(slurm, tmp_path):
+def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, tmp_path):
+    """One job does both (each costs minutes here): the pipeline on 2 SLURM nodes with DDP across
+    them, and `scontrol requeue` while its first trial trains."""
     proc = _launch(tmp_path)
     job = _job_id(proc)
     train = tmp_path / "run" / "train"
@@ -150,17 +129,28 @@ def test_requeued_job_resumes_its_search(slurm, tmp_path):
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
     out, err = _finish(proc)
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    logs = tmp_path / "logs" / job
+    assert f"job {job}: driver exit status 0" in out
+    logs = tmp_path / "logs" / job  # the %j folder
     assert json.loads((logs / "driver-status.json").read_text()) == {"returncode": 0, "resumed": True}
-    assert (logs / "attempt-1").is_dir()
+    assert (logs / "attempt-1").is_dir() and "Ray node(s) up" in (logs / f"{job}_0_log.out").read_text()
     run = tmp_path / "run"
     # the same Tune experiment went on: the trial that was running kept its id (a fresh search draws new ids)
     trial_ids = {row[0] for row in duckdb.sql(f"select trial_id from '{run}/trials.parquet'").fetchall()}
     assert {name.removeprefix("trial_") for name in trials_before} <= trial_ids and len(trial_ids) == 2
     assert len(list(train.glob("trial_*"))) == 2
-    # no epoch lost or counted twice across the two attempts
+    # no epoch lost or counted twice across the two attempts; ASHA kept the good trial only
     rows = duckdb.sql(f"select trial_id, list(epoch order by epoch) from '{run}/epochs.parquet' group by trial_id order by trial_id").fetchall()
     assert sorted(epochs for _, epochs in rows) == [[1], [1, 2]]
+    assert duckdb.sql(f"select lr, status from '{run}/trials.parquet' order by lr").fetchall() == [(1e-6, "stopped_early"), (0.004, "completed")]
+    # both DDP workers of every epoch ran on different Ray nodes: the head's and the worker's
+    assert duckdb.sql(f"select distinct workers, nodes from '{run}/epochs.parquet'").fetchall() == [(2, 2)]
+    (n, distinct), = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
+    assert n == distinct == 300
+    assert (run / "report" / "report.md").is_file()
+    deadline = time.monotonic() + 60
+    while _sacct_state(job) != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _sacct_state(job) == "COMPLETED"
 
 
 def test_array_runs_one_sweep_per_config(slurm, tmp_path):
