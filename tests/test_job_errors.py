@@ -143,23 +143,24 @@ def case_parquet_wrong_columns(tmp_path, data):
     return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: missing column(s) ['image', 'label']; expected image: binary"
 
 
-def case_images_wrong_shape(tmp_path, data):
-    bad = tmp_path / "shape"
+def _cifar_with_bad_train(tmp_path, data, name, damage):
+    """The shared CIFAR-100 files, with a train file whose pixel array ``damage`` altered."""
+    bad = tmp_path / name
     shutil.copytree(data, bad)
     with open(data / "test", "rb") as f:
         raw = pickle.load(f, encoding="latin1")  # trusted: the shared test file
-    raw["data"] = raw["data"][:, :1024]  # one colour plane only
+    raw["data"] = damage(raw["data"])
     (bad / "train").write_bytes(pickle.dumps(raw))
+    return bad
+
+
+def case_images_wrong_shape(tmp_path, data):
+    bad = _cifar_with_bad_train(tmp_path, data, "shape", lambda pixels: pixels[:, :1024])  # one colour plane only
     return f"name: x\ndata: {{source: cifar100, path: {bad}}}\n", f"error: {bad}:train: data must be uint8 of shape (N, 3072), got uint8 (20, 1024)"
 
 
 def case_images_wrong_dtype(tmp_path, data):
-    bad = tmp_path / "dtype"
-    shutil.copytree(data, bad)
-    with open(data / "test", "rb") as f:
-        raw = pickle.load(f, encoding="latin1")  # trusted: the shared test file
-    raw["data"] = raw["data"].astype(np.float32)
-    (bad / "train").write_bytes(pickle.dumps(raw))
+    bad = _cifar_with_bad_train(tmp_path, data, "dtype", lambda pixels: pixels.astype(np.float32))
     return f"name: x\ndata: {{source: cifar100, path: {bad}}}\n", f"error: {bad}:train: data must be uint8 of shape (N, 3072), got float32 (20, 3072)"
 
 
