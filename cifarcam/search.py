@@ -21,7 +21,7 @@ import ray.train.torch
 import ray.tune
 import torch
 
-from cifarcam.checkpoint import load_train_state, load_weights, read_meta, save_checkpoint
+from cifarcam.checkpoint import META_FILE, load_train_state, load_weights, read_meta, save_checkpoint
 from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig, TrainConfig, trial_config
 from cifarcam.data import Splits
 from cifarcam.loader import DeviceLoader
@@ -247,7 +247,7 @@ def _surviving(path: str | None) -> str | None:
     """A local checkpoint path if Train kept it (it keeps only the best k); remote URIs as given."""
     if path is None or "://" in path:
         return path
-    return path if (Path(path) / "meta.json").is_file() else None
+    return path if (Path(path) / META_FILE).is_file() else None
 
 
 def _with_earlier_epochs(rows: list[dict]) -> list[dict]:

@@ -133,7 +133,9 @@ def new_token(logs: Path) -> Path:
 
 def driver_status(job) -> int:
     """The driver's exit status, as the head wrote it; 1 when the job ended without one."""
-    status = job.paths.folder / "driver-status.json"
+    from cluster.ray_on_slurm import STATUS_FILE
+
+    status = job.paths.folder / STATUS_FILE
     if status.is_file():
         return int(json.loads(status.read_text())["returncode"])
     console.print(f"job {job.job_id}: ended {job.state} without running the driver to the end; see {job.paths.stderr}")
@@ -143,7 +145,10 @@ def driver_status(job) -> int:
 def main(argv: list[str] | None = None) -> int:
     from cluster.ray_on_slurm import RayOnSlurm
 
-    slurm_argv, pipeline_argv = split_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        parser().parse_args(argv)  # --help, and argparse's own messages, still work without `--`
+    slurm_argv, pipeline_argv = split_argv(argv)
     opts = parser().parse_args(slurm_argv)
     runs = pipeline_runs(pipeline_argv, opts.array)
     executor = make_executor(opts)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.common import add_ray_options, connect_ray, console, run
+
+if TYPE_CHECKING:  # the heavy imports stay inside the functions: --help must be quick
+    from cifarcam.cam_stage import CamSettings
+    from cifarcam.config import ExperimentConfig
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -44,7 +49,7 @@ def settings_from(args: argparse.Namespace):
     return CamSettings(methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size, faithfulness_steps=args.faithfulness_steps)
 
 
-def check_layers(cfg, settings) -> None:
+def check_layers(cfg: "ExperimentConfig", settings: "CamSettings") -> None:
     """Every --layers name exists in every model the search may train: checked before the search."""
     from cifarcam.cam_stage import resolve_layers
     from cifarcam.config import searched_models
