@@ -107,12 +107,13 @@ class CamActor:
         self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], self.channels_last_output)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
-    def _maps(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
-        """Logits, and (target kind, layer, method) -> map and its pre-scaling range."""
-        targets = {kind: (None if kind == "pred" else labels) for kind in self.settings.targets}
+    def _maps(self, x: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+        """Logits, the predicted classes, and (target kind, layer, method) -> map and its
+        pre-scaling range. ``pred``: the run's stored predictions, or None to take this forward's."""
+        targets = {kind: (pred if kind == "pred" else labels) for kind in self.settings.targets}
         out = self.cams(x, targets, [m for m in self.settings.methods if _fast(m)], results.HEATMAP_SIZE)
         maps, spread = dict(out.maps), dict(out.raw_peak)
-        pred = out.logits.argmax(1)
+        pred = out.logits.argmax(1) if pred is None else pred
         for method in (m for m in self.settings.methods if not _fast(m)):  # through pytorch-grad-cam
             for kind in self.settings.targets:
                 for layer in self.layers:
@@ -121,16 +122,20 @@ class CamActor:
                     heat = torch.nn.functional.interpolate(heat[:, None], size=(results.HEATMAP_SIZE,) * 2, mode="bilinear")[:, 0]
                     maps[(kind, layer.name, method)] = heat
                     spread[(kind, layer.name, method)] = heat.flatten(1).amax(1) - heat.flatten(1).amin(1)
-        return out.logits, maps, spread
+        return out.logits, pred, maps, spread
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         image_bytes = batch.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         images = torch.from_numpy(image_bytes.reshape(n, 32, 32, 3).copy()).to(self.device)  # Arrow buffers are read-only
         labels = torch.from_numpy(batch.column("label").to_numpy().astype(np.int64)).to(self.device)
+        # One source of truth for the predicted class: the run's predictions.parquet where it
+        # covers this checkpoint (its precision and batch shapes may differ from this forward's,
+        # which can flip near-ties); this forward's argmax only for checkpoints outside the run.
+        stored = batch.column("pred")
+        pred = torch.from_numpy(stored.to_numpy().astype(np.int64)).to(self.device) if stored.null_count == 0 else None
         x = to_model_input(images, self.spec.input_size)
-        logits, maps, spread = self._maps(x, labels)
-        pred = logits.argmax(1)
+        logits, pred, maps, spread = self._maps(x, labels, pred)
         probs = logits.float().softmax(1)
         masks = None
         if batch.column("mask").null_count == 0:
@@ -176,14 +181,34 @@ class CamActor:
 # The test set as a Ray Dataset
 
 
-def images_table(test: ImageSet) -> pa.Table:
+def images_table(test: ImageSet, pred: np.ndarray | None = None) -> pa.Table:
+    """The test set as Arrow rows; ``pred``: the run's stored predicted class per image, if any."""
     n = len(test)
     image = pa.FixedSizeListArray.from_arrays(pa.array(test.images.reshape(-1), pa.uint8()), 32 * 32 * 3)
     if test.masks is not None:
         mask = pa.FixedSizeListArray.from_arrays(pa.array(test.masks.reshape(-1).astype(np.uint8), pa.uint8()), 32 * 32)
     else:
         mask = pa.nulls(n, pa.list_(pa.uint8(), 32 * 32))
-    return pa.table({"image_index": test.index, "label": test.labels, "image": image, "mask": mask})
+    pred_column = pa.array(pred, pa.int64()) if pred is not None else pa.nulls(n, pa.int64())
+    return pa.table({"image_index": test.index, "label": test.labels, "pred": pred_column, "image": image, "mask": mask})
+
+
+def stored_predictions(run_dir: Path, model: ModelToExplain, image_index: np.ndarray) -> np.ndarray | None:
+    """The run's predicted class per image (in ``image_index`` order) for ``model``, when its
+    checkpoint is the one accuracy.parquet evaluated; None otherwise."""
+    import duckdb
+
+    accuracy, predictions = run_dir / "accuracy.parquet", run_dir / "predictions.parquet"
+    if not (accuracy.is_file() and predictions.is_file()):
+        return None
+    rows = duckdb.execute("select checkpoint from read_parquet(?) where model = ?", [str(accuracy), model.name]).fetchall()
+    if not rows or Path(rows[0][0]).resolve() != Path(model.checkpoint).resolve():
+        return None
+    frame = duckdb.execute("select image_index, pred from read_parquet(?) where model = ?", [str(predictions), model.name]).df()
+    by_index = dict(zip(frame.image_index, frame.pred))
+    if not all(int(i) in by_index for i in image_index):
+        return None
+    return np.array([by_index[int(i)] for i in image_index], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,16 +283,15 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
     # What a killed earlier run left half-written; never visible under cams/, removed here.
     shutil.rmtree(run_dir / ".staging", ignore_errors=True)
     summary: dict[str, Any] = {"skipped": 0, "written": []}
-    dataset = None
     for p in plans:
         model, spec, layers, missing = p.model, p.spec, p.layers, p.missing
         summary["skipped"] += len(layers) * len(settings.methods) - len(missing)
         if not missing:
             continue
-        if dataset is None:  # several blocks, so that every actor gets work (no shuffle needed)
-            table = images_table(test)
-            rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
-            dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
+        # Several blocks, so that every actor gets work (no shuffle needed).
+        table = images_table(test, stored_predictions(run_dir, model, test.index))
+        rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
+        dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
         needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]
         needed_methods = tuple(m for m in settings.methods if any(m == mm for _, mm in missing))
         staging = run_dir / ".staging" / f"cams-{spec.family}-{uuid.uuid4().hex[:8]}"

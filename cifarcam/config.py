@@ -245,6 +245,13 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(sc.workers_per_trial > 0, f"scaling.workers_per_trial: must be > 0, got {sc.workers_per_trial}")
     _require(sc.cpus_per_worker > 0, f"scaling.cpus_per_worker: must be > 0, got {sc.cpus_per_worker}")
     _require(sc.gpus_per_worker > 0, f"scaling.gpus_per_worker: must be > 0, got {sc.gpus_per_worker}")
+    # Ray may place two ranks of one trial on the same GPU when each holds a fraction, and NCCL
+    # refuses a process group with a duplicate GPU. Fractions are for single-worker trials.
+    _require(
+        sc.use_gpu is False or sc.workers_per_trial == 1 or float(sc.gpus_per_worker).is_integer(),
+        f"scaling.gpus_per_worker: {sc.gpus_per_worker:g} is a fraction of a GPU, but a trial has {sc.workers_per_trial} "
+        "DDP workers and NCCL needs a GPU of its own per worker; use a whole number, or workers_per_trial: 1",
+    )
     validate_train(cfg.train)
     # Each value the search may pick must itself be valid: check every grid value and bound.
     for key, options in _space_values(s).items():

@@ -3,6 +3,7 @@ flipping, normalising and sharding happen there, with no per-image Python and no
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Iterator
 
@@ -13,17 +14,32 @@ import torch.nn.functional as F
 from cifarcam.data import CIFAR_MEAN, CIFAR_STD
 
 
+@functools.lru_cache(maxsize=None)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR mean and std (0-255 scale) on ``device``, made once: a tensor built from Python
+    numbers on a GPU is a host-to-device copy that makes the host wait, at every step."""
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def to_model_input(batch_uint8_nhwc: torch.Tensor, input_size: int = 32) -> torch.Tensor:
     """uint8 NHWC images -> normalised float NCHW (channels_last in memory), resized to ``input_size``."""
     # NHWC -> NCHW by permute is already channels_last in memory: no copy for the conv layers.
     x = batch_uint8_nhwc.permute(0, 3, 1, 2).float()
-    device = x.device
-    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = _normalisation(x.device)
     x = (x - mean) / std
     if input_size != x.shape[-1]:
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False)
     return x
+
+
+def device_generator(device: torch.device, seed: int) -> torch.Generator | None:
+    """A seeded generator on ``device``. The meta device (the tests run device code there to catch
+    tensors left on the CPU and host reads) has no random state: None draws shapes only."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class DeviceLoader:
@@ -68,9 +84,11 @@ class DeviceLoader:
 
     def _rows(self) -> torch.Tensor:
         n = len(self.labels)
-        if not self.train:
-            per_rank = -(-n // self.world_size)
-            return torch.arange(self.rank * per_rank, min(n, (self.rank + 1) * per_rank), device=self.device)
+        if not self.train:  # contiguous shards whose sizes differ by at most one image
+            start, stop = (self.rank * n) // self.world_size, ((self.rank + 1) * n) // self.world_size
+            return torch.arange(start, stop, device=self.device)
+        # The permutation must be the same on every rank, whatever its device: drawn on the CPU,
+        # and copied to the device once per epoch.
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(n, generator=generator)
         per_rank = n // self.world_size  # equal step counts on every rank (DDP needs them)
@@ -86,12 +104,15 @@ class DeviceLoader:
     def num_images(self) -> int:
         return len(self._rows()) if not self.train else len(self) * self.batch_size
 
-    def _augment(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random crop (zero padding ``pad``) and horizontal flip, by one gather for the batch."""
+    def _augment(self, batch: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Random crop (zero padding ``pad``) and horizontal flip, by one gather for the batch.
+
+        Offsets and flips are drawn on the device: a CPU draw copied over would make the host
+        wait for the device at every step."""
         b, h, w, _ = batch.shape
         padded = F.pad(batch, (0, 0, self.pad, self.pad, self.pad, self.pad))
-        offsets = torch.randint(0, 2 * self.pad + 1, (2, b), generator=generator).to(self.device)
-        flips = torch.rand(b, generator=generator).to(self.device) < 0.5
+        offsets = torch.randint(0, 2 * self.pad + 1, (2, b), generator=generator, device=self.device)
+        flips = torch.rand(b, generator=generator, device=self.device) < 0.5
         ys = offsets[0, :, None] + torch.arange(h, device=self.device)
         cols = torch.arange(w, device=self.device).expand(b, w)
         xs = offsets[1, :, None] + torch.where(flips[:, None], cols.flip(1), cols)
@@ -102,7 +123,7 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows = self._rows()
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
+        generator = device_generator(self.device, self.seed * 100_003 + self.epoch + 7919 * (self.rank + 1))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = rows[start : start + self.batch_size]
             batch = self.images[idx]

@@ -268,7 +268,8 @@ class RunReport:
             fig.tight_layout()
 
         summary = self.sql("select model, count(distinct trial_id) as trials, max(epoch) as max_epoch, max(val_top1) as best_val_top1 from epochs group by model order by model")
-        return Section("Learning curves", "Validation top-1 per epoch of every trial.", summary, [_figure(self.out / "learning_curves.png", draw, (6, 3.6))])
+        figures = [_figure(self.out / "learning_curves.png", draw, (6, 3.6))] if len(frame) else []
+        return Section("Learning curves", "Validation top-1 per epoch of every trial.", summary, figures)
 
     def search(self) -> Section:
         searched = list(self.cfg.search.grid) + list(self.cfg.search.sample)
@@ -305,7 +306,17 @@ class RunReport:
 
     # -- assembly ----------------------------------------------------------------------------
 
+    def failed_search(self) -> Section:
+        frame = self.sql("select trial_id, model, optimizer, scheduler, lr, status, epochs_run, error from trials order by trial_id")
+        text = (
+            f"No trial produced a usable checkpoint ({len(frame)} trials), so nothing was evaluated on the test set or explained. "
+            "Each trial's status and the last line of its error follow; the full tracebacks are in the trials' folders under tune/."
+        )
+        return Section("The search produced no usable trial", text, frame)
+
     def sections(self) -> list[Section]:
+        if not self.sql("select count(*) as n from accuracy")["n"][0]:
+            return [self.failed_search(), self.learning_curves(), self.search()]
         return [self.table2(), self.cam_grids(), self.degenerate(), self.faithfulness(), self.confusions(), self.per_class(), self.learning_curves(), self.search()]
 
 

@@ -24,6 +24,7 @@ import torch
 from cifarcam.checkpoint import META_FILE, load_train_state, load_weights, read_meta, save_checkpoint
 from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig, TrainConfig, trial_config
 from cifarcam.data import Splits
+from cifarcam.errors import NoUsableTrial
 from cifarcam.loader import DeviceLoader
 from cifarcam.models import ModelSpec, build_model
 from cifarcam.train import EpochMetrics, fit
@@ -379,6 +380,15 @@ def evaluate_best(trials: list[dict], epochs: list[dict], cfg: ExperimentConfig,
 # The whole search stage
 
 
+def no_usable_trial_error(trials: list[dict], out_dir: Path) -> NoUsableTrial:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none ran"
+    first = next((f"; first failure: trial {t['trial_id']} ({t['model']}): {t['error']}" for t in trials if t["error"]), "")
+    return NoUsableTrial(f"search: no trial produced a usable checkpoint ({len(trials)} trials: {tally}){first}; see {out_dir / 'trials.parquet'}")
+
+
 @dataclass(frozen=True)
 class SearchSummary:
     out_dir: Path
@@ -416,6 +426,9 @@ def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     results.write_table(epochs, results.EPOCHS, out_dir / "epochs.parquet")
     accuracy, predictions = evaluate_best(trials, epochs, cfg, splits, res)
     meta = {"class_names": list(splits.class_names), "coarse_names": list(splits.test.coarse_names or [])}
+    # Written even when empty: the report of a failed search shows what each trial ran into.
     results.write_table(accuracy, results.ACCURACY, out_dir / "accuracy.parquet", metadata=meta)
     results.write_table(predictions, results.PREDICTIONS, out_dir / "predictions.parquet", metadata=meta)
+    if not accuracy:
+        raise no_usable_trial_error(trials, out_dir)
     return SearchSummary(out_dir, trials, accuracy)

@@ -74,6 +74,8 @@ def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes
         if not table.is_file():
             raise FileNotFoundError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
         chosen = duckdb.sql(f"select model, checkpoint from read_parquet('{table}') order by model").fetchall()
+        if not chosen:
+            raise ValueError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
     models = []
     for name, folder in chosen:
         meta = read_meta(folder)

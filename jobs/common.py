@@ -13,6 +13,7 @@ from typing import Callable
 from rich.console import Console
 
 from cifarcam.config import ConfigError
+from cifarcam.errors import JobFailed
 
 # Logs and CI are no terminals: give tables room there instead of rich's default 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -69,12 +70,13 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def run(main: Callable[[], int]) -> None:
-    """Run a job's ``main``; user mistakes print ``error: …`` (one line) and exit 2."""
+    """Run a job's ``main``; user mistakes print ``error: …`` (one line) and exit 2, a job whose
+    work came to nothing (``JobFailed``) likewise with exit status 1."""
     try:
         sys.exit(main())
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, JobFailed) as err:
         if os.environ.get("CIFARCAM_DEBUG"):
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1 if isinstance(err, JobFailed) else 2)
