@@ -386,7 +386,8 @@ def no_usable_trial_error(trials: list[dict], out_dir: Path) -> NoUsableTrial:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
     tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none ran"
     first = next((f"; first failure: trial {t['trial_id']} ({t['model']}): {t['error']}" for t in trials if t["error"]), "")
-    return NoUsableTrial(f"search: no trial produced a usable checkpoint ({len(trials)} trials: {tally}){first}; see {out_dir / 'trials.parquet'}")
+    plural = "s" if len(trials) != 1 else ""
+    return NoUsableTrial(f"search: no trial produced a usable checkpoint ({len(trials)} trial{plural}: {tally}){first}; see {out_dir / 'trials.parquet'}")
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,36 @@ def test_low_resolution_layers_warn_and_are_flagged(tmp_path, test_set):
     assert (by_layer["layer2"]["layer_h"], by_layer["layer2"]["low_res_layer"]) == (4, False)
     assert (by_layer["layer3"]["layer_h"], by_layer["layer3"]["low_res_layer"]) == (2, True)
     assert all(r["degenerate"] for r in rows if r["layer"] == "layer4")  # a 1x1 map says nothing about where
+
+
+def test_the_runs_stored_predictions_are_the_predicted_class(checkpoint, test_set):
+    """One source of truth: the actor explains the class predictions.parquet holds (computed at
+    another precision and batch shape on a GPU), not its own forward's argmax."""
+    folder, spec = checkpoint
+    stored = (test_set.labels + 1) % 10  # never the label, and unlike this model's own argmax
+    layers = resolve_layers(spec, ("layer3",), "m")
+    settings = CamSettings(targets=("pred", "label"), faithfulness_steps=0)
+    rows = CamActor(str(folder), "run", settings, layers)(images_table(test_set, stored)).to_pylist()
+    by_image = {int(i): int(p) for i, p in zip(test_set.index, stored)}
+    assert all(r["pred"] == by_image[r["image_index"]] and r["correct"] is False for r in rows)
+    assert all(r["target_class"] == r["pred"] for r in rows if r["target"] == "pred")
+    own = CamActor(str(folder), "run", settings, layers)(images_table(test_set)).to_pylist()
+    assert any(a["pred"] != b["pred"] for a, b in zip(rows, own))  # the stored column was really used
+
+
+def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, checkpoint):
+    from cifarcam import results
+    from cifarcam.cam_stage import ModelToExplain, stored_predictions
+
+    folder, _ = checkpoint
+    accuracy = [{"model": "resnet_tiny", "checkpoint": str(folder)}]
+    results.write_table(accuracy, results.ACCURACY, tmp_path / "accuracy.parquet")
+    predictions = [
+        {"model": "resnet_tiny", "image_index": i, "label": 0, "pred": p, "top5": [p], "prob": 0.5, "correct": False}
+        for i, p in [(7, 9), (3, 8), (5, 7)]
+    ]
+    results.write_table(predictions, results.PREDICTIONS, tmp_path / "predictions.parquet")
+    image_index = np.array([3, 5, 7])
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index).tolist() == [8, 7, 9]
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(tmp_path / "other")), image_index) is None
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), np.array([3, 4])) is None

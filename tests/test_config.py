@@ -54,3 +54,12 @@ def test_bad_configs_give_one_line_errors(tmp_path, text, message):
 def test_trial_picks_override_and_are_type_checked():
     cfg = trial_config(TrainConfig(), {"lr": 1, "model": "resnet34"})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.model == "resnet34"
+
+
+def test_fractional_gpus_are_for_single_worker_trials(tmp_path):
+    """Two ranks of one trial on one GPU would make NCCL refuse the process group."""
+    with pytest.raises(ConfigError, match=r"^scaling\.gpus_per_worker: 0\.25 is a fraction of a GPU, but a trial has 4 DDP workers"):
+        load_config(_write(tmp_path, "scaling: {workers_per_trial: 4, gpus_per_worker: 0.25}"))
+    assert load_config(_write(tmp_path, "scaling: {workers_per_trial: 1, gpus_per_worker: 0.25}")).scaling.gpus_per_worker == 0.25
+    assert load_config(_write(tmp_path, "scaling: {workers_per_trial: 4, gpus_per_worker: 2}")).scaling.workers_per_trial == 4
+    assert load_config(_write(tmp_path, "scaling: {workers_per_trial: 4, gpus_per_worker: 0.5, use_gpu: false}")).scaling.use_gpu is False

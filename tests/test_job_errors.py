@@ -198,6 +198,10 @@ CASES = {
     "yaml syntax error": _text("name: x\ntrain: {lr: 0.1\n", "error: "),
     "unknown key (typo)": _text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n", "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
     "wrong value type": _text("name: x\ntrain: {epochs: many}\n", "error: train.epochs: expected an integer, got 'many'"),
+    "fractional GPUs for a DDP trial": _text(
+        "name: x\nscaling: {workers_per_trial: 2, gpus_per_worker: 0.5}\n",
+        "error: scaling.gpus_per_worker: 0.5 is a fraction of a GPU, but a trial has 2 DDP workers and NCCL needs a GPU of its own per worker; use a whole number, or workers_per_trial: 1",
+    ),
 }
 
 

@@ -80,3 +80,31 @@ def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, t
     assert proc.stderr.strip().splitlines()[-1] == f"error: --out {out}: already holds search 'small'; pass --resume to continue it, or choose another --out"
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
+
+
+HOPELESS_SEARCH = """
+name: {name}
+data: {{source: synthetic, synthetic: {{num_classes: 4, train_size: 400, test_size: 40}}}}
+train: {{model: resnet_tiny, optimizer: sgd, lr: 1.0e12, weight_decay: 0.0, epochs: 2, batch_size: 64}}
+search: {{early_stopping: none}}
+scaling: {{workers_per_trial: 1}}
+"""
+
+
+def test_a_search_without_a_usable_trial_fails_in_one_line_and_still_reports(tmp_path):
+    """Every trial diverges: the pipeline stops after the search with a non-zero status and one
+    line naming why, and the report of the run shows each trial's failure instead of crashing."""
+    out = tmp_path / "run"
+    proc = run_job("jobs.pipeline", "--config", str(write_config(tmp_path, "hopeless", HOPELESS_SEARCH)), "--out", str(out), "--num-cpus", "2")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: search: no trial produced a usable checkpoint (1 trial: 1 diverged); first failure: trial ")
+    assert line.endswith(f"(resnet_tiny): diverged: training loss nan at epoch 1; see {out / 'trials.parquet'}")
+    assert duckdb.sql(f"select status, best_checkpoint from '{out}/trials.parquet'").fetchall() == [("diverged", None)]
+    assert duckdb.sql(f"select count(*) from '{out}/accuracy.parquet'").fetchall() == [(0,)]
+    assert not (out / "cams").exists()  # nothing was explained
+
+    report = run_job("jobs.report", "--run", str(out), timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (out / "report" / "report.md").read_text()
+    assert "## The search produced no usable trial" in text and "diverged: training loss nan at epoch 1" in text
