@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_throughput.py
+
+# On a GPU machine: the GPU tests, then the measured table (results/gpu-check/gpu_check.md).
+# Without CUDA it runs a small CPU mode (under 2 minutes) that says nothing about a GPU.
+gpu-check: $(VENV)/.installed
+	$(PY) benchmarks/gpu_check.py --out results/gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

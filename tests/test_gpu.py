@@ -1,0 +1,172 @@
+"""The GPU path on a real GPU: `pytest -m gpu`. Skipped (with the reason shown) where CUDA is absent.
+
+CI has no GPU: tests/test_device_placement.py catches device mistakes on the CPU, and
+`make gpu-check` runs these tests on a GPU machine before it measures anything.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from cifarcam.cam import METHODS, MultiLayerCam, reference_maps
+from cifarcam.config import DataConfig, TrainConfig
+from cifarcam.data import load_splits
+from cifarcam.loader import DeviceLoader, to_model_input
+from cifarcam.models import FAMILIES, ModelSpec, build_model
+from cifarcam.train import evaluate, fit, predict
+from helpers import run_job, write_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run: pytest -m gpu)")]
+
+CUDA = torch.device("cuda")
+FAST = [m for m, (fn, _) in METHODS.items() if fn is not None]
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"
+
+
+@pytest.fixture(scope="module")
+def cifar10(cifar10_parquet):
+    return load_splits(DataConfig(source="parquet", path=str(cifar10_parquet), limit_train=20_000, limit_test=2_000))
+
+
+@pytest.fixture(scope="module")
+def trained(cifar10):
+    """resnet18 (CIFAR stem) for 2 epochs with bf16, channels_last and torch.compile."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(model="resnet18", epochs=2, batch_size=256, lr=0.004, warmup_epochs=0.2, bf16=True, channels_last=True, compile=True)
+    model = build_model(ModelSpec("resnet18", 10)).to(CUDA).to(memory_format=torch.channels_last)
+    train = DeviceLoader(cifar10.train.images, cifar10.train.labels, cfg.batch_size, device=CUDA)
+    val = DeviceLoader(cifar10.val.images, cifar10.val.labels, 512, device=CUDA, train=False)
+    return model, fit(model, cfg, train, val)
+
+
+def test_fit_with_bf16_channels_last_and_compile_learns(trained):
+    _, history = trained
+    print("val top-1 per epoch:", [round(h.val_top1, 3) for h in history], "images/s:", [round(h.images_per_s) for h in history])
+    assert [h.epoch for h in history] == [1, 2] and not any(h.diverged for h in history)
+    assert history[-1].val_top1 > 0.35  # chance is 0.10
+    assert history[-1].train_loss < history[0].train_loss
+
+
+def test_evaluate_and_predict_agree_on_the_gpu(trained, cifar10):
+    model, _ = trained
+    loader = DeviceLoader(cifar10.test.images, cifar10.test.labels, 512, device=CUDA, train=False)
+    figures = evaluate(model, loader, bf16=True)
+    out = predict(model, loader, bf16=True)
+    assert out["topk_classes"].shape == (len(cifar10.test), 5)
+    top1 = float((out["topk_classes"][:, 0] == cifar10.test.labels).mean())
+    assert figures["top1"] == pytest.approx(top1, abs=1e-9)  # the same forward, the same precision
+    assert np.all(np.diff(out["topk_probs"], axis=1) <= 0)
+
+
+@pytest.mark.parametrize("family", ["resnet_tiny", "resnet18", "mobilenetv3_small"])
+def test_cam_fast_path_equals_pytorch_grad_cam_on_cuda(family, cifar10):
+    """Tolerance: 1e-3 on maps scaled to [0, 1], with TF32 off (the CPU test holds 1e-4). The two
+    paths run different backward passes (activations only, or every weight), for which cuDNN
+    picks its own kernels, so fp32 sums run in different orders."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(family, 10)).to(CUDA).eval()
+    x = to_model_input(torch.from_numpy(cifar10.test.images[:16]).to(CUDA))
+    labels = torch.from_numpy(cifar10.test.labels[:16]).to(CUDA)
+    layers = list(FAMILIES[family].cam_layers)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with MultiLayerCam(model, layers) as cams:
+            out = cams(x, {"pred": None, "label": labels}, FAST, 32)
+        pred = out.logits.argmax(1)
+        for kind, classes in (("pred", pred), ("label", labels)):
+            for layer in layers:
+                for method in FAST:
+                    reference = reference_maps(model, x, layer, method, classes)
+                    ours = out.maps[(kind, layer, method)]
+                    assert ours.device.type == "cuda"
+                    np.testing.assert_allclose(ours.cpu().numpy(), reference.numpy(), atol=1e-3, err_msg=f"{layer} {method} {kind}")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+GPU_PIPELINE = """
+name: {name}
+data: {{source: parquet, path: PATH, limit_train: 8000, limit_test: 1000}}
+train: {{model: resnet_tiny, epochs: 2, batch_size: 128, lr: 0.004, warmup_epochs: 0.2, bf16: true}}
+search: {{grid: {{model: [resnet_tiny, mobilenetv3_small]}}, early_stopping: none}}
+scaling: {{use_gpu: true, workers_per_trial: WORKERS, gpus_per_worker: 1, cpus_per_worker: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory, cifar10_parquet):
+    """jobs.pipeline on a real local Ray with GPUs: each trial a Ray Train run on NCCL (1 worker
+    with one GPU, 2 with two or more), the CAM stage's actors on the GPU."""
+    folder = tmp_path_factory.mktemp("gpu")
+    text = GPU_PIPELINE.replace("PATH", str(cifar10_parquet)).replace("WORKERS", str(min(2, GPUS)))
+    out = folder / "run"
+    proc = run_job("jobs.pipeline", "--config", str(write_config(folder, "gpu", text)), "--out", str(out), "--methods", "gradcam,gradcam++", timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def test_ray_train_trials_ran_on_the_gpus(gpu_run):
+    rows = duckdb.sql(f"select status, epochs_run from '{gpu_run}/trials.parquet'").fetchall()
+    assert rows == [("completed", 2), ("completed", 2)]
+    assert duckdb.sql(f"select distinct workers from '{gpu_run}/epochs.parquet'").fetchall() == [(min(2, GPUS),)]
+    accuracy = dict(duckdb.sql(f"select model, test_top1 from '{gpu_run}/accuracy.parquet'").fetchall())
+    assert accuracy["resnet_tiny"] > 0.3, accuracy  # chance is 0.10
+
+
+def test_gpu_pipeline_parquet_is_complete_and_consistent(gpu_run):
+    cams = CAMS.format(out=gpu_run)
+    layers = len(FAMILIES["resnet_tiny"].cam_layers) + len(FAMILIES["mobilenetv3_small"].cam_layers)
+    assert duckdb.sql(f"select count(*) from {cams}").fetchall() == [(1000 * layers * 2 * 2,)]  # 2 methods, 2 targets
+    disagreements = duckdb.sql(
+        f"select count(*) from {cams} c join '{gpu_run}/predictions.parquet' p using (model, image_index) "
+        "where c.pred != p.pred or c.correct != p.correct or c.label != p.label"
+    ).fetchall()
+    assert disagreements == [(0,)]
+    bad = duckdb.sql(f"select count(*) from {cams} where len(heatmap) != 1024 or (list_max(heatmap) != 255 and not degenerate)").fetchall()
+    assert bad == [(0,)]
+    (auc, random_auc), = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where target = 'pred'").fetchall()
+    assert 0 <= auc <= 1 and 0 <= random_auc <= 1
+
+
+def _sync_bn_worker(rank: int, folder: str) -> None:
+    """NCCL, 2 GPUs, SyncBatchNorm, 1,025 validation images (3 and 2 batches) and 1 image (rank 1
+    has none): evaluation must neither hang nor depend on the split."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        device = torch.device("cuda", rank)
+        rng = np.random.default_rng(0)
+        results = []
+        for n in (1025, 1):
+            torch.manual_seed(0)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model(ModelSpec("resnet_tiny", 10))).to(device)
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+            images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+            cfg = TrainConfig(model="resnet_tiny", epochs=1, batch_size=16, scheduler="none", bf16=False)
+            train = DeviceLoader(images, np.arange(64) % 10, 16, device=device, rank=rank, world_size=2)
+            val_images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            val = DeviceLoader(val_images, np.arange(n) % 10, 256, device=device, train=False, rank=rank, world_size=2)
+            (metrics,) = fit(ddp, cfg, train, val)
+            results.append(metrics.val_top1)
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(GPUS < 2, reason="needs 2 GPUs")
+def test_sync_batchnorm_validation_with_uneven_shards_on_two_gpus(tmp_path):
+    mp.start_processes(_sync_bn_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn", join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
