@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,39 +26,8 @@ from cifarcam.data import Splits
 from cifarcam.errors import NoUsableTrial
 from cifarcam.loader import DeviceLoader
 from cifarcam.models import ModelSpec, build_model
+from cifarcam.planning import TrialResources, count_trials, plan_resources
 from cifarcam.train import EpochMetrics, fit
-
-# ---------------------------------------------------------------------------------------------
-# Resources
-
-
-@dataclass(frozen=True)
-class TrialResources:
-    use_gpu: bool
-    workers: int
-    cpus_per_worker: float
-    gpus_per_worker: float
-    max_concurrent_trials: int
-
-
-def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> TrialResources:
-    """How many trials fit the cluster at once; fail fast when even one does not."""
-    sc = cfg.scaling
-    gpus = cluster.get("GPU", 0.0)
-    use_gpu = gpus > 0 if sc.use_gpu is None else sc.use_gpu
-    cpu_need = sc.workers_per_trial * sc.cpus_per_worker
-    fits = [math.floor(cluster.get("CPU", 0.0) / cpu_need + 1e-9)]
-    if use_gpu:
-        fits.append(math.floor(gpus / (sc.workers_per_trial * sc.gpus_per_worker) + 1e-9))
-    if min(fits) < 1:
-        have = f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs"
-        need = f"{cpu_need:g} CPUs" + (f" and {sc.workers_per_trial * sc.gpus_per_worker:g} GPUs" if use_gpu else "")
-        raise ConfigError(f"scaling: one trial needs {need} ({sc.workers_per_trial} workers) but the cluster has {have}")
-    concurrent = min(fits)
-    if cfg.search.max_concurrent_trials:
-        concurrent = min(concurrent, cfg.search.max_concurrent_trials)
-    return TrialResources(use_gpu, sc.workers_per_trial, sc.cpus_per_worker, sc.gpus_per_worker if use_gpu else 0.0, concurrent)
-
 
 # ---------------------------------------------------------------------------------------------
 # The search space
@@ -78,10 +46,6 @@ def param_space(search: SearchConfig) -> dict[str, Any]:
         (kind, args), = spec.items()
         space[key] = _SAMPLERS[kind](args)
     return space
-
-
-def count_trials(search: SearchConfig) -> int:
-    return int(np.prod([len(v) for v in search.grid.values()] or [1])) * search.num_samples
 
 
 # ---------------------------------------------------------------------------------------------

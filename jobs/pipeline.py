@@ -20,6 +20,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = parser().parse_args()
+    if args.dry_run:  # the search is what a dry run can plan; the CAM stage follows it
+        search.dry_run(args)
+        return 0
     from cifarcam.config import load_config
 
     settings = cam.settings_from(args)  # checked before the search spends any cluster time

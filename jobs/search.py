@@ -1,13 +1,16 @@
 """Hyperparameter search: Ray Tune over models x optimizers x schedulers, each trial a DDP run.
 
     python -m jobs.search --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
+    python -m jobs.search --config configs/paper.yaml --dry-run [--images-per-s N] [--address ADDR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from cifarcam.config import ConfigError
 from jobs.common import add_ray_options, connect_ray, console, default_out, run
 
 
@@ -16,8 +19,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: results/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the search stored in --out: finished trials are kept")
+    p.add_argument("--dry-run", action="store_true", help="print the trials, resources per trial, concurrency and expected epochs; start nothing")
+    p.add_argument("--images-per-s", type=float, default=None, help="with --dry-run: one trial's training images/s (see make gpu-check), for an estimate of device-hours")
     add_ray_options(p)
     return p
+
+
+def cluster_resources(args: argparse.Namespace) -> dict[str, float]:
+    """The given cluster's resources, or this machine's, which a local Ray would get."""
+    if args.address:
+        import ray
+
+        connect_ray(args.address, args.num_cpus)
+        return dict(ray.cluster_resources())
+    import torch
+
+    return {"CPU": float(args.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    from cifarcam.config import load_config
+    from cifarcam.planning import plan_search
+
+    if args.images_per_s is not None and args.images_per_s <= 0:
+        raise ValueError(f"--images-per-s: must be > 0, got {args.images_per_s:g}")
+    cfg = load_config(args.config)
+    plan = plan_search(cfg, cluster_resources(args), args.images_per_s)
+    for line in plan.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if plan.misfit:  # the plan is shown, and the exit status says it cannot run here
+        raise ConfigError(plan.misfit)
 
 
 def prepare(args: argparse.Namespace):
@@ -50,7 +81,11 @@ def search(args: argparse.Namespace):
 
 
 def main() -> int:
-    search(parser().parse_args())
+    args = parser().parse_args()
+    if args.dry_run:
+        dry_run(args)
+    else:
+        search(args)
     return 0
 
 

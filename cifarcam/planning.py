@@ -1,0 +1,164 @@
+"""What a search will cost, before it runs: resources per trial, concurrency, the epochs ASHA is
+expected to leave, and device-hours. No Ray and no data loading here, so `--dry-run` is instant
+and the same arithmetic sizes the real run."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig
+
+# Training-split sizes of the datasets whose files a dry run need not read.
+KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    use_gpu: bool
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_concurrent_trials: int
+
+
+def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> TrialResources:
+    """How many trials fit the cluster at once; fail fast when even one does not."""
+    sc = cfg.scaling
+    gpus = cluster.get("GPU", 0.0)
+    use_gpu = gpus > 0 if sc.use_gpu is None else sc.use_gpu
+    cpu_need = sc.workers_per_trial * sc.cpus_per_worker
+    fits = [math.floor(cluster.get("CPU", 0.0) / cpu_need + 1e-9)]
+    if use_gpu:
+        fits.append(math.floor(gpus / (sc.workers_per_trial * sc.gpus_per_worker) + 1e-9))
+    if min(fits) < 1:
+        have = f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs"
+        need = f"{cpu_need:g} CPUs" + (f" and {sc.workers_per_trial * sc.gpus_per_worker:g} GPUs" if use_gpu else "")
+        raise ConfigError(f"scaling: one trial needs {need} ({sc.workers_per_trial} workers) but the cluster has {have}")
+    concurrent = min(fits)
+    if cfg.search.max_concurrent_trials:
+        concurrent = min(concurrent, cfg.search.max_concurrent_trials)
+    return TrialResources(use_gpu, sc.workers_per_trial, sc.cpus_per_worker, sc.gpus_per_worker if use_gpu else 0.0, concurrent)
+
+
+def count_trials(search: SearchConfig) -> int:
+    return math.prod(len(v) for v in search.grid.values()) * search.num_samples
+
+
+def trial_descriptions(search: SearchConfig) -> list[str]:
+    """One line per trial: its grid values, then each sampled hyperparameter's distribution."""
+    keys = list(search.grid)
+    sampled = ", ".join(f"{key} ~ {kind}{tuple(args)}" for key, spec in search.sample.items() for kind, args in spec.items())
+    lines = []
+    for repeat in range(search.num_samples):
+        for values in itertools.product(*(search.grid[k] for k in keys)):
+            picked = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+            lines.append(", ".join(part for part in (picked, sampled) if part) or "the train section's values")
+    return lines
+
+
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA compares trials, as Ray's AsyncHyperBand places them (below max_t)."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [r for r in (grace_period * reduction_factor**k for k in range(count)) if r < max_t]
+
+
+def expected_epochs_per_trial(cfg: ExperimentConfig) -> float:
+    """Epochs a trial is expected to run: at each rung ASHA keeps the best 1/reduction_factor.
+
+    An estimate: the first trials to reach an empty rung always go on, so a small search runs
+    somewhat more than this."""
+    s, epochs = cfg.search, cfg.train.epochs
+    if s.early_stopping == "none":
+        return float(epochs)
+    rungs = asha_rungs(epochs, s.grace_period, s.reduction_factor)
+    if not rungs:
+        return float(epochs)
+    total, reached = float(rungs[0]), 1.0
+    for start, stop in zip(rungs, rungs[1:] + [epochs]):
+        reached /= s.reduction_factor
+        total += (stop - start) * reached
+    return total
+
+
+def train_images(cfg: ExperimentConfig) -> int | None:
+    """Training-split size (after the validation split), without reading images where it is known."""
+    d = cfg.data
+    if d.source == "synthetic":
+        full = d.synthetic.train_size
+    elif d.source in KNOWN_TRAIN_SIZES:
+        full = KNOWN_TRAIN_SIZES[d.source]
+    elif d.path:
+        path = Path(d.path).expanduser() / "train.parquet"
+        if not path.is_file():
+            return None
+        full = pq.ParquetFile(path).metadata.num_rows
+    else:
+        return None
+    if d.limit_train:
+        full = min(full, d.limit_train)
+    return round(full * (1 - d.val_fraction))
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    trials: list[str]
+    resources: TrialResources | None  # None: one trial does not fit the cluster (``misfit`` says why)
+    misfit: str | None
+    cluster: dict[str, float]
+    epochs_per_trial: float
+    train_images: int | None
+    images_per_s: float | None  # one trial's training throughput, as benchmarks/gpu_check.py measures it
+
+    @property
+    def total_epochs(self) -> float:
+        return self.epochs_per_trial * len(self.trials)
+
+    @property
+    def trial_hours(self) -> float | None:
+        """Hours of training if every trial ran at ``images_per_s`` (validation passes excluded)."""
+        if not (self.images_per_s and self.train_images):
+            return None
+        return self.total_epochs * self.train_images / self.images_per_s / 3600
+
+    def lines(self) -> list[str]:
+        r = self.resources
+        out = [f"{len(self.trials)} trials:"] + [f"  {i + 1:3d}. {t}" for i, t in enumerate(self.trials)]
+        out += [
+            f"cluster: {self.cluster.get('CPU', 0):g} CPUs, {self.cluster.get('GPU', 0):g} GPUs",
+            f"epochs: {self.epochs_per_trial:.1f} per trial expected after early stopping, {self.total_epochs:.0f} in all",
+        ]
+        if r is None:
+            return out + [f"per trial: does not fit this cluster ({self.misfit})"]
+        per_trial = f"{r.workers} worker(s) x ({r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.use_gpu else "") + ")"
+        out.insert(-1, f"per trial: {per_trial}; {r.max_concurrent_trials} trial(s) at once")
+        if self.trial_hours is not None:
+            unit = "GPU" if r.use_gpu else "CPU"
+            held = r.workers * (r.gpus_per_worker if r.use_gpu else r.cpus_per_worker)
+            out += [
+                f"at {self.images_per_s:g} images/s per trial on {self.train_images} training images: {self.trial_hours:.2f} trial-hours, "
+                f"{self.trial_hours * held:.2f} {unit}-hours held, about {self.trial_hours / r.max_concurrent_trials:.2f} h of wall clock "
+                "(assumes each trial keeps that speed while packed; gpu_check's packing rows show the combined rate)"
+            ]
+        return out
+
+
+def plan_search(cfg: ExperimentConfig, cluster: dict[str, float], images_per_s: float | None = None) -> SearchPlan:
+    """The plan on ``cluster``; a trial too large for it is reported in the plan, not raised."""
+    try:
+        resources, misfit = plan_resources(cfg, cluster), None
+    except ConfigError as err:
+        resources, misfit = None, str(err)
+    return SearchPlan(
+        trials=trial_descriptions(cfg.search),
+        resources=resources,
+        misfit=misfit,
+        cluster=cluster,
+        epochs_per_trial=expected_epochs_per_trial(cfg),
+        train_images=train_images(cfg),
+        images_per_s=images_per_s,
+    )
