@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
+import os
 import platform
 import subprocess
 import sys
@@ -51,6 +51,8 @@ from cifarcam.models import ModelSpec, build_model  # noqa: E402
 from cifarcam.optim import build_optimizer, build_scheduler  # noqa: E402
 from cifarcam.train import train_epoch  # noqa: E402
 
+GPU_TESTS_TIMEOUT_S = 300
+PACKING_TIMEOUT_S = 120
 GOALS = {
     "mfu": ("MFU of the bf16 resnet50 training step at batch >= 256", 0.35),
     "train_vs_pil": ("training / DataLoader + PIL baseline (same precision)", 5.0),
@@ -84,8 +86,14 @@ GPU_SIZES = Sizes("resnet50", (256, 512), (False, True), 60, 12, "resnet50", 10_
 CPU_SIZES = Sizes("resnet_tiny", (64,), (False,), 8, 2, "resnet_tiny", 256, 16, 128, 512, "resnet_tiny", 2_000, (), 0)
 
 
-def run_gpu_tests() -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True)
+def run_gpu_tests(data: str) -> dict:
+    env = {**os.environ, "CIFARCAM_DATA": str(Path(data).resolve().parent)}  # the tests' data: the same folder
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    try:
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=GPU_TESTS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"GPU tests: timed out after {GPU_TESTS_TIMEOUT_S} s")
+        return {"returncode": 124, "summary": f"timed out after {GPU_TESTS_TIMEOUT_S} s"}
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     print(f"GPU tests: {summary}")
     if proc.returncode:
@@ -188,35 +196,50 @@ def _packed_trial(rank: int, sizes: Sizes, images: np.ndarray, labels: np.ndarra
     cfg = TrainConfig(model=sizes.paper_model, stem="imagenet", epochs=1, batch_size=64, lr=1e-3, scheduler="none", bf16=True)
     torch.manual_seed(rank)
     model = build_model(ModelSpec(sizes.paper_model, 100, "imagenet", 32)).to(device).to(memory_format=torch.channels_last)
-    loader = DeviceLoader(images[: sizes.packing_steps * 64], labels[: sizes.packing_steps * 64], 64, device=device, seed=rank)
+    loader = DeviceLoader(images, labels, 64, device=device, seed=rank)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, 2 * len(loader))
     train_epoch(model, model, loader, optimizer, scheduler, cfg)
     torch.cuda.synchronize()
-    barrier.wait()
+    barrier.wait(timeout=PACKING_TIMEOUT_S)
     seconds = timed(lambda: train_epoch(model, model, loader, optimizer, scheduler, cfg), device)
     results.put(len(loader) * 64 / seconds)
 
 
 def packing(sizes: Sizes, images: np.ndarray, labels: np.ndarray) -> list[dict]:
-    """Combined images/s of k paper-config trials on one GPU, as fractional GPUs would pack them."""
+    """Combined images/s of k paper-config trials on one GPU, as fractional GPUs would pack them.
+
+    Each child gets only the images it trains on (spawn pickles its arguments), runs as a daemon
+    and is stopped here whatever happens, so that a child that dies cannot hang the check."""
+    import queue
+
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
+    n = sizes.packing_steps * 64
     rows = []
     for k in sizes.packing:
         barrier, results = context.Barrier(k), context.Queue()
-        procs = [context.Process(target=_packed_trial, args=(r, sizes, images, labels, barrier, results)) for r in range(k)]
-        for proc in procs:
-            proc.start()
-        rates = [results.get(timeout=180) for _ in procs]
-        for proc in procs:
-            proc.join()
+        procs = [context.Process(target=_packed_trial, args=(r, sizes, images[:n], labels[:n], barrier, results), daemon=True) for r in range(k)]
+        try:
+            for proc in procs:
+                proc.start()
+            rates = [results.get(timeout=PACKING_TIMEOUT_S) for _ in procs]
+        except queue.Empty:
+            codes = [proc.exitcode for proc in procs]
+            print(f"packing: {k} trials did not finish within {PACKING_TIMEOUT_S} s (exit codes {codes}); stopping here")
+            rows.append({"trials": k, "combined_images_per_s": None, "per_trial_images_per_s": None, "failed": f"exit codes {codes}"})
+            break
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
         rows.append({"trials": k, "combined_images_per_s": sum(rates), "per_trial_images_per_s": sum(rates) / k})
         print(f"packing: {k} trial(s) on one GPU: {sum(rates):.0f} images/s combined, {sum(rates) / k:.0f} each")
     base = rows[0]["combined_images_per_s"] if rows else None
     for row in rows:
-        row["speedup_over_one"] = row["combined_images_per_s"] / base
+        row["speedup_over_one"] = row["combined_images_per_s"] / base if base and row["combined_images_per_s"] else None
     return rows
 
 
@@ -247,7 +270,8 @@ def markdown(figures: dict) -> str:
         + " |",
     ]
     for r in figures["packing"]:
-        lines.append(f"| {r['trials']} paper trial(s) sharing the GPU | {r['combined_images_per_s']:.0f} images/s combined ({r['speedup_over_one']:.2f}x one) |")
+        shown = f"{r['combined_images_per_s']:.0f} images/s combined ({r['speedup_over_one']:.2f}x one)" if r["combined_images_per_s"] else f"failed ({r['failed']})"
+        lines.append(f"| {r['trials']} paper trial(s) sharing the GPU | {shown} |")
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for key, (text, target) in GOALS.items():
         value = figures["goals"].get(key)
@@ -270,7 +294,9 @@ def main() -> None:
     p.add_argument("--skip-tests", action="store_true", help="measure only (the GPU tests already passed)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"), help="CIFAR-10 Parquet folder")
     args = p.parse_args()
-    gpu = torch.cuda.is_available() and not args.cpu
+    if args.cpu:  # hide the GPUs from this process and the local Ray it starts (CAM actors included)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     sizes = GPU_SIZES if gpu else CPU_SIZES
     torch.backends.cudnn.benchmark = True
@@ -282,16 +308,28 @@ def main() -> None:
         "environment": {"mode": "gpu" if gpu else "cpu", "device_name": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
         "sizes": dataclasses.asdict(sizes),
     }
-    figures["gpu_tests"] = run_gpu_tests() if gpu and not args.skip_tests else None
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a check cut short still leaves what it measured
+        figures["seconds"] = time.perf_counter() - started
+        (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+
+    figures["gpu_tests"] = run_gpu_tests(args.data) if gpu and not args.skip_tests else None
+    save()
     splits = load_splits(DataConfig(source="parquet", path=args.data, val_fraction=0.02))  # 49,000 training images
     images, labels = splits.train.images, splits.train.labels
     figures["training"] = training(sizes, device, images, labels, peak)
+    save()
     figures["baseline"] = against_pil_baseline(sizes, device, images, labels)
+    save()
     figures["cam"] = cam(sizes, device, splits.test)
+    save()
     spec = ModelSpec(sizes.cam_model, 10)
     torch.manual_seed(0)
     figures["stage"] = stage_vs_loop(splits.test, spec, build_model(spec).to(device).eval(), "layer3", sizes.cam_batch, sizes.stage_images)
+    save()
     figures["paper_epoch"] = paper_epoch(sizes, device, images, labels)
+    save()
     figures["packing"] = packing(sizes, images, labels) if gpu else []
     best_mfu = max((r["mfu"] for r in figures["training"] if r["mfu"] is not None and r["batch"] >= 256), default=None)
     figures["goals"] = {
@@ -301,9 +339,7 @@ def main() -> None:
         "cam_vs_batched": figures["cam"]["vs_batched"],
         "stage_over_loop": figures["stage"]["stage_over_loop"],
     }
-    figures["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    save()
     (args.out / "gpu_check.md").write_text(markdown(figures))
     print(markdown(figures))
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'} in {figures['seconds']:.0f} s")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,18 @@ class ExperimentConfig:
 
 
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-3`` and ``3e10`` as numbers, as YAML 1.2 does: PyYAML follows
+    YAML 1.1, where a float needs a dot and a signed exponent, so it would make them strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -275,7 +288,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

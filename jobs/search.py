@@ -34,7 +34,8 @@ def cluster_resources(args: argparse.Namespace) -> dict[str, float]:
         return dict(ray.cluster_resources())
     import torch
 
-    return {"CPU": float(args.num_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    # The CPUs this process may use (cgroups and affinity included), as a local Ray would count them.
+    return {"CPU": float(args.num_cpus or len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
 
 
 def dry_run(args: argparse.Namespace) -> None:

@@ -63,3 +63,11 @@ def test_fractional_gpus_are_for_single_worker_trials(tmp_path):
     assert load_config(_write(tmp_path, "scaling: {workers_per_trial: 1, gpus_per_worker: 0.25}")).scaling.gpus_per_worker == 0.25
     assert load_config(_write(tmp_path, "scaling: {workers_per_trial: 4, gpus_per_worker: 2}")).scaling.workers_per_trial == 4
     assert load_config(_write(tmp_path, "scaling: {workers_per_trial: 4, gpus_per_worker: 0.5, use_gpu: false}")).scaling.use_gpu is False
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads 1e-3 as a string; people write learning rates that way."""
+    cfg = load_config(_write(tmp_path, "train: {lr: 1e-3, weight_decay: 5E-4, epochs: 3}\nsearch: {sample: {lr: {loguniform: [1e-4, 1.0e-2]}}}"))
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == (0.001, 0.0005, 3)
+    assert cfg.search.sample["lr"]["loguniform"] == [0.0001, 0.01]
+    assert load_config(_write(tmp_path, "name: 1e3x")).name == "1e3x"

@@ -29,7 +29,7 @@ def _images(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _fit_with_uneven_validation(rank: int, folder: str, val_sizes: list[int]) -> list[dict]:
     """One epoch on 2 ranks, then validation on shards of uneven size: 1,025 images with batch 256
-    give 3 and 2 batches, 1 image gives rank 1 no batch at all. Through the DDP wrapper, the first
+    give rank 0 2 batches and rank 1 3, 1 image gives rank 0 no batch at all. Through the DDP wrapper, the first
     forward after a training step broadcasts BatchNorm buffers: a collective that a rank without
     batches never joins. Rank 0 saves its weights, which the test evaluates alone."""
     out = []

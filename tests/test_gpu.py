@@ -117,6 +117,7 @@ def gpu_run(tmp_path_factory, cifar10_parquet):
     return out
 
 
+@pytest.mark.timeout(1500)  # the fixture runs the whole pipeline
 def test_ray_train_trials_ran_on_the_gpus(gpu_run):
     rows = duckdb.sql(f"select status, epochs_run from '{gpu_run}/trials.parquet'").fetchall()
     assert rows == [("completed", 2), ("completed", 2)]
@@ -125,6 +126,7 @@ def test_ray_train_trials_ran_on_the_gpus(gpu_run):
     assert accuracy["resnet_tiny"] > 0.3, accuracy  # chance is 0.10
 
 
+@pytest.mark.timeout(1500)
 def test_gpu_pipeline_parquet_is_complete_and_consistent(gpu_run):
     cams = CAMS.format(out=gpu_run)
     layers = len(FAMILIES["resnet_tiny"].cam_layers) + len(FAMILIES["mobilenetv3_small"].cam_layers)
@@ -141,7 +143,7 @@ def test_gpu_pipeline_parquet_is_complete_and_consistent(gpu_run):
 
 
 def _sync_bn_worker(rank: int, folder: str) -> None:
-    """NCCL, 2 GPUs, SyncBatchNorm, 1,025 validation images (3 and 2 batches) and 1 image (rank 1
+    """NCCL, 2 GPUs, SyncBatchNorm, 1,025 validation images (2 and 3 batches) and 1 image (rank 0
     has none): evaluation must neither hang nor depend on the split."""
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60))
