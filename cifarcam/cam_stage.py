@@ -2,9 +2,9 @@
 
 Each model is one Ray Data pipeline: the test set as a dataset, ``map_batches`` with a CAM actor
 (model and hooks built once per actor, one GPU or a fraction of one per actor where there are
-GPUs), written by Ray Data's Parquet writer into a staging folder. Finished partitions are then
-renamed into ``cams/model=…/layer=…/method=…/``: a rename is atomic, so a reader never sees a
-half-written partition, and a rerun skips the partitions that exist.
+GPUs), written by Ray Data into this job's staging folder, then regrouped into one folder per
+``cams/model=…/layer=…/method=…/`` with a completion marker and renamed into place
+(``cifarcam.partitions``): a reader never sees half a partition, and a rerun skips the complete ones.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from cifarcam.config import ConfigError
 from cifarcam.data import ImageSet
 from cifarcam.loader import to_model_input
 from cifarcam.models import FAMILIES, CamLayer, ModelSpec, build_model, cam_layers
+from cifarcam.partitions import Source, Staging, is_complete, partition_dir, publish, regroup, run_lock
 
 TARGET_KINDS = ("pred", "label")
 
@@ -215,10 +216,6 @@ def stored_predictions(run_dir: Path, model: ModelToExplain, image_index: np.nda
 # Partitions: what exists, staging, atomic publication
 
 
-def partition_dir(cams_dir: Path, model: str, layer: str, method: str) -> Path:
-    return cams_dir / f"model={model}" / f"layer={layer}" / f"method={method}"
-
-
 def check_settings(cams_dir: Path, settings: CamSettings) -> None:
     """Existing partitions are reused only when they were computed the same way."""
     path = cams_dir / "_settings.json"
@@ -228,20 +225,6 @@ def check_settings(cams_dir: Path, settings: CamSettings) -> None:
             raise ConfigError(f"{cams_dir}: computed with {saved}, now asked for {settings.comparable()}; use the same settings or remove {cams_dir}")
     else:
         results.write_text_atomic(path, json.dumps(settings.comparable()))
-
-
-def publish(staging: Path, cams_dir: Path) -> list[Path]:
-    """Rename each complete partition folder from ``staging`` into ``cams_dir`` (atomic per folder)."""
-    published = []
-    for folder in sorted(staging.glob("model=*/layer=*/method=*")):
-        target = cams_dir / folder.relative_to(staging)
-        if target.exists():  # computed alongside a missing one; the published copy stands
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        folder.rename(target)
-        published.append(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    return published
 
 
 @dataclass(frozen=True)
@@ -256,60 +239,77 @@ class ModelPlan:
     spec: ModelSpec
     layers: list[CamLayer]
     missing: list[tuple[CamLayer, str]]  # (layer, method) partitions not yet published
+    source: Source  # the checkpoint's weights, recorded in each partition's marker
 
 
 def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> list[ModelPlan]:
     """Check every layer name and the stored settings, and find what is left to compute:
-    all before any cluster time is spent."""
+    all before any cluster time is spent. Partitions of another checkpoint are refused."""
     from cifarcam.checkpoint import read_meta
 
     cams_dir = run_dir / "cams"
-    cams_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(cams_dir, settings)
     plans = []
-    for model in models:
-        spec = ModelSpec(**read_meta(model.checkpoint)["model"])
-        layers = resolve_layers(spec, settings.layers, f"model {model.name}")
-        missing = [(l, m) for l in layers for m in settings.methods if not partition_dir(cams_dir, spec.family, l.name, m).exists()]
-        plans.append(ModelPlan(model, spec, layers, missing))
+    with run_lock(run_dir):
+        check_settings(cams_dir, settings)
+        for model in models:
+            spec = ModelSpec(**read_meta(model.checkpoint)["model"])
+            layers = resolve_layers(spec, settings.layers, f"model {model.name}")
+            source = Source.of(model.checkpoint)
+            missing = [(l, m) for l in layers for m in settings.methods if not is_complete(partition_dir(cams_dir, spec.family, l.name, m), source)]
+            plans.append(ModelPlan(model, spec, layers, missing, source))
     return plans
 
 
 def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float) -> dict[str, Any]:
-    """Run the CAM stage for the planned models; Ray must be up."""
+    """Run the CAM stage for the planned models; Ray must be up.
+
+    Ray Data writes each model's rows into this job's staging folder; they are then regrouped into
+    one folder per (layer, method), each with its files and its marker, and published one by one."""
     import ray
 
     cams_dir = run_dir / "cams"
-    # What a killed earlier run left half-written; never visible under cams/, removed here.
-    shutil.rmtree(run_dir / ".staging", ignore_errors=True)
     summary: dict[str, Any] = {"skipped": 0, "written": []}
-    for p in plans:
-        model, spec, layers, missing = p.model, p.spec, p.layers, p.missing
-        summary["skipped"] += len(layers) * len(settings.methods) - len(missing)
-        if not missing:
-            continue
-        # Several blocks, so that every actor gets work (no shuffle needed).
-        table = images_table(test, stored_predictions(run_dir, model, test.index))
-        rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
-        dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
-        needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]
-        needed_methods = tuple(m for m in settings.methods if any(m == mm for _, mm in missing))
-        staging = run_dir / ".staging" / f"cams-{spec.family}-{uuid.uuid4().hex[:8]}"
-        explained = dataset.map_batches(
-            CamActor,
-            fn_constructor_kwargs={
-                "checkpoint": model.checkpoint,
-                "run": run_dir.name,
-                "settings": CamSettings(**{**asdict(settings), "methods": needed_methods}),
-                "layers": needed_layers,
-            },
-            batch_size=settings.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus_per_actor or None,
-            num_cpus=None if gpus_per_actor else 1,
-        )
-        explained.write_parquet(str(staging), partition_cols=list(results.CAM_PARTITIONS))
-        summary["written"] += publish(staging, cams_dir)
-    shutil.rmtree(run_dir / ".staging", ignore_errors=True)
+    with Staging(run_dir) as staging:
+        staging.sweep()  # what killed jobs left; never visible under cams/
+        for p in plans:
+            model, spec, layers, missing = p.model, p.spec, p.layers, p.missing
+            summary["skipped"] += len(layers) * len(settings.methods) - len(missing)
+            if not missing:
+                continue
+            # Several blocks, so that every actor gets work (no shuffle needed).
+            table = images_table(test, stored_predictions(run_dir, model, test.index))
+            rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
+            dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
+            needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]
+            needed_methods = tuple(m for m in settings.methods if any(m == mm for _, mm in missing))
+            raw = staging.folder / f"raw-{uuid.uuid4().hex[:8]}"
+            explained = dataset.map_batches(
+                CamActor,
+                fn_constructor_kwargs={
+                    "checkpoint": model.checkpoint,
+                    "run": run_dir.name,
+                    "settings": CamSettings(**{**asdict(settings), "methods": needed_methods}),
+                    "layers": needed_layers,
+                },
+                batch_size=settings.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=gpus_per_actor or None,
+                num_cpus=None if gpus_per_actor else 1,
+            )
+            explained.write_parquet(str(raw))
+            parts = staging.folder / "parts"
+            staged = regroup(sorted(raw.glob("*.parquet")), parts, results.CAM_PARTITIONS, p.source, settings.comparable())
+            shutil.rmtree(raw)
+            wanted = {partition_dir(parts, spec.family, l.name, m) for l, m in missing}
+            with run_lock(run_dir):
+                for folder in sorted(staged):
+                    if folder not in wanted:  # computed alongside a missing one: the published copy stands
+                        continue
+                    target = cams_dir / folder.relative_to(parts)
+                    if publish(folder, target, p.source, staging.folder / "trash"):
+                        summary["written"].append(target)
+                    else:
+                        summary["skipped"] += 1
+            shutil.rmtree(parts, ignore_errors=True)
     return summary

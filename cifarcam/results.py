@@ -29,6 +29,8 @@ TRIALS = pa.schema(
         ("epochs_run", pa.int64()),
         ("epochs_planned", pa.int64()),
         ("stopped_by_asha", pa.bool_()),
+        ("metric", pa.string()),  # the search's metric (search.metric), which ranks the trials
+        ("best_metric", pa.float64()),  # its value at the trial's best epoch (best by search.mode)
         ("best_val_top1", pa.float64()),
         ("best_epoch", pa.int64()),
         ("best_checkpoint", pa.string()),

@@ -275,6 +275,8 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
                 "epochs_run": done,
                 "epochs_planned": tcfg.epochs,
                 "stopped_by_asha": status == "stopped_early" and cfg.search.early_stopping == "asha",
+                "metric": cfg.search.metric,
+                "best_metric": float(best[cfg.search.metric]) if best else None,
                 "best_val_top1": best["val_top1"] if best else None,
                 "best_epoch": int(best["epoch"]) if best else None,
                 "best_checkpoint": best_ckpt["checkpoint_path"] if best_ckpt else None,
@@ -289,9 +291,10 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
 
 
 def best_per_model(trials: list[dict], mode: str) -> list[dict]:
+    """Each family's best trial, ranked on the search's metric (``best_metric``) in its ``mode``."""
     usable = [t for t in trials if t["best_checkpoint"] and t["status"] != "diverged"]
     models = sorted({t["model"] for t in usable})
-    return [_best([t for t in usable if t["model"] == m], "best_val_top1", mode) for m in models]
+    return [_best([t for t in usable if t["model"] == m], "best_metric", mode) for m in models]
 
 
 def evaluate_best(trials: list[dict], epochs: list[dict], cfg: ExperimentConfig, splits: Splits, res: TrialResources) -> tuple[list[dict], dict[str, list]]:

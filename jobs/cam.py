@@ -3,7 +3,8 @@
     python -m jobs.cam --run results/demo [--checkpoint PATH ...] [--methods gradcam,gradcam++]
                        [--layers layer3,layer4] [--targets pred,label] [--address ADDR]
 
-Writes DIR/cams/model=<m>/layer=<l>/method=<k>/*.parquet; a rerun skips finished partitions.
+Writes DIR/cams/model=<m>/layer=<l>/method=<k>/part-*.parquet with a _COMPLETE.json marker; a
+rerun skips complete partitions, and two jobs may explain one run at once (other methods, layers).
 """
 
 from __future__ import annotations
@@ -101,17 +102,20 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     with console.status("loading the test set"):
         test = load_splits(cfg.data).test
     plans = plan(run_dir, models_to_explain(run_dir, args.checkpoint, test.num_classes), settings)
-    if not ray.is_initialized():
-        connect_ray(args.address, args.num_cpus)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    gpus_per_actor = args.gpus_per_actor if gpus else 0.0
-    # On CPUs, one core stays free for Ray Data's write tasks: actors holding every CPU would
-    # leave the writer waiting forever.
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = args.actors or max(1, int(gpus / gpus_per_actor) if gpus else cpus - 1)
-    if not gpus and actors >= cpus:
-        raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
-    summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor)
+    if not any(p.missing for p in plans):  # nothing to compute: no cluster needed
+        summary = explain(run_dir, plans, test, settings, actors=1, gpus_per_actor=0.0)
+    else:
+        if not ray.is_initialized():
+            connect_ray(args.address, args.num_cpus)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus_per_actor = args.gpus_per_actor if gpus else 0.0
+        # On CPUs, one core stays free for Ray Data's write tasks: actors holding every CPU would
+        # leave the writer waiting forever.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = args.actors or max(1, int(gpus / gpus_per_actor) if gpus else cpus - 1)
+        if not gpus and actors >= cpus:
+            raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
+        summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor)
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
     console.print(json.dumps({"models": [p.model.name for p in plans], "methods": list(settings.methods), "targets": list(settings.targets)}))
     return summary

@@ -305,3 +305,20 @@ def test_help_explains_every_option():
     assert proc.returncode == 0
     for option in ("--config", "--out", "--resume", "--address", "--num-cpus", "--methods", "--layers", "--cam-batch-size"):
         assert option in proc.stdout
+
+
+def test_maps_of_another_checkpoint_are_refused_before_any_work(demo_run, tmp_path, capsys):
+    """cams/ holds the run's best resnet_tiny; explaining another resnet_tiny checkpoint into the
+    same run would mix two models' maps under one name."""
+    from cifarcam.checkpoint import save_checkpoint
+    from cifarcam.models import ModelSpec, build_model
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("report", ".staging"))
+    spec = ModelSpec("resnet_tiny", 10)
+    other = save_checkpoint(tmp_path / "other", build_model(spec), spec, {})
+    before = _snapshot(run)
+    proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(other))
+    line = _fails_cleanly(proc, run, before, f"error: {run / 'cams' / 'model=resnet_tiny' / 'layer=layer2'}/method=gradcam: computed from checkpoint ")
+    assert f"), not {other} (sha256 " in line
+    assert line.endswith(f"); remove {run / 'cams' / 'model=resnet_tiny'} to explain the new checkpoint, or use another --run")

@@ -48,6 +48,8 @@ def test_epochs_agree_with_trials_and_ran_on_two_ddp_workers(search_run):
     ).fetchall()
     assert mismatches == []
     assert duckdb.sql(f"select distinct workers from '{out}/epochs.parquet'").fetchall() == [(2,)]
+    ranked = duckdb.sql(f"select count(*) from '{out}/trials.parquet' where metric != 'val_top1' or best_metric != best_val_top1").fetchall()
+    assert ranked == [(0,)]
 
 
 def test_accuracy_and_predictions_agree(search_run):

@@ -1,0 +1,202 @@
+"""CAM partitions on disk: names, completion markers, the run's lock, per-job staging, publishing.
+
+Layout: ``cams/model=<m>/layer=<l>/method=<k>/part-<i>.parquet`` plus ``_COMPLETE.json``. Values
+are URI-encoded exactly as pyarrow's hive writer encodes them (``method=gradcam%2B%2B``), which
+DuckDB, pandas and pyarrow decode back to ``gradcam++``.
+
+A partition is complete only when its marker is there and every file the marker lists exists:
+a folder without one (a crash mid-copy, an older version's output) is recomputed. The marker
+also names the checkpoint (path and SHA-256 of its weights) the maps came from, so maps of one
+checkpoint never pass for another's.
+
+Two jobs may explain one run at once (other methods, other layers) and a killed job's rerun may
+start while nothing else runs: each job writes only under its own staging folder, held by a lock
+that dies with its process, and plan and publish run under the run's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import urllib.parse
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+
+from cifarcam.config import ConfigError
+from cifarcam.results import write_text_atomic
+
+MARKER = "_COMPLETE.json"
+MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
+
+
+def encode(value: str) -> str:
+    """A hive partition value as pyarrow writes it (everything but letters, digits and ``-._~``
+    is %-escaped)."""
+    return urllib.parse.quote(value, safe="")
+
+
+def partition_dir(cams_dir: Path, model: str, layer: str, method: str) -> Path:
+    return cams_dir / f"model={encode(model)}" / f"layer={encode(layer)}" / f"method={encode(method)}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a partition's maps were computed from."""
+
+    checkpoint: str
+    weights_sha256: str
+
+    @classmethod
+    def of(cls, checkpoint: str | Path) -> Source:
+        from cifarcam.checkpoint import MODEL_FILE
+
+        digest = hashlib.sha256()
+        with open(Path(checkpoint) / MODEL_FILE, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return cls(str(Path(checkpoint).resolve()), digest.hexdigest())
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The partition's marker when the partition is complete (every listed file present), else None."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    files = marker.get("files") or []
+    return marker if files and all((folder / name).is_file() for name in files) else None
+
+
+def is_complete(folder: Path, source: Source) -> bool:
+    """Complete and computed from ``source``'s weights; complete from other weights is an error."""
+    marker = read_marker(folder)
+    if marker is None:
+        return False
+    if marker["source"]["weights_sha256"] != source.weights_sha256:
+        raise ConfigError(
+            f"{folder}: computed from checkpoint {marker['source']['checkpoint']} (weights sha256 {marker['source']['weights_sha256'][:12]}), "
+            f"not {source.checkpoint} (sha256 {source.weights_sha256[:12]}); remove {folder.parent.parent} to explain the new checkpoint, or use another --run"
+        )
+    return True
+
+
+def run_lock(run_dir: Path) -> FileLock:
+    """Held while a job plans what is missing and while it publishes."""
+    (run_dir / "cams").mkdir(parents=True, exist_ok=True)
+    return FileLock(run_dir / "cams" / ".lock")
+
+
+class Staging:
+    """This job's own folder under ``run/.staging``, locked for as long as the job lives.
+
+    A folder whose lock nobody holds belongs to a job that died: ``sweep`` removes it. A live
+    job's folder is never touched."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.root = run_dir / ".staging"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.folder = self.root / f"cams-{uuid.uuid4().hex}"
+        self._lock = FileLock(self.folder.with_suffix(".lock"))
+        self._lock.acquire()
+        self.folder.mkdir()
+
+    def sweep(self) -> list[Path]:
+        """Remove what dead jobs left; returns the folders removed."""
+        removed = []
+        for lock_path in self.root.glob("cams-*.lock"):
+            if lock_path == self._lock.lock_file:
+                continue
+            lock = FileLock(lock_path)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # a live job's
+            try:
+                folder = lock_path.with_suffix("")
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+                lock_path.unlink(missing_ok=True)
+            finally:
+                lock.release()
+        return removed
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self._lock.release()
+        Path(self._lock.lock_file).unlink(missing_ok=True)
+        try:
+            self.root.rmdir()  # only when no other job stages here
+        except OSError:
+            pass
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source: Source, settings: dict) -> list[Path]:
+    """Rewrite rows from ``raw_files`` (any mix of partitions) as one folder per value of ``keys``
+    under ``out_root``, with at most MAX_ROWS_PER_FILE rows a file and a marker in each folder.
+
+    One pass over the input, one writer open per partition: a partition of the full test set is
+    one file, whatever the number of blocks Ray Data wrote."""
+    writers: dict[tuple[str, ...], tuple[Path, list[str], list]] = {}  # key -> (folder, files, [writer, rows])
+    try:
+        for raw in raw_files:
+            table = pq.read_table(raw)
+            for key, part in _split(table, keys):
+                folder, files, state = writers.setdefault(key, (out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key))), [], [None, 0]))
+                part = part.drop_columns(list(keys))
+                if state[0] is None or state[1] + part.num_rows > MAX_ROWS_PER_FILE:
+                    if state[0] is not None:
+                        state[0].close()
+                    folder.mkdir(parents=True, exist_ok=True)
+                    files.append(f"part-{len(files)}.parquet")
+                    state[0], state[1] = pq.ParquetWriter(folder / files[-1], part.schema), 0
+                state[0].write_table(part)
+                state[1] += part.num_rows
+    finally:
+        for _, _, state in writers.values():
+            if state[0] is not None:
+                state[0].close()
+    for key, (folder, files, state) in writers.items():
+        rows = sum(pq.ParquetFile(folder / name).metadata.num_rows for name in files)
+        marker = {"files": files, "rows": rows, "source": asdict(source), "settings": settings}
+        write_text_atomic(folder / MARKER, json.dumps(marker, indent=2))
+    return [folder for folder, _, _ in writers.values()]
+
+
+def _split(table: pa.Table, keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], pa.Table]]:
+    import pyarrow.compute as pc
+
+    groups = table.group_by(list(keys)).aggregate([]).to_pylist()
+    for group in groups:
+        mask = None
+        for k in keys:
+            match = pc.equal(table[k], group[k])
+            mask = match if mask is None else pc.and_(mask, match)
+        yield tuple(group[k] for k in keys), table.filter(mask)
+
+
+def publish(staged: Path, target: Path, source: Source, trash: Path) -> bool:
+    """Move one staged partition into place; the run's lock must be held. False when another job
+    published it meanwhile (the staged copy is dropped). An incomplete folder in the way (no
+    marker) is moved aside first, then the rename: readers see the old folder or the new one."""
+    if is_complete(target, source):
+        shutil.rmtree(staged, ignore_errors=True)
+        return False
+    if target.exists():
+        trash.mkdir(parents=True, exist_ok=True)
+        target.rename(trash / uuid.uuid4().hex)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(target)
+    return True
