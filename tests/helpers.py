@@ -119,3 +119,23 @@ def descendants(pid: int) -> dict[int, str]:
                 continue
             todo.append(child)
     return found
+
+
+def assert_fast_path_matches_pytorch_grad_cam(model, x, labels, layers: list[str], atol: float) -> None:
+    """Every fast CAM method, for the predicted class and the label, at every layer, against
+    pytorch-grad-cam's own maps for the same model and images, on the inputs' device."""
+    import numpy as np
+
+    from cifarcam.cam import METHODS, MultiLayerCam, reference_maps
+
+    fast = [m for m, (fn, _) in METHODS.items() if fn is not None]
+    with MultiLayerCam(model, layers) as cams:
+        out = cams(x, {"pred": None, "label": labels}, fast, 32)
+    pred = out.logits.argmax(1)
+    for kind, classes in (("pred", pred), ("label", labels)):
+        for layer in layers:
+            for method in fast:
+                ours = out.maps[(kind, layer, method)]
+                assert ours.device == x.device
+                reference = reference_maps(model, x, layer, method, classes)
+                np.testing.assert_allclose(ours.cpu().numpy(), reference.numpy(), atol=atol, err_msg=f"{layer} {method} {kind}")

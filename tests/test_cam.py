@@ -11,6 +11,7 @@ from cifarcam.data import load_splits
 from cifarcam.loader import DeviceLoader, to_model_input
 from cifarcam.models import FAMILIES, ModelSpec, build_model
 from cifarcam.train import fit
+from helpers import assert_fast_path_matches_pytorch_grad_cam
 
 FAST = [m for m, (fn, _) in METHODS.items() if fn is not None]
 
@@ -20,16 +21,7 @@ def test_every_fast_method_equals_pytorch_grad_cam(family):
     torch.manual_seed(0)
     model = build_model(ModelSpec(family, 10)).eval()
     x = torch.randn(6, 3, 32, 32)
-    labels = torch.arange(6) % 10
-    layers = list(FAMILIES[family].cam_layers)
-    with MultiLayerCam(model, layers) as cams:
-        out = cams(x, {"pred": None, "label": labels}, FAST, 32)
-    pred = out.logits.argmax(1)
-    for kind, classes in (("pred", pred), ("label", labels)):
-        for layer in layers:
-            for method in FAST:
-                reference = reference_maps(model, x, layer, method, classes)
-                np.testing.assert_allclose(out.maps[(kind, layer, method)].numpy(), reference.numpy(), atol=1e-4, err_msg=f"{layer} {method} {kind}")
+    assert_fast_path_matches_pytorch_grad_cam(model, x, torch.arange(6) % 10, list(FAMILIES[family].cam_layers), atol=1e-4)
 
 
 def test_swin_through_its_reshape_transform_equals_pytorch_grad_cam():

@@ -18,18 +18,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cifarcam.cam import METHODS, MultiLayerCam, reference_maps
 from cifarcam.config import DataConfig, TrainConfig
 from cifarcam.data import load_splits
 from cifarcam.loader import DeviceLoader, to_model_input
 from cifarcam.models import FAMILIES, ModelSpec, build_model
 from cifarcam.train import evaluate, fit, predict
-from helpers import run_job, write_config
+from helpers import assert_fast_path_matches_pytorch_grad_cam, run_job, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run: pytest -m gpu)")]
 
 CUDA = torch.device("cuda")
-FAST = [m for m, (fn, _) in METHODS.items() if fn is not None]
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"
 
@@ -78,20 +76,10 @@ def test_cam_fast_path_equals_pytorch_grad_cam_on_cuda(family, cifar10):
     model = build_model(ModelSpec(family, 10)).to(CUDA).eval()
     x = to_model_input(torch.from_numpy(cifar10.test.images[:16]).to(CUDA))
     labels = torch.from_numpy(cifar10.test.labels[:16]).to(CUDA)
-    layers = list(FAMILIES[family].cam_layers)
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with MultiLayerCam(model, layers) as cams:
-            out = cams(x, {"pred": None, "label": labels}, FAST, 32)
-        pred = out.logits.argmax(1)
-        for kind, classes in (("pred", pred), ("label", labels)):
-            for layer in layers:
-                for method in FAST:
-                    reference = reference_maps(model, x, layer, method, classes)
-                    ours = out.maps[(kind, layer, method)]
-                    assert ours.device.type == "cuda"
-                    np.testing.assert_allclose(ours.cpu().numpy(), reference.numpy(), atol=1e-3, err_msg=f"{layer} {method} {kind}")
+        assert_fast_path_matches_pytorch_grad_cam(model, x, labels, list(FAMILIES[family].cam_layers), atol=1e-3)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import duckdb
@@ -19,7 +17,7 @@ from cifarcam.checkpoint import save_checkpoint
 from cifarcam.config import ConfigError
 from cifarcam.models import ModelSpec, build_model
 from cifarcam import partitions
-from cifarcam.partitions import MARKER, Source, Staging, is_complete, partition_dir, read_marker, regroup
+from cifarcam.partitions import Source, Staging, is_complete, partition_dir, read_marker, regroup
 
 KEYS = ("model", "layer", "method")
 NAMES = [(m, "layer3", method) for m, method in zip(["resnet_tiny"] * len(METHODS), METHODS)] + [
