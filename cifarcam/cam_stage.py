@@ -29,7 +29,7 @@ from cifarcam.config import ConfigError
 from cifarcam.data import ImageSet
 from cifarcam.loader import to_model_input
 from cifarcam.models import FAMILIES, CamLayer, ModelSpec, build_model, cam_layers
-from cifarcam.partitions import Source, Staging, is_complete, partition_dir, publish, regroup, run_lock
+from cifarcam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, publish, regroup, run_lock
 
 TARGET_KINDS = ("pred", "label")
 
@@ -248,6 +248,10 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
     from cifarcam.checkpoint import read_meta
 
     cams_dir = run_dir / "cams"
+    families = [read_meta(m.checkpoint)["model"]["family"] for m in models]
+    twice = sorted({f for f in families if families.count(f) > 1})
+    if twice:
+        raise ConfigError(f"--checkpoint: two checkpoints of {', '.join(twice)}; one run's cams/ holds one checkpoint per model family")
     plans = []
     with run_lock(run_dir):
         check_settings(cams_dir, settings)
@@ -255,6 +259,7 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
             spec = ModelSpec(**read_meta(model.checkpoint)["model"])
             layers = resolve_layers(spec, settings.layers, f"model {model.name}")
             source = Source.of(model.checkpoint)
+            claim_model(model_dir(cams_dir, spec.family), source)
             missing = [(l, m) for l in layers for m in settings.methods if not is_complete(partition_dir(cams_dir, spec.family, l.name, m), source)]
             plans.append(ModelPlan(model, spec, layers, missing, source))
     return plans

@@ -33,6 +33,8 @@ from cifarcam.config import ConfigError
 from cifarcam.results import write_text_atomic
 
 MARKER = "_COMPLETE.json"
+CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
+LOCK_MODE = 0o666  # lock files others in a shared project folder can take too
 MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
 
 
@@ -42,8 +44,12 @@ def encode(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+def model_dir(cams_dir: Path, model: str) -> Path:
+    return cams_dir / f"model={encode(model)}"
+
+
 def partition_dir(cams_dir: Path, model: str, layer: str, method: str) -> Path:
-    return cams_dir / f"model={encode(model)}" / f"layer={encode(layer)}" / f"method={encode(method)}"
+    return model_dir(cams_dir, model) / f"layer={encode(layer)}" / f"method={encode(method)}"
 
 
 @dataclass(frozen=True)
@@ -74,67 +80,86 @@ def read_marker(folder: Path) -> dict | None:
     return marker if files and all((folder / name).is_file() for name in files) else None
 
 
+def _refuse_other_source(folder: Path, recorded: dict, source: Source, model_dir: Path) -> None:
+    if recorded.get("weights_sha256") != source.weights_sha256:
+        raise ConfigError(
+            f"{folder}: computed from checkpoint {recorded.get('checkpoint')} (weights sha256 {str(recorded.get('weights_sha256'))[:12]}), "
+            f"not {source.checkpoint} (sha256 {source.weights_sha256[:12]}); remove {model_dir} to explain the new checkpoint, or use another --run"
+        )
+
+
 def is_complete(folder: Path, source: Source) -> bool:
     """Complete and computed from ``source``'s weights; complete from other weights is an error."""
     marker = read_marker(folder)
     if marker is None:
         return False
-    if marker["source"]["weights_sha256"] != source.weights_sha256:
-        raise ConfigError(
-            f"{folder}: computed from checkpoint {marker['source']['checkpoint']} (weights sha256 {marker['source']['weights_sha256'][:12]}), "
-            f"not {source.checkpoint} (sha256 {source.weights_sha256[:12]}); remove {folder.parent.parent} to explain the new checkpoint, or use another --run"
-        )
+    _refuse_other_source(folder, marker.get("source") or {}, source, folder.parent.parent)
     return True
 
 
+def claim_model(folder: Path, source: Source) -> None:
+    """Tie a ``model=<m>/`` folder to one checkpoint before computing (the run's lock must be
+    held): every partition already there, and any job planning later, must agree on the weights."""
+    claim = folder / CLAIM
+    if claim.is_file():
+        _refuse_other_source(folder, json.loads(claim.read_text()), source, folder)
+    for partition in sorted(folder.glob("layer=*/method=*")):
+        is_complete(partition, source)
+    write_text_atomic(claim, json.dumps(asdict(source), indent=2))
+
+
 def run_lock(run_dir: Path) -> FileLock:
-    """Held while a job plans what is missing and while it publishes."""
+    """Held while a job plans what is missing, while it publishes, and while staging folders come
+    and go (never nested: a second lock object on the same file in one thread raises)."""
     (run_dir / "cams").mkdir(parents=True, exist_ok=True)
-    return FileLock(run_dir / "cams" / ".lock")
+    return FileLock(run_dir / "cams" / ".lock", mode=LOCK_MODE)
 
 
 class Staging:
     """This job's own folder under ``run/.staging``, locked for as long as the job lives.
 
-    A folder whose lock nobody holds belongs to a job that died: ``sweep`` removes it. A live
-    job's folder is never touched."""
+    A folder whose lock nobody holds, or that has no lock file at all (a live job creates its lock
+    before its folder), belongs to a job that died: ``sweep`` removes it. A live job's folder is
+    never touched. Folders come and go under the run's lock, so that one job's removal of the
+    empty ``.staging`` cannot race another's start."""
 
     def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
         self.root = run_dir / ".staging"
-        self.root.mkdir(parents=True, exist_ok=True)
         self.folder = self.root / f"cams-{uuid.uuid4().hex}"
-        self._lock = FileLock(self.folder.with_suffix(".lock"))
-        self._lock.acquire()
-        self.folder.mkdir()
+        self._lock = FileLock(self.folder.with_suffix(".lock"), mode=LOCK_MODE)
+        with run_lock(run_dir):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+            self.folder.mkdir()
 
     def sweep(self) -> list[Path]:
         """Remove what dead jobs left; returns the folders removed."""
         removed = []
-        for lock_path in self.root.glob("cams-*.lock"):
-            if lock_path == self._lock.lock_file:
-                continue
-            lock = FileLock(lock_path)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                continue  # a live job's
-            try:
-                folder = lock_path.with_suffix("")
+        with run_lock(self.run_dir):
+            for folder in sorted(p for p in self.root.glob("cams-*") if p.is_dir() and p != self.folder):
+                lock_path = folder.with_suffix(".lock")
+                if lock_path.exists():
+                    lock = FileLock(lock_path, mode=LOCK_MODE)
+                    try:
+                        lock.acquire(timeout=0)
+                    except (Timeout, OSError):
+                        continue  # a live job's (or one this user may not judge)
+                    lock.release()
+                    lock_path.unlink(missing_ok=True)
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
-                lock_path.unlink(missing_ok=True)
-            finally:
-                lock.release()
         return removed
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self._lock.release()
-        Path(self._lock.lock_file).unlink(missing_ok=True)
-        try:
-            self.root.rmdir()  # only when no other job stages here
-        except OSError:
-            pass
+        with run_lock(self.run_dir):
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._lock.release()
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            try:
+                self.root.rmdir()  # only when no other job stages here
+            except OSError:
+                pass
 
     def __enter__(self) -> Staging:
         return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,10 @@ def _best(items: list[dict], key: str, mode: str) -> dict | None:
     return max(items, key=lambda item: (sign * item[key], item.get("epoch", 0)))
 
 
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
 def _surviving(path: str | None) -> str | None:
     """A local checkpoint path if Train kept it (it keeps only the best k); remote URIs as given."""
     if path is None or "://" in path:
@@ -256,7 +261,8 @@ def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[lis
         diverged = bool(rows and rows[-1].get("diverged"))
         done = int(rows[-1]["epoch"]) if rows else 0
         status = "error" if result.error else "diverged" if diverged else "completed" if done >= tcfg.epochs else "stopped_early"
-        scored = [r for r in rows if r.get(cfg.search.metric) is not None and not r.get("diverged")]
+        # A NaN metric on an epoch that was not flagged diverged would scramble the ranking.
+        scored = [r for r in rows if _finite(r.get(cfg.search.metric)) and not r.get("diverged")]
         best = _best(scored, cfg.search.metric, cfg.search.mode)
         # Train keeps the best-k checkpoints by the same metric, so the best epoch's survives.
         best_ckpt = _best([r for r in scored if r.get("checkpoint_path")], cfg.search.metric, cfg.search.mode)

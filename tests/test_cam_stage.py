@@ -114,3 +114,13 @@ def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, 
     assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index).tolist() == [8, 7, 9]
     assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(tmp_path / "other")), image_index) is None
     assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), np.array([3, 4])) is None
+
+
+def test_two_checkpoints_of_one_family_are_refused(tmp_path, checkpoint):
+    from cifarcam.cam_stage import ModelToExplain, plan
+
+    folder, spec = checkpoint
+    other = save_checkpoint(tmp_path / "other", build_model(spec), spec, {})
+    models = [ModelToExplain("resnet_tiny", str(folder)), ModelToExplain("resnet_tiny", str(other))]
+    with pytest.raises(ConfigError, match=r"^--checkpoint: two checkpoints of resnet_tiny; one run's cams/ holds one checkpoint per model family$"):
+        plan(tmp_path / "run", models, CamSettings())

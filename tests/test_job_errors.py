@@ -319,6 +319,6 @@ def test_maps_of_another_checkpoint_are_refused_before_any_work(demo_run, tmp_pa
     other = save_checkpoint(tmp_path / "other", build_model(spec), spec, {})
     before = _snapshot(run)
     proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(other))
-    line = _fails_cleanly(proc, run, before, f"error: {run / 'cams' / 'model=resnet_tiny' / 'layer=layer2'}/method=gradcam: computed from checkpoint ")
+    line = _fails_cleanly(proc, run, before, f"error: {run / 'cams' / 'model=resnet_tiny'}: computed from checkpoint ")
     assert f"), not {other} (sha256 " in line
     assert line.endswith(f"); remove {run / 'cams' / 'model=resnet_tiny'} to explain the new checkpoint, or use another --run")

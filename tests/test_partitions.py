@@ -17,7 +17,7 @@ from cifarcam.checkpoint import save_checkpoint
 from cifarcam.config import ConfigError
 from cifarcam.models import ModelSpec, build_model
 from cifarcam import partitions
-from cifarcam.partitions import Source, Staging, is_complete, partition_dir, read_marker, regroup
+from cifarcam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, read_marker, regroup
 
 KEYS = ("model", "layer", "method")
 NAMES = [(m, "layer3", method) for m, method in zip(["resnet_tiny"] * len(METHODS), METHODS)] + [
@@ -75,6 +75,19 @@ def test_maps_of_another_checkpoint_are_refused(tmp_path, source):
         is_complete(folder, other)
 
 
+def test_a_model_folder_holds_one_checkpoints_maps(tmp_path, source):
+    """The claim is written at plan time: a later job with other weights is refused even for
+    layers or methods nobody has computed yet, and even before the first job publishes."""
+    folder = model_dir(tmp_path / "cams", "resnet_tiny")
+    claim_model(folder, source)
+    claim_model(folder, source)  # the same weights again: fine
+    spec = ModelSpec("resnet_tiny", 10)
+    torch.manual_seed(2)
+    other = Source.of(save_checkpoint(tmp_path / "other", build_model(spec), spec, {}))
+    with pytest.raises(ConfigError, match=rf"^{folder}: computed from checkpoint {source.checkpoint} .*; remove {folder} to explain the new checkpoint"):
+        claim_model(folder, other)
+
+
 def test_files_per_partition_are_bounded_whatever_the_number_of_blocks(tmp_path, source, monkeypatch):
     monkeypatch.setattr(partitions, "MAX_ROWS_PER_FILE", 10)
     raws = []
@@ -105,9 +118,11 @@ def test_staging_of_a_live_job_survives_and_a_dead_jobs_is_swept(tmp_path):
         dead = Staging(tmp_path)  # a job killed mid-way: its lock goes with its process
         (dead.folder / "half.parquet").write_bytes(b"x")
         dead._lock.release()
+        unlocked = tmp_path / ".staging" / "cams-resnet_tiny-0a1b2c3d"  # an older version's, no lock file
+        unlocked.mkdir()
         with Staging(tmp_path) as job:
             removed = job.sweep()
-            assert removed == [dead.folder] and not dead.folder.exists()
+            assert sorted(removed) == sorted([dead.folder, unlocked]) and not dead.folder.exists() and not unlocked.exists()
             survivors = [p for p in (tmp_path / ".staging").iterdir() if p.is_dir() and p != job.folder]
             assert len(survivors) == 1 and (survivors[0] / "in-flight.parquet").is_file()
     finally:
