@@ -113,7 +113,7 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
     import pyarrow.parquet as pq
     import ray
 
-    from cifarcam.cam_stage import CamActor, CamSettings, ModelPlan, ModelToExplain, explain, images_table
+    from cifarcam.cam_stage import CamActor, CamSettings, ModelToExplain, explain, images_table, plan
     from cifarcam.checkpoint import save_checkpoint
 
     subset = test.subset(np.arange(min(images, len(test))))
@@ -126,9 +126,9 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
         gpus = ray.cluster_resources().get("GPU", 0)
         actors = int(gpus) if gpus else max(1, cpus - 1)
         threads = None if gpus else actors  # the loop gets the CPUs the actor pool holds
-        plan = [ModelPlan(ModelToExplain(spec.family, str(ckpt)), spec, layers, [(layers[0], "gradcam")])]
+        plans = plan(Path(tmp) / "run", [ModelToExplain(spec.family, str(ckpt))], settings)
         start = time.perf_counter()
-        explain(Path(tmp) / "run", plan, subset, settings, actors, 1.0 if gpus else 0.0)
+        explain(Path(tmp) / "run", plans, subset, settings, actors, 1.0 if gpus else 0.0)
         stage_s = time.perf_counter() - start
         ray.shutdown()
 
