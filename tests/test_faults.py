@@ -125,13 +125,15 @@ def test_killed_cam_job_reruns_to_a_complete_table_without_duplicates(demo_run, 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "report", ".staging"))
     cam_args = ["--run", str(run), "--num-cpus", "2", "--methods", "gradcam,layercam", "--targets", "pred", "--faithfulness-steps", "0"]
-    first_model = lambda: [p for p in (run / "cams").glob("model=*") if p.is_dir()]  # noqa: E731
+    # A model's folder exists from plan time (it holds the checkpoint's claim); a model is done
+    # once partitions with their completion markers are published in it.
+    first_model = lambda: [p for p in (run / "cams").glob("model=*") if any(p.glob("layer=*/method=*/_COMPLETE.json"))]  # noqa: E731
     with BackgroundJob(tmp_path / "job.log", "jobs.cam", *cam_args) as job:
         job.wait_for(first_model, "the first model's partitions")
         job.kill()  # mid-way: the second model is being computed and written
     (done,) = first_model()
     kept = {p: p.stat().st_mtime_ns for p in done.rglob("*.parquet")}
-    assert kept and len(list((run / "cams").glob("model=*"))) == 1
+    assert kept and len(first_model()) == 1
 
     rerun = run_job("jobs.cam", *cam_args)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
