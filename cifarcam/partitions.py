@@ -21,7 +21,7 @@ import json
 import shutil
 import urllib.parse
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -168,36 +168,53 @@ class Staging:
         self.close()
 
 
+@dataclass
+class _PartitionFiles:
+    """The files of one partition being written: at most MAX_ROWS_PER_FILE rows each."""
+
+    folder: Path
+    files: list[str] = field(default_factory=list)
+    writer: pq.ParquetWriter | None = None
+    rows_in_file: int = 0
+    rows: int = 0
+
+    def write(self, part: pa.Table) -> None:
+        if self.writer is None or self.rows_in_file + part.num_rows > MAX_ROWS_PER_FILE:
+            self.close()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.files.append(f"part-{len(self.files)}.parquet")
+            self.writer, self.rows_in_file = pq.ParquetWriter(self.folder / self.files[-1], part.schema), 0
+        self.writer.write_table(part)
+        self.rows_in_file += part.num_rows
+        self.rows += part.num_rows
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source: Source, settings: dict) -> list[Path]:
     """Rewrite rows from ``raw_files`` (any mix of partitions) as one folder per value of ``keys``
     under ``out_root``, with at most MAX_ROWS_PER_FILE rows a file and a marker in each folder.
 
     One pass over the input, one writer open per partition: a partition of the full test set is
     one file, whatever the number of blocks Ray Data wrote."""
-    writers: dict[tuple[str, ...], tuple[Path, list[str], list]] = {}  # key -> (folder, files, [writer, rows])
+    partitions: dict[tuple[str, ...], _PartitionFiles] = {}
     try:
         for raw in raw_files:
             table = pq.read_table(raw)
             for key, part in _split(table, keys):
-                folder, files, state = writers.setdefault(key, (out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key))), [], [None, 0]))
-                part = part.drop_columns(list(keys))
-                if state[0] is None or state[1] + part.num_rows > MAX_ROWS_PER_FILE:
-                    if state[0] is not None:
-                        state[0].close()
-                    folder.mkdir(parents=True, exist_ok=True)
-                    files.append(f"part-{len(files)}.parquet")
-                    state[0], state[1] = pq.ParquetWriter(folder / files[-1], part.schema), 0
-                state[0].write_table(part)
-                state[1] += part.num_rows
+                if key not in partitions:
+                    partitions[key] = _PartitionFiles(out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key))))
+                partitions[key].write(part.drop_columns(list(keys)))
     finally:
-        for _, _, state in writers.values():
-            if state[0] is not None:
-                state[0].close()
-    for key, (folder, files, state) in writers.items():
-        rows = sum(pq.ParquetFile(folder / name).metadata.num_rows for name in files)
-        marker = {"files": files, "rows": rows, "source": asdict(source), "settings": settings}
-        write_text_atomic(folder / MARKER, json.dumps(marker, indent=2))
-    return [folder for folder, _, _ in writers.values()]
+        for partition in partitions.values():
+            partition.close()
+    for partition in partitions.values():
+        marker = {"files": partition.files, "rows": partition.rows, "source": asdict(source), "settings": settings}
+        write_text_atomic(partition.folder / MARKER, json.dumps(marker, indent=2))
+    return [partition.folder for partition in partitions.values()]
 
 
 def _split(table: pa.Table, keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], pa.Table]]:
