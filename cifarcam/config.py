@@ -87,7 +87,8 @@ class SearchConfig:
     reduction_factor: int = 2
     keep_checkpoints: int = 2
     max_concurrent_trials: int | None = None  # None: as many as the cluster's resources fit
-    worker_restarts: int = 2  # Ray Train FailureConfig.max_failures
+    worker_restarts: int = 2  # Ray Train FailureConfig.max_failures: a dead worker or its node
+    trial_restarts: int = 2  # Ray Tune FailureConfig.max_failures: a dead trial driver
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"search.early_stopping: expected one of {', '.join(EARLY_STOPPING)}, got {s.early_stopping!r}",
     )
     _require(s.keep_checkpoints > 0, f"search.keep_checkpoints: must be > 0, got {s.keep_checkpoints}")
+    for key in ("worker_restarts", "trial_restarts"):
+        _require(getattr(s, key) >= 0, f"search.{key}: must be >= 0, got {getattr(s, key)}")
     _require(sc.workers_per_trial > 0, f"scaling.workers_per_trial: must be > 0, got {sc.workers_per_trial}")
     _require(sc.cpus_per_worker > 0, f"scaling.cpus_per_worker: must be > 0, got {sc.cpus_per_worker}")
     _require(sc.gpus_per_worker > 0, f"scaling.gpus_per_worker: must be > 0, got {sc.gpus_per_worker}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -102,15 +103,22 @@ def write_table(rows: Iterable[dict[str, Any]] | dict[str, Any], schema: pa.Sche
     if metadata:
         table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = _partial(path)
     pq.write_table(table, partial)
     os.replace(partial, path)
     return path
 
 
+def _partial(path: Path) -> Path:
+    """A private name beside ``path``: unique across hosts too (pids repeat across NFS clients)."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    """Readers (on any node of a shared filesystem) see the old file or the whole new one, never
+    an empty or half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = _partial(path)
     partial.write_text(text)
     os.replace(partial, path)
 

@@ -130,7 +130,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], shared: dict[str, An
         scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             # A stable name per trial: a restarted trial finds its Train run and resumes it.
-            name=f"trial_{ray.tune.get_context().get_trial_id()}",
+            name=f"trial_{ray.tune.get_context().get_trial_id()}",  # == trial_folder_name(trial)
             storage_path=shared["storage_path"],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=search.keep_checkpoints,
@@ -149,12 +149,19 @@ def early_stopper(cfg: ExperimentConfig) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
+    # Rungs count epochs, not Tune's training_iteration: a trial resumed after a crash or a requeue
+    # restarts that count at 1 while it trains epoch k+1 (and Ray does not persist the rungs,
+    # ray-project/ray#30838), so it would be judged against the wrong rung.
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",
         max_t=cfg.train.epochs,
         grace_period=cfg.search.grace_period,
         reduction_factor=cfg.search.reduction_factor,
     )
+
+
+def trial_folder_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
 
 
 def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, callbacks: list | None = None) -> ray.tune.Tuner:
@@ -191,8 +198,18 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
             num_samples=cfg.search.num_samples,
             # Seeded sampling: the same config draws the same learning rates on every run.
             search_alg=BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=res.max_concurrent_trials),
+            # Named like the trial's Train run folder (train/trial_<id>), where its checkpoints are.
+            trial_dirname_creator=trial_folder_name,
         ),
-        run_config=ray.tune.RunConfig(name=cfg.name, storage_path=str(out_dir / "tune"), callbacks=callbacks, verbose=0),
+        run_config=ray.tune.RunConfig(
+            name=cfg.name,
+            storage_path=str(out_dir / "tune"),
+            callbacks=callbacks,
+            verbose=0,
+            # A dead trial driver (not a worker: Train restarts those) restarts the trial, whose
+            # TorchTrainer finds its Train run by name and goes on from its latest checkpoint.
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.search.trial_restarts),
+        ),
     )
 
 
@@ -234,6 +251,16 @@ def _with_earlier_epochs(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _rows_from_checkpoints(trial_dir: Path) -> list[dict]:
+    """Every epoch a trial's newest checkpoint records. For a trial that reported nothing to Tune:
+    its driver died after the last epoch, and the restarted driver found no epoch left to run."""
+    folders = {read_meta(f)["epoch"]: f for f in trial_dir.glob("checkpoint_*") if (f / META_FILE).is_file()}
+    if not folders:
+        return []
+    history = read_meta(folders[max(folders)]).get("history", [])
+    return [h | {"checkpoint_path": str(folders[h["epoch"]]) if h["epoch"] in folders else None} for h in history]
+
+
 def _failure(result: Any, rows: list[dict]) -> str | None:
     """Why a trial failed: its exception's last line, or the epoch its loss stopped being finite."""
     if result.error is not None:
@@ -243,16 +270,18 @@ def _failure(result: Any, rows: list[dict]) -> str | None:
     return None
 
 
-def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
-    """(trials rows, epochs rows) for ``results.TRIALS`` / ``results.EPOCHS``."""
+def trial_rows(results: ray.tune.ResultGrid, cfg: ExperimentConfig, train_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(trials rows, epochs rows) for ``results.TRIALS`` / ``results.EPOCHS``; ``train_dir`` holds
+    each trial's Train run (``trial_<id>``), read when Tune holds no epoch of a trial."""
     trials, epochs = [], []
     searched = set(cfg.search.grid) | set(cfg.search.sample)
     for result in results:
         picks = {k: v for k, v in (result.config or {}).items() if k in searched}
         tcfg = trial_config(cfg.train, picks)
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
         frame = result.metrics_dataframe
         rows = _with_earlier_epochs([] if frame is None or frame.empty else frame.to_dict("records"))
+        rows = rows or _rows_from_checkpoints(train_dir / f"trial_{trial_id}")
         for row in rows:
             epochs.append(
                 {key: row.get(key) for key in ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "lr", "epoch_time_s", "diverged", "workers", "nodes")}
@@ -395,7 +424,7 @@ def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     results.write_provenance(out_dir, config_yaml)
     callbacks = [RichProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode)] if progress else None
     grid = make_tuner(cfg, splits, out_dir, resume, callbacks).fit()
-    trials, epochs = trial_rows(grid, cfg)
+    trials, epochs = trial_rows(grid, cfg, out_dir / "train")
     results.write_table(trials, results.TRIALS, out_dir / "trials.parquet")
     results.write_table(epochs, results.EPOCHS, out_dir / "epochs.parquet")
     accuracy, predictions = evaluate_best(trials, epochs, cfg, splits, res)

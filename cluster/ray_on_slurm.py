@@ -10,8 +10,10 @@ virtual nodes) on one host never collide, and each attempt of a requeued job mee
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import psutil
 import submitit
+
+from cifarcam.results import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD_FILE, DONE_FILE, STATUS_FILE = "ray-head.json", "driver-done", "driver-status.json"
@@ -36,9 +41,69 @@ def free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
-def node_ip() -> str:
-    """The address this node is known by in SLURM (its NodeAddr), which the other nodes can reach."""
-    return socket.gethostbyname(os.environ.get("SLURMD_NODENAME") or socket.gethostname())
+def interface_address(interface: str) -> str:
+    """The IPv4 address of a network interface of this node (``--interface``)."""
+    interfaces = psutil.net_if_addrs()
+    if interface not in interfaces:
+        raise ValueError(f"--interface {interface}: no such network interface on {socket.gethostname()} (it has {', '.join(sorted(interfaces))})")
+    for address in interfaces[interface]:
+        if address.family == socket.AF_INET:
+            return address.address
+    raise ValueError(f"--interface {interface}: has no IPv4 address on {socket.gethostname()}")
+
+
+def interface_of(ip: str) -> str | None:
+    return next((name for name, addresses in psutil.net_if_addrs().items() if any(a.address == ip for a in addresses)), None)
+
+
+def slurm_node_addr() -> str | None:
+    """This node's NodeAddr, as slurmctld knows it: the address SLURM itself reaches the node on."""
+    name = os.environ.get("SLURMD_NODENAME")
+    if not name or shutil.which("scontrol") is None:
+        return None
+    shown = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True, timeout=60).stdout
+    match = re.search(r"\bNodeAddr=(\S+)", shown)
+    return match.group(1) if match else None
+
+
+def route_source(peer: str) -> str:
+    """The local address the kernel would send from to reach ``peer`` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))
+        return s.getsockname()[0]
+
+
+def node_ip(interface: str | None = None, head: str | None = None, nodes: int = 1) -> str:
+    """The address the other nodes reach this node on.
+
+    Not ``gethostbyname(hostname)``: Debian and Ubuntu map the host name to 127.0.1.1, and a
+    multi-homed node may resolve to its management network. In order: the ``--interface`` given;
+    on a worker, the source address of its route to the head; on the head, SLURM's NodeAddr for
+    the node, and if that is a name that resolves to loopback on a multi-node job, the address
+    of the default route (Ray's choice)."""
+    if interface:
+        return interface_address(interface)
+    if head:
+        return route_source(head)
+    name = slurm_node_addr() or socket.gethostname()
+    ip = socket.gethostbyname(name)
+    if nodes == 1 or name == ip or not ipaddress.ip_address(ip).is_loopback:
+        return ip  # one node may stay on loopback; a literal NodeAddr is what the admin chose
+    from ray.util import get_node_ip_address
+
+    ip = get_node_ip_address()
+    if ipaddress.ip_address(ip).is_loopback:
+        raise ValueError(f"{name} resolves to {ip} and no other address routes anywhere: pass --interface (e.g. ib0 or eth0)")
+    return ip
+
+
+def collective_interfaces(ip: str) -> dict[str, str]:
+    """Gloo and NCCL pick their interface from the host name by default (127.0.1.1 on Debian, so
+    DDP ranks on two nodes never meet): point them at the interface Ray uses, unless the user did."""
+    name = interface_of(ip)
+    if name is None:
+        return {}
+    return {var: name for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if var not in os.environ}
 
 
 def wait_until(ready, timeout_s: float, what: str, poll_s: float = 0.5) -> None:
@@ -78,6 +143,7 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
     token_path: str  # per-submission Ray auth token, on the shared filesystem, mode 0600
     object_store_bytes: int | None = None
     join_timeout_s: float = 600.0
+    interface: str | None = None  # the network interface Ray, Gloo and NCCL use (default: see node_ip)
     resume: bool = False  # set by checkpoint() when submitit requeues on preemption or timeout
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
@@ -112,8 +178,7 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
 
     # -- Ray processes ----------------------------------------------------------------------
 
-    def _ray_start(self, extra: list[str], temp: Path, log: IO) -> subprocess.Popen:
-        ip = node_ip()
+    def _ray_start(self, ip: str, extra: list[str], temp: Path, log: IO) -> subprocess.Popen:
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
             f"--node-ip-address={ip}", f"--temp-dir={temp}",
@@ -124,16 +189,19 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
             cmd.append(f"--num-cpus={cpus}")
         if self.object_store_bytes:
             cmd.append(f"--object-store-memory={self.object_store_bytes}")
+        # Ray's workers (the DDP ranks) inherit this environment.
+        env = os.environ | collective_interfaces(ip)
         # its own session, so that stopping it stops exactly its raylet, GCS and dashboard
-        return subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def _head(self, num_nodes: int, meeting: Path, temp: Path, resume: bool) -> int:
-        ip = node_ip()
+        ip = node_ip(self.interface, nodes=num_nodes)
         gcs, dashboard, client = free_port(ip), free_port(ip), free_port(ip)
         address = f"{ip}:{gcs}"
         log = meeting / "ray-head.log"
         with open(log, "ab") as out:
             head = self._ray_start(
+                ip,
                 ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                  f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
                 temp, out,
@@ -141,7 +209,8 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
         try:
             api = f"http://127.0.0.1:{dashboard}"
             self._wait_for_nodes(api, num_nodes, head, log, need=1)
-            (meeting / HEAD_FILE).write_text(json.dumps({"address": address}))  # workers may now join
+            # Atomic: a worker polling on NFS must never read an empty or half-written file.
+            write_text_atomic(meeting / HEAD_FILE, json.dumps({"address": address}))  # workers may now join
             self._wait_for_nodes(api, num_nodes, head, log, need=num_nodes)
             args = [*self.pipeline_args, "--address", address] + (["--resume"] if resume and "--resume" not in self.pipeline_args else [])
             print(f"[cifarcam] {num_nodes} Ray node(s) up at {address}; running jobs.pipeline {' '.join(args)}", flush=True)
@@ -149,7 +218,7 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
         finally:
             (meeting / DONE_FILE).touch()
             stop_process_group(head)
-        (meeting.parent / STATUS_FILE).write_text(json.dumps({"returncode": rc, "resumed": resume}))
+        write_text_atomic(meeting.parent / STATUS_FILE, json.dumps({"returncode": rc, "resumed": resume}))
         if rc != 0:  # the SLURM job fails with the driver, and submitit's result says why
             raise RuntimeError(f"jobs.pipeline exited with status {rc}")
         return rc
@@ -174,8 +243,9 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
     def _worker(self, meeting: Path, temp: Path) -> int:
         wait_until((meeting / HEAD_FILE).exists, self.join_timeout_s, f"Ray head address in {meeting}")
         address = json.loads((meeting / HEAD_FILE).read_text())["address"]
+        ip = node_ip(self.interface, head=address.rpartition(":")[0])
         with open(meeting / f"ray-worker-{submitit.JobEnvironment().global_rank}.log", "ab") as log:
-            worker = self._ray_start([f"--address={address}"], temp, log)
+            worker = self._ray_start(ip, [f"--address={address}"], temp, log)
         try:
             wait_until(lambda: (meeting / DONE_FILE).exists() or worker.poll() is not None, float("inf"), "driver")
         finally:

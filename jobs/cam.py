@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.common import add_ray_options, connect_ray, console, run
+from jobs.common import add_ray_options, connect_ray, console, run, run_folder
 
 if TYPE_CHECKING:  # the heavy imports stay inside the functions: --help must be quick
     from cifarcam.cam_stage import CamSettings
@@ -37,7 +37,7 @@ def add_cam_options(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.cam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="run folder written by jobs.search (its config.yaml names the data)")
+    p.add_argument("--run", type=run_folder, required=True, help="run folder written by jobs.search (its config.yaml names the data)")
     p.add_argument("--checkpoint", type=Path, action="append", default=None, help="checkpoint folder to explain (repeatable; default: each model's best in accuracy.parquet)")
     add_cam_options(p)
     add_ray_options(p)

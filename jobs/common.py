@@ -31,6 +31,18 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all of this machine's)")
 
 
+def run_folder(text: str) -> Path:
+    """An argparse type for --out / --run: a local or shared-filesystem folder. Object-store URIs
+    are refused here, before any cluster time: Path() would turn ``s3://b/x`` into a local folder
+    ``s3:/b/x`` on the head, gone with it (tables, CAM parts and checkpoints are plain files)."""
+    if "://" in text:
+        raise argparse.ArgumentTypeError(
+            f"{text}: object-store URIs are not supported; expected a folder on a filesystem every node sees "
+            "(an NFS or Lustre path, a Kubernetes PVC, or a bucket mounted with mountpoint-s3 or s3fs)"
+        )
+    return Path(text)
+
+
 def default_out(name: str) -> Path:
     return Path("results") / name
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs.common import console, run
+from jobs.common import console, run, run_folder
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.query", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("run", type=run_folder, help="run folder")
     p.add_argument("sql", help="DuckDB SQL")
     p.add_argument("--csv", type=Path, help="write the result as CSV instead of printing it")
     p.add_argument("--parquet", type=Path, help="write the result as Parquet instead of printing it")

@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 from cifarcam.config import ConfigError
-from jobs.common import add_ray_options, connect_ray, console, default_out, run
+from jobs.common import add_ray_options, connect_ray, console, default_out, run, run_folder
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
-    p.add_argument("--out", type=Path, default=None, help="run folder (default: results/<config name>)")
+    p.add_argument("--out", type=run_folder, default=None, help="run folder (default: results/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the search stored in --out: finished trials are kept")
     p.add_argument("--dry-run", action="store_true", help="print the trials, resources per trial, concurrency and expected epochs; start nothing")
     p.add_argument("--images-per-s", type=float, default=None, help="with --dry-run: one trial's training images/s (see make gpu-check), for an estimate of device-hours")

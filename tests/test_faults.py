@@ -1,5 +1,5 @@
-"""Kill tests on a real local Ray: a Train worker dies, the search driver dies, the CAM job dies,
-a trial's loss goes NaN. Nothing already computed is lost, and a rerun finishes the work."""
+"""Kill tests on a real local Ray: a Train worker dies, a trial's driver dies, the search driver
+dies, the CAM job dies, a trial's loss goes NaN. Nothing already computed is lost, and a rerun finishes the work."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ search:
   early_stopping: none
   keep_checkpoints: 1
   worker_restarts: 2
+  trial_restarts: 1
 scaling:
   workers_per_trial: 2
   cpus_per_worker: 1
@@ -53,7 +54,8 @@ def _checkpoints(run: Path, trial: str = "*") -> list[Path]:
 
 @pytest.fixture(scope="module")
 def worker_killed_run(tmp_path_factory):
-    """The faults search, during which one DDP worker of the first trial is killed mid-epoch."""
+    """The faults search, during which one DDP worker of the first trial is killed mid-epoch, and
+    the third trial's driver after its first epoch."""
     folder = tmp_path_factory.mktemp("worker-kill")
     run = folder / "run"
     config = write_config(folder, "faults", FAULTS)
@@ -68,6 +70,12 @@ def worker_killed_run(tmp_path_factory):
         job.wait_for(lambda: {p for p, cmd in descendants(job.proc.pid).items() if "RayTrainWorker" in cmd} - workers, "a replacement worker group")
         # ...while the first trial still runs (the next trial's Train folder does not exist yet)
         replaced_mid_trial = not list((run / "train").glob("trial_*00001"))
+        # Then the third trial's driver (Tune's trainable, which owns the Train controller) dies:
+        # Tune restarts the trial (search.trial_restarts), which goes on from its checkpoint.
+        job.wait_for(lambda: _checkpoints(run, "00002"), "the third trial's first checkpoint")
+        drivers = {pid for pid, cmd in descendants(job.proc.pid).items() if "ImplicitFunc" in cmd}
+        assert len(drivers) == 1, descendants(job.proc.pid)
+        os.kill(drivers.pop(), signal.SIGKILL)
         assert job.finish() == 0, job.output()[-5000:]
         return run, victim, replaced_mid_trial, job.output()
 
@@ -77,9 +85,10 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes(worker_killed_r
     assert not Path(f"/proc/{victim}").exists()
     assert replaced_mid_trial
     good, diverged, second = _trials(run)
+    # the first trial lost a worker, the third its driver: both completed
     assert good == (0.05, "completed", 2) and second == (0.02, "completed", 2)
-    # every epoch exactly once: the restarted workers went on from epoch 2, not from scratch
-    assert [epochs for _, epochs in _epochs(run)][0] == [1, 2]
+    # every epoch exactly once: the restarted workers (and driver) went on from epoch 2, not from scratch
+    assert [epochs for _, epochs in _epochs(run)] == [[1, 2], [1], [1, 2]]
     assert duckdb.sql(f"select min(best_val_top1) from '{run}/trials.parquet' where status = 'completed'").fetchall()[0][0] > 0.3
 
 

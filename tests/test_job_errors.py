@@ -222,6 +222,20 @@ def test_missing_config_file(tmp_path, existing_run, capsys):
     assert _fails_cleanly(proc, existing_run, before, "error: ") == f"error: {tmp_path / 'nope.yaml'}: config file not found"
 
 
+@pytest.mark.parametrize("job, option", [("jobs.pipeline", "--out"), ("jobs.search", "--out"), ("jobs.cam", "--run"), ("jobs.report", "--run")])
+def test_an_object_store_uri_is_refused_before_ray(job, option, tmp_path, monkeypatch, capsys):
+    """Path("s3://b/run") would be a local folder "s3:/b/run" on the head, gone with it."""
+    monkeypatch.chdir(tmp_path)
+    config = ["--config", str(write_config(tmp_path))] if option == "--out" else []
+    proc = in_process(capsys, job, *config, option, "s3://bucket/run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"error: argument {option}: s3://bucket/run: object-store URIs are not supported; expected a folder on a filesystem every node sees "
+        "(an NFS or Lustre path, a Kubernetes PVC, or a bucket mounted with mountpoint-s3 or s3fs)"
+    )
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_unwritable_results_folder(tmp_path, capsys):
     line = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run").stderr.strip()
     assert line.startswith("error: --out /proc/cifarcam-run: cannot create the results folder")

@@ -23,3 +23,23 @@ def test_rayjob_manifest_fields():
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["name"] == "ray-head"
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_every_ray_container_and_the_submitter_authenticate_with_the_secrets_token():
+    """The dashboard listens on the pod network: without a token anything there could run code."""
+    doc = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
+    spec = doc["spec"]
+    cluster = spec["rayClusterSpec"]
+    pods = [spec["submitterPodTemplate"], cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    secrets = set()
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+            ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            secrets.add((ref["name"], ref["key"]))
+    assert len(secrets) == 1  # one Secret for all, so the submitter's token is the cluster's
+    name, key = secrets.pop()
+    text = (ROOT / "cluster" / "kuberay-rayjob.yaml").read_text()
+    assert f"kubectl create secret generic {name} --from-literal={key}=" in text
+    assert "s3://" not in spec["entrypoint"] and "--out s3://" not in text

@@ -12,3 +12,72 @@ def test_the_best_trial_follows_the_configured_metric_and_mode():
     low_loss, high_loss = _trial("a", val_loss=0.4, val_top1=0.6), _trial("b", val_loss=0.9, val_top1=0.5)
     assert best_per_model([high_loss, low_loss], "min") == [low_loss]
     assert best_per_model([low_loss, high_loss], "max") == [high_loss]
+
+
+# ---------------------------------------------------------------------------------------------
+# ASHA judges a resumed trial at the rung of its epoch
+
+def _asha_decisions(reports: list[tuple[str, int, float]]) -> list[str]:
+    """Feed (trial, epoch, val_top1) reports, each tagged with the training_iteration Tune would
+    give it, to the search's ASHA scheduler; return its decisions."""
+    from types import SimpleNamespace
+
+    from cifarcam.config import ExperimentConfig, SearchConfig, TrainConfig
+    from cifarcam.search import early_stopper
+
+    cfg = ExperimentConfig(train=TrainConfig(epochs=4), search=SearchConfig(grace_period=1, reduction_factor=2))
+    asha = early_stopper(cfg)
+    asha.set_search_properties("val_top1", "max")
+    trials, iterations, decisions = {}, {}, []
+    for name, epoch, top1 in reports:
+        if name not in trials:
+            trials[name] = SimpleNamespace(trial_id=name)
+            asha.on_trial_add(None, trials[name])
+        iterations[name] = iterations.get(name, 0) + 1  # Tune's count: restarts at 1 for a new driver
+        result = {"epoch": epoch, "training_iteration": iterations[name], "val_top1": top1}
+        decisions.append(asha.on_trial_result(None, trials[name], result))
+    return decisions
+
+
+def test_a_resumed_trial_is_judged_at_the_rung_of_its_epoch():
+    """Two trials reach the epoch-1 and epoch-2 rungs. The third reports 0.4 at epoch 2, which is
+    below the epoch-2 rung and above the epoch-1 rung: uninterrupted, it stops there. Resumed after a
+    crash (its first report since the restart is epoch 3, Tune's iteration 1, and the rungs lost
+    its earlier entries), it must stop too, not be compared with the epoch-1 rung and go on."""
+    rungs = [("a", 1, 0.2), ("b", 1, 0.2), ("a", 2, 0.6), ("b", 2, 0.6)]
+    uninterrupted = _asha_decisions(rungs + [("c", 1, 0.3), ("c", 2, 0.4)])
+    resumed = _asha_decisions(rungs + [("c", 3, 0.4)])
+    assert uninterrupted[-1] == "STOP" and uninterrupted[-2] == "CONTINUE"
+    assert resumed[-1] == "STOP"
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial that reported nothing to Tune is read from its checkpoints
+
+def test_a_trial_without_reports_falls_back_to_its_checkpoints(tmp_path):
+    """Its driver died after the last epoch; the restarted driver found nothing left to run and
+    reported nothing. The trial is still completed, with its epochs and best checkpoint."""
+    from types import SimpleNamespace
+
+
+    from cifarcam.checkpoint import save_checkpoint
+    from cifarcam.config import ExperimentConfig, SearchConfig, TrainConfig
+    from cifarcam.models import ModelSpec, build_model
+    from cifarcam.search import trial_rows
+
+    spec = ModelSpec("resnet_tiny", 10)
+    model = build_model(spec)
+    history = []
+    trial_dir = tmp_path / "train" / "trial_abcde_00000"
+    for epoch, top1 in ((1, 0.5), (2, 0.7), (3, 0.6)):
+        history.append({"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "val_top1": top1, "val_top5": 0.9,
+                        "images_per_s": 100.0, "lr": 0.1, "epoch_time_s": 2.0, "diverged": False, "workers": 1, "nodes": 1})
+        if epoch != 1:  # Train kept the best two
+            save_checkpoint(trial_dir / f"checkpoint_{epoch:06d}", model, spec, {"history": list(history)}, epoch=epoch)
+    cfg = ExperimentConfig(train=TrainConfig(model="resnet_tiny", epochs=3), search=SearchConfig(early_stopping="none"))
+    silent = SimpleNamespace(metrics={}, metrics_dataframe=None, config={}, error=None, path=str(tmp_path / "tune" / "x" / "trial_abcde_00000"))
+
+    (trial,), epochs = trial_rows([silent], cfg, tmp_path / "train")
+    assert (trial["trial_id"], trial["status"], trial["epochs_run"], trial["best_epoch"]) == ("abcde_00000", "completed", 3, 2)
+    assert trial["best_checkpoint"] == str(trial_dir / "checkpoint_000002")
+    assert [(e["epoch"], e["checkpoint_path"]) for e in epochs] == [(1, None), (2, str(trial_dir / "checkpoint_000002")), (3, str(trial_dir / "checkpoint_000003"))]
