@@ -5,6 +5,23 @@ The nodes meet through the job's submitit folder, which submitit already require
 every node sees: the head writes its address there, the workers join it, and the head marks the end
 so that the workers leave. Every port is picked free on its node, so several jobs (or several
 virtual nodes) on one host never collide, and each attempt of a requeued job meets in its own folder.
+
+Each node's address comes from SLURM (its NodeAddr), from the route to the head, or from
+``--interface``; never from ``gethostbyname(hostname)``, which is 127.0.1.1 on Debian and Ubuntu
+nodes. Gloo and NCCL get the same interface (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME): left to
+themselves they resolve the host name too, and two DDP ranks on two such nodes never connect.
+
+Why not ``ray symmetric-run`` (Ray 2.60), which also starts a head and workers and runs a command:
+- The head is whichever node finds the given ``--address`` among its own interfaces, so the address
+  and GCS port must be fixed before the job starts; a fixed port collides between jobs sharing a
+  node, and a host name that resolves differently on the nodes starts no head or several
+  (ray-project/ray#58875).
+- Workers give up after 30 s (RAY_SYMMETRIC_RUN_CLUSTER_WAIT_TIMEOUT) and their readiness check
+  fails against a head that is up (ray-project/ray#59795); nodes of a SLURM job may start minutes apart.
+- It refuses ``--node-ip-address``, so the interface cannot be chosen, and it refuses to start
+  where any Ray instance already runs on the node (another job's, or another virtual node's).
+- It knows nothing of requeues: here each attempt meets in its own folder and resumes the search.
+Submission, requeue and job arrays stay with submitit either way.
 """
 
 from __future__ import annotations

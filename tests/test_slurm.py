@@ -1,9 +1,12 @@
-"""`python -m cluster.slurm` against a real SLURM (Debian's slurmctld, two slurmd virtual nodes,
-munge, slurmdbd on MariaDB), started here and stopped by PID.
+"""`python -m cluster.slurm` against a real SLURM (Debian's slurmctld, two slurmd nodes, munge,
+slurmdbd on MariaDB), started here and stopped by PID.
 
-What this proves: the launcher's sbatch/srun path, the Ray head/worker rendezvous, a trial's two
-DDP workers on two Ray nodes, the driver's exit status, and requeue + resume. Both virtual nodes
-live on this host (one IP), so it does not prove cross-host networking.
+Each node's slurmd runs in its own network namespace with its own address (10.77.0.1 and
+10.77.0.2, veth pairs on a bridge), its own host name, and an /etc/hosts that maps that name to
+127.0.1.1, as Debian and Ubuntu install it. So the Ray head/worker rendezvous, the GCS, object
+transfers between nodes and the Gloo rendezvous of a trial's two DDP workers all cross addresses,
+as on real hosts. What this proves: the launcher's sbatch/srun path, that rendezvous, the driver's
+exit status, and requeue + resume. It does not prove NCCL (no GPUs) or a real network's latency.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import pytest
 from helpers import ROOT, write_config
 
 STATE = Path("/tmp/cifarcam-slurm")
-SLURM_ENV = {**os.environ, "SLURM_STATE_DIR": str(STATE), "SLURM_NODES": "2"}
+SLURM_ENV = {**os.environ, "SLURM_STATE_DIR": str(STATE), "SLURM_NODES": "2", "SLURM_NETNS": "1"}
 LAUNCH = [sys.executable, "-m", "cluster.slurm", "--nodes", "2", "--cpus-per-task", "1", "--time", "15", "--object-store-memory", str(300 << 20)]
 PIPELINE = ["--layers", "layer2", "--targets", "pred", "--faithfulness-steps", "2"]
 
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    """Two virtual SLURM nodes of one CPU each (root and apt needed; CI requires them)."""
+    """Two SLURM nodes of one CPU each, in two network namespaces (root and apt needed; CI requires them)."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         if os.environ.get("CIFARCAM_REQUIRE_SLURM"):
             pytest.fail("a local SLURM needs root and apt-get", pytrace=False)
@@ -100,6 +103,17 @@ def _sacct_state(job_id: str) -> str:
     return subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout.strip()
 
 
+def test_each_node_finds_its_own_address_although_its_name_resolves_to_loopback(slurm):
+    """What the Ray nodes bind to and announce: SLURM's NodeAddr, not gethostbyname(hostname)."""
+    probe = (
+        "import socket; from cluster.ray_on_slurm import node_ip, collective_interfaces as c; "
+        "ip = node_ip(nodes=2); print(socket.gethostname(), socket.gethostbyname(socket.gethostname()), ip, c(ip).get('GLOO_SOCKET_IFNAME'))"
+    )
+    proc = subprocess.run(["srun", "-N2", "-n2", "--time", "2", sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split("\n")[:2]) == ["vnode1 127.0.1.1 10.77.0.1 eth0", "vnode2 127.0.1.1 10.77.0.2 eth0"]
+
+
 def test_driver_failure_fails_the_job_with_its_exit_status(slurm, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ndata: {source: parquet, path: /nonexistent-data}\n")  # fails in the driver, on the node
@@ -142,8 +156,10 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     rows = duckdb.sql(f"select trial_id, list(epoch order by epoch) from '{run}/epochs.parquet' group by trial_id order by trial_id").fetchall()
     assert sorted(epochs for _, epochs in rows) == [[1], [1, 2]]
     assert duckdb.sql(f"select lr, status from '{run}/trials.parquet' order by lr").fetchall() == [(1e-6, "stopped_early"), (0.004, "completed")]
-    # both DDP workers of every epoch ran on different Ray nodes: the head's and the worker's
+    # both DDP workers of every epoch ran on different Ray nodes, at different addresses
     assert duckdb.sql(f"select distinct workers, nodes from '{run}/epochs.parquet'").fetchall() == [(2, 2)]
+    head_log = (logs / "attempt-1" / "ray-head.log").read_text()
+    assert "10.77.0.1" in head_log and "Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
     (n, distinct), = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
     assert n == distinct == 300
     assert (run / "report" / "report.md").is_file()
