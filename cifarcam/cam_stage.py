@@ -23,10 +23,13 @@ import pyarrow as pa
 import torch
 
 from cifarcam import results
-from cifarcam.cam import METHODS, MultiLayerCam, deletion_auc, heatmap_stats, method_key, reference_maps
+from cifarcam.cam import METHODS, MultiLayerCam, method_key, reference_maps
 from cifarcam.checkpoint import load_model
 from cifarcam.config import ConfigError
 from cifarcam.data import ImageSet
+from cifarcam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion
+from cifarcam.faithfulness import sample as faithfulness_sample
+from cifarcam.heatmap_metrics import constant_maps, heatmap_stats, localisation
 from cifarcam.loader import to_model_input
 from cifarcam.models import FAMILIES, CamLayer, ModelSpec, build_model, cam_layers
 from cifarcam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, publish, regroup, run_lock
@@ -40,7 +43,8 @@ class CamSettings:
     layers: tuple[str, ...] | None = None  # None: every CAM layer the family names
     targets: tuple[str, ...] = TARGET_KINDS
     batch_size: int = 128
-    faithfulness_steps: int = 8  # deletion-AUC steps; 0 turns the metric off
+    faithfulness_steps: int = 16  # deletion / insertion steps; 0 turns faithfulness off
+    faithfulness_images: int = 256  # the seeded sample it is measured on
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(method_key(m) for m in self.methods))
@@ -49,12 +53,18 @@ class CamSettings:
                 raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
         if self.batch_size <= 0:
             raise ConfigError(f"--cam-batch-size: must be > 0, got {self.batch_size}")
-        if self.faithfulness_steps < 0:
-            raise ConfigError(f"--faithfulness-steps: must be >= 0, got {self.faithfulness_steps}")
+        for name in ("faithfulness_steps", "faithfulness_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def faithfulness(self) -> FaithfulnessSettings:
+        return FaithfulnessSettings(steps=self.faithfulness_steps, images=self.faithfulness_images)
 
     def comparable(self) -> dict:
-        """What must match for existing partitions to be reused."""
-        return {"targets": list(self.targets), "faithfulness_steps": self.faithfulness_steps}
+        """What must match for existing partitions to be reused (also each file's metadata)."""
+        faithfulness = self.faithfulness.metadata() if self.faithfulness.enabled else None
+        return {"columns": results.CAMS_VERSION, "targets": list(self.targets), "faithfulness": faithfulness}
 
 
 def resolve_layers(spec: ModelSpec, requested: tuple[str, ...] | None, where: str) -> list[CamLayer]:
@@ -125,6 +135,30 @@ class CamActor:
                     spread[(kind, layer.name, method)] = heat.flatten(1).amax(1) - heat.flatten(1).amin(1)
         return out.logits, pred, maps, spread
 
+    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, maps: dict, constant: dict) -> tuple[dict, dict]:
+        """Deletion and insertion AUCs for the sampled ``rows`` (NaN for the others, and for
+        constant maps): (baseline column -> (B,) array, map key -> (deletion, insertion))."""
+        n, f = len(x), self.settings.faithfulness
+        xs, cs = x[rows], classes[rows]
+        fill = blurred(xs, f.blur_sigma)
+
+        def scores(heat: torch.Tensor) -> torch.Tensor:
+            full = torch.full((2, n), float("nan"), device=x.device)
+            if len(rows):
+                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill))
+            return full
+
+        baselines = {}
+        for name, heat in baseline_maps(xs, f, self.generator).items():
+            deletion, insertion = scores(heat).cpu().numpy()
+            baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = deletion, insertion
+        per_map = {}
+        for key, heat in maps.items():
+            full = scores(heat[rows])
+            full[:, constant[key]] = float("nan")
+            per_map[key] = tuple(full.cpu().numpy())
+        return baselines, per_map
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         image_bytes = batch.column("image").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -140,23 +174,27 @@ class CamActor:
         probs = logits.float().softmax(1)
         masks = None
         if batch.column("mask").null_count == 0:
-            masks = torch.from_numpy(batch.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, -1).copy()).to(self.device)
-        steps = self.settings.faithfulness_steps
+            masks = torch.from_numpy(batch.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, 32, 32).copy()).to(self.device) > 0
+        in_sample = batch.column("faithfulness").to_numpy(zero_copy_only=False).astype(bool)
+        sample_rows = torch.from_numpy(np.flatnonzero(in_sample)).to(self.device)
+        layer_of = {layer.name: layer for layer in self.layers}
+        constant = {key: constant_maps(spread[key], layer_of[key[1]].height, layer_of[key[1]].width) for key in maps}
         shared = {"image_index": batch.column("image_index").to_numpy(), "label": labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy()}
         parts = []
         for kind in self.settings.targets:
             classes = pred if kind == "pred" else labels
-            random_auc = None
-            if steps:
-                noise = torch.rand(n, 32, 32, generator=self.generator, device=self.device)
-                random_auc = deletion_auc(self.model, x, noise, classes, steps).cpu().numpy()
+            target = {"target": [kind] * n, "target_class": classes.cpu().numpy(), "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy()}
+            faithful = kind == "pred" and self.settings.faithfulness.enabled
+            kind_maps = {key: heat for key, heat in maps.items() if key[0] == kind}
+            baselines, per_map = self._faithfulness(x, classes, sample_rows, kind_maps, constant) if faithful else ({}, {})
             for layer in self.layers:
                 for method in self.settings.methods:
-                    heat = maps[(kind, layer.name, method)]
-                    stats = {k: v.cpu().numpy() for k, v in heatmap_stats(heat).items()}
-                    peak = stats["peak_y"] * 32 + stats["peak_x"]
+                    key = (kind, layer.name, method)
+                    heat, null = maps[key], constant[key].cpu().numpy()
+                    measured = heatmap_stats(heat) | (localisation(heat, masks) if masks is not None else {})
                     columns = {
                         **shared,
+                        **target,
                         "run": [self.run] * n,
                         "model": [self.spec.family] * n,
                         "layer": [layer.name] * n,
@@ -164,34 +202,39 @@ class CamActor:
                         "layer_h": [layer.height] * n,
                         "layer_w": [layer.width] * n,
                         "low_res_layer": [layer.degenerate] * n,
-                        "target": [kind] * n,
-                        "target_class": classes.cpu().numpy(),
-                        "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy(),
                         "heatmap": list((heat * 255).round().to(torch.uint8).flatten(1).cpu().numpy()),
-                        **stats,
-                        "degenerate": (spread[(kind, layer.name, method)] <= 1e-12).cpu().numpy() | (layer.height * layer.width == 1),
-                        "peak_in_object": masks.cpu().numpy()[np.arange(n), peak].astype(bool) if masks is not None else [None] * n,
-                        "deletion_auc": deletion_auc(self.model, x, heat, classes, steps).cpu().numpy() if steps else [None] * n,
-                        "deletion_auc_random": random_auc if steps else [None] * n,
+                        "degenerate": null,
+                        # a constant map has no peak, spread or object overlap: null, not 0
+                        **{name: _nullable(name, values.cpu().numpy(), null & (name != "object_area")) for name, values in measured.items()},
+                        "faithfulness_sample": in_sample & faithful,
                     }
-                    parts.append(pa.Table.from_pydict(columns, schema=_OUTPUT_SCHEMA))
+                    if faithful:
+                        auc = dict(zip(("deletion_auc", "insertion_auc"), per_map[key])) | baselines
+                        columns |= {name: _nullable(name, values, np.isnan(values)) for name, values in auc.items()}
+                    parts.append(pa.Table.from_pydict({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in _OUTPUT_SCHEMA}, schema=_OUTPUT_SCHEMA))
         return pa.concat_tables(parts)
+
+
+def _nullable(name: str, values: np.ndarray, null: np.ndarray) -> pa.Array:
+    return pa.array(values, type=_OUTPUT_SCHEMA.field(name).type, mask=null)
 
 
 # ---------------------------------------------------------------------------------------------
 # The test set as a Ray Dataset
 
 
-def images_table(test: ImageSet, pred: np.ndarray | None = None) -> pa.Table:
-    """The test set as Arrow rows; ``pred``: the run's stored predicted class per image, if any."""
+def images_table(test: ImageSet, pred: np.ndarray | None = None, faithfulness: FaithfulnessSettings | None = None) -> pa.Table:
+    """The test set as Arrow rows; ``pred``: the run's stored predicted class per image, if any;
+    ``faithfulness``: marks its seeded sample of rows."""
     n = len(test)
+    in_sample = faithfulness_sample(n, faithfulness) if faithfulness is not None and faithfulness.enabled else np.zeros(n, bool)
     image = pa.FixedSizeListArray.from_arrays(pa.array(test.images.reshape(-1), pa.uint8()), 32 * 32 * 3)
     if test.masks is not None:
         mask = pa.FixedSizeListArray.from_arrays(pa.array(test.masks.reshape(-1).astype(np.uint8), pa.uint8()), 32 * 32)
     else:
         mask = pa.nulls(n, pa.list_(pa.uint8(), 32 * 32))
     pred_column = pa.array(pred, pa.int64()) if pred is not None else pa.nulls(n, pa.int64())
-    return pa.table({"image_index": test.index, "label": test.labels, "pred": pred_column, "image": image, "mask": mask})
+    return pa.table({"image_index": test.index, "label": test.labels, "pred": pred_column, "image": image, "mask": mask, "faithfulness": in_sample})
 
 
 def stored_predictions(run_dir: Path, model: ModelToExplain, image_index: np.ndarray) -> np.ndarray | None:
@@ -282,7 +325,7 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
             if not missing:
                 continue
             # Several blocks, so that every actor gets work (no shuffle needed).
-            table = images_table(test, stored_predictions(run_dir, model, test.index))
+            table = images_table(test, stored_predictions(run_dir, model, test.index), settings.faithfulness)
             rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
             dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
             needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]

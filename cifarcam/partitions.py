@@ -173,12 +173,14 @@ class _PartitionFiles:
     """The files of one partition being written: at most MAX_ROWS_PER_FILE rows each."""
 
     folder: Path
+    metadata: dict[str, str]  # each file's schema metadata: how its rows were computed
     files: list[str] = field(default_factory=list)
     writer: pq.ParquetWriter | None = None
     rows_in_file: int = 0
     rows: int = 0
 
     def write(self, part: pa.Table) -> None:
+        part = part.replace_schema_metadata(self.metadata)
         if self.writer is None or self.rows_in_file + part.num_rows > MAX_ROWS_PER_FILE:
             self.close()
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -199,14 +201,16 @@ def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source
     under ``out_root``, with at most MAX_ROWS_PER_FILE rows a file and a marker in each folder.
 
     One pass over the input, one writer open per partition: a partition of the full test set is
-    one file, whatever the number of blocks Ray Data wrote."""
+    one file, whatever the number of blocks Ray Data wrote. Each file's schema metadata carries
+    ``settings`` and ``source`` (JSON), so a file copied elsewhere still says how it was made."""
     partitions: dict[tuple[str, ...], _PartitionFiles] = {}
     try:
         for raw in raw_files:
             table = pq.read_table(raw)
             for key, part in _split(table, keys):
                 if key not in partitions:
-                    partitions[key] = _PartitionFiles(out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key))))
+                    folder = out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key)))
+                    partitions[key] = _PartitionFiles(folder, {"cifarcam_settings": json.dumps(settings), "cifarcam_source": json.dumps(asdict(source))})
                 partitions[key].write(part.drop_columns(list(keys)))
     finally:
         for partition in partitions.values():

@@ -145,6 +145,14 @@ HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the mod
 
 # One row per test image x model x layer x method x target. The folder layout
 # cams/model=<m>/layer=<l>/method=<k>/*.parquet carries model, layer and method (hive partitions).
+# results/README.md explains every column; CAMS_VERSION changes whenever a column does, so that
+# partitions written by an older version are refused instead of mixed in.
+CAMS_VERSION = 2
+_FAITHFULNESS_COLUMNS = [
+    (f"{curve}_auc{suffix}", pa.float64())
+    for suffix in ("", "_random", "_centre", "_edge")
+    for curve in ("deletion", "insertion")
+]
 CAMS = pa.schema(
     [
         ("run", pa.string()),
@@ -159,14 +167,20 @@ CAMS = pa.schema(
         ("target_prob", pa.float64()),  # softmax probability of target_class
         ("correct", pa.bool_()),
         ("heatmap", pa.list_(pa.uint8(), HEATMAP_SIZE * HEATMAP_SIZE)),  # row-major, 0-255
+        ("degenerate", pa.bool_()),  # a constant map (every 1x1 layer): the statistics below are null
         ("peak_y", pa.int64()),
         ("peak_x", pa.int64()),
         ("entropy", pa.float64()),  # 0: all mass on one pixel, 1: uniform
         ("top10_mass", pa.float64()),  # share of the map's mass in its top 10% of pixels
-        ("degenerate", pa.bool_()),  # constant map, or from a 1x1 feature map
-        ("peak_in_object", pa.bool_()),  # synthetic data only: the peak lies on the object's mask
-        ("deletion_auc", pa.float64()),  # lower = more faithful; null when faithfulness is off
-        ("deletion_auc_random", pa.float64()),  # the same metric for a random heatmap
+        # where the image has an object mask (synthetic data, Parquet sources with masks or boxes)
+        ("peak_in_object", pa.bool_()),  # the peak pixel lies on the object
+        ("pointing_hit", pa.bool_()),  # the peak lies within 2 px of the object (the pointing game)
+        ("mass_on_object", pa.float64()),  # share of the map's mass on the object
+        ("object_area", pa.float64()),  # share of the image the object covers (= chance for mass_on_object)
+        # faithfulness, on a seeded sample of images, predicted class only (null elsewhere):
+        # deletion (lower = better) and insertion (higher = better), for the map and 3 baselines
+        ("faithfulness_sample", pa.bool_()),
+        *_FAITHFULNESS_COLUMNS,
     ]
 )
 CAM_PARTITIONS = ("model", "layer", "method")

@@ -30,7 +30,8 @@ def add_cam_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_csv, default=None, help="comma-separated layer names (default: every CAM layer of each model)")
     p.add_argument("--targets", type=_csv, default=("pred", "label"), help="explain the predicted class, the true label, or both (default)")
     p.add_argument("--cam-batch-size", type=int, default=128, help="images per CAM batch (default: 128)")
-    p.add_argument("--faithfulness-steps", type=int, default=8, help="deletion-AUC steps per heatmap; 0 turns it off (default: 8)")
+    p.add_argument("--faithfulness-steps", type=int, default=16, help="deletion / insertion steps per heatmap; 0 turns faithfulness off (default: 16)")
+    p.add_argument("--faithfulness-images", type=int, default=256, help="the seeded sample of test images faithfulness is measured on (default: 256)")
     p.add_argument("--actors", type=int, default=None, help="CAM actors (default: one per GPU, else one per CPU but one)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPU share of each actor where there are GPUs (default: 1)")
 
@@ -47,7 +48,10 @@ def parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace):
     from cifarcam.cam_stage import CamSettings
 
-    return CamSettings(methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size, faithfulness_steps=args.faithfulness_steps)
+    return CamSettings(
+        methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size,
+        faithfulness_steps=args.faithfulness_steps, faithfulness_images=args.faithfulness_images,
+    )
 
 
 def check_layers(cfg: "ExperimentConfig", settings: "CamSettings") -> None:

@@ -27,21 +27,35 @@ def test_set():
 def test_actor_rows_cover_every_layer_method_and_target(checkpoint, test_set):
     folder, spec = checkpoint
     layers = cam_layers(build_model(spec), spec)
-    settings = CamSettings(methods=("gradcam", "eigencam"), targets=("pred", "label"), faithfulness_steps=2)
-    table = CamActor(str(folder), "run", settings, layers)(images_table(test_set))
+    settings = CamSettings(methods=("gradcam", "eigencam"), targets=("pred", "label"), faithfulness_steps=2, faithfulness_images=8)
+    table = CamActor(str(folder), "run", settings, layers)(images_table(test_set, faithfulness=settings.faithfulness))
     assert table.num_rows == 20 * len(layers) * 2 * 2
     assert table.schema.field("heatmap").type == pa.list_(pa.uint8(), 1024)
     rows = table.to_pylist()
     assert {(r["layer"], r["method"], r["target"]) for r in rows} == {
         (l.name, m, t) for l in layers for m in ("gradcam", "eigencam") for t in ("pred", "label")
     }
+    assert sum(r["degenerate"] for r in rows) < len(rows) / 2
     for r in rows:
         heat = np.array(r["heatmap"])
-        assert heat.max() == 255 or r["degenerate"]
-        assert heat[r["peak_y"] * 32 + r["peak_x"]] == heat.max()
-        assert r["peak_in_object"] in (True, False)  # synthetic data has masks
-        assert 0 <= r["deletion_auc"] <= 1 and 0 <= r["deletion_auc_random"] <= 1
         assert r["target_class"] == (r["pred"] if r["target"] == "pred" else r["label"])
+        assert 0 < r["object_area"] < 1  # synthetic data has masks
+        auc = [r[f"{c}_auc{b}"] for c in ("deletion", "insertion") for b in ("", "_random", "_centre", "_edge")]
+        if r["degenerate"]:  # a constant map (this model is untrained): nothing to measure
+            assert heat.max() == 0 and r["peak_y"] is None and r["mass_on_object"] is None and auc[0] is None and auc[4] is None
+            continue
+        assert heat.max() == 255 and heat[r["peak_y"] * 32 + r["peak_x"]] == heat.max()
+        assert r["peak_in_object"] in (True, False) and r["pointing_hit"] in (True, False)
+        assert r["peak_in_object"] <= r["pointing_hit"]  # on the object is within 2 px of it
+        assert 0 <= r["mass_on_object"] <= 1
+        if r["faithfulness_sample"]:  # the seeded sample, predicted class only
+            assert r["target"] == "pred" and all(0 <= a <= 1 for a in auc)
+        else:
+            assert auc == [None] * 8
+    # 8 of the 20 images, for every map of the predicted class
+    assert sum(r["faithfulness_sample"] for r in rows) == 8 * len(layers) * 2
+    sampled = {r["image_index"] for r in rows if r["faithfulness_sample"]}
+    assert len(sampled) == 8 and all(r["image_index"] in sampled for r in rows if r["faithfulness_sample"])
 
 
 def test_unknown_layer_is_named_with_a_suggestion(checkpoint):
@@ -81,6 +95,25 @@ def test_low_resolution_layers_warn_and_are_flagged(tmp_path, test_set):
     assert (by_layer["layer2"]["layer_h"], by_layer["layer2"]["low_res_layer"]) == (4, False)
     assert (by_layer["layer3"]["layer_h"], by_layer["layer3"]["low_res_layer"]) == (2, True)
     assert all(r["degenerate"] for r in rows if r["layer"] == "layer4")  # a 1x1 map says nothing about where
+
+
+def test_a_constant_map_has_no_statistics(tmp_path, test_set):
+    """The final layer of the paper's ImageNet stem at 32 px is 1x1: its map is constant. Its peak,
+    entropy, concentration, object overlap and faithfulness are null, not "all mass on pixel (0, 0)"."""
+    spec = ModelSpec("resnet_tiny", 10, stem="imagenet")
+    folder = save_checkpoint(tmp_path, build_model(spec), spec, {})
+    layers = resolve_layers(spec, ("layer2", "layer4"), "m")
+    settings = CamSettings(methods=("gradcam", "gradcam++"), targets=("pred",), faithfulness_steps=2, faithfulness_images=20)
+    with pytest.warns(UserWarning, match="degenerate"):
+        actor = CamActor(str(folder), "run", settings, layers)
+    rows = actor(images_table(test_set, faithfulness=settings.faithfulness)).to_pylist()
+    statistics = ("peak_y", "peak_x", "entropy", "top10_mass", "peak_in_object", "pointing_hit", "mass_on_object", "deletion_auc", "insertion_auc")
+    last = [r for r in rows if r["layer"] == "layer4"]
+    assert len(last) == 40 and all(r["degenerate"] for r in last)
+    assert all(r[s] is None for r in last for s in statistics)
+    assert all(r["object_area"] > 0 and r["deletion_auc_centre"] is not None for r in last)  # facts about the image stay
+    intermediate = [r for r in rows if r["layer"] == "layer2" and not r["degenerate"]]
+    assert intermediate and all(r[s] is not None for r in intermediate for s in statistics)
 
 
 def test_the_runs_stored_predictions_are_the_predicted_class(checkpoint, test_set):
