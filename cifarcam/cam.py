@@ -11,7 +11,6 @@ Methods that are not simple functions of (activations, gradients) run through py
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -184,47 +183,3 @@ def reference_maps(
         for p, flag in flags:
             p.requires_grad_(flag)
     return torch.from_numpy(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics of a heatmap, for queries
-
-
-def heatmap_stats(maps: Tensor) -> dict[str, Tensor]:
-    """Per map (N, H, W) in [0, 1]: peak row/column, entropy (0 = one pixel, 1 = uniform) and the
-    share of the map's mass in its top 10% of pixels."""
-    n, h, w = maps.shape
-    flat = maps.flatten(1)
-    peak = flat.argmax(1)
-    mass = flat / flat.sum(1, keepdim=True).clamp(min=1e-12)
-    entropy = -(mass * mass.clamp(min=1e-12).log()).sum(1) / math.log(h * w)
-    k = max(1, (h * w) // 10)
-    top = flat.topk(k, dim=1).values.sum(1) / flat.sum(1).clamp(min=1e-12)
-    return {"peak_y": peak // w, "peak_x": peak % w, "entropy": entropy, "top10_mass": top}
-
-
-# ---------------------------------------------------------------------------------------------
-# Faithfulness: deletion AUC, batched on the device
-
-
-@torch.no_grad()
-def deletion_auc(model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int = 8) -> Tensor:
-    """Deletion AUC (Petsiuk et al., RISE): remove the most salient pixels first, in ``steps``
-    equal fractions, replacing them with the dataset mean (0 after normalisation), and average
-    the softmax probability of ``classes`` over the curve. Lower = the map found what mattered.
-
-    ``x``: (N, C, H, W) model inputs; ``maps``: (N, h, w) heatmaps, resized to H x W here.
-    Every step of every map runs as one batched forward pass."""
-    n, _, hh, ww = x.shape
-    if maps.shape[-2:] != (hh, ww):
-        maps = F.interpolate(maps[:, None].float(), size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
-    order = maps.flatten(1).argsort(1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(hh * ww, device=x.device).expand(n, -1))
-    probs = []
-    for step in range(steps + 1):
-        keep = (rank >= (step * hh * ww) // steps).view(n, 1, hh, ww)
-        p = model(x * keep).float().softmax(1).gather(1, classes[:, None])[:, 0]
-        probs.append(p)
-    curve = torch.stack(probs, 1)
-    return ((curve[:, 1:] + curve[:, :-1]) / 2).mean(1)  # trapezoid rule on [0, 1]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from rich.console import Console
 
 from cifarcam import results
 from cifarcam.cam import METHODS, MultiLayerCam, method_key, reference_maps
@@ -44,7 +45,8 @@ class CamSettings:
     targets: tuple[str, ...] = TARGET_KINDS
     batch_size: int = 128
     faithfulness_steps: int = 16  # deletion / insertion steps; 0 turns faithfulness off
-    faithfulness_images: int = 256  # the seeded sample it is measured on
+    faithfulness_images: int = 128  # the seeded sample it is measured on
+    sanity_images: int = 64  # the randomisation sanity check's sample; 0 turns it off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(method_key(m) for m in self.methods))
@@ -53,7 +55,7 @@ class CamSettings:
                 raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
         if self.batch_size <= 0:
             raise ConfigError(f"--cam-batch-size: must be > 0, got {self.batch_size}")
-        for name in ("faithfulness_steps", "faithfulness_images"):
+        for name in ("faithfulness_steps", "faithfulness_images", "sanity_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
 
@@ -106,7 +108,7 @@ def _fast(method: str) -> bool:
 class CamActor:
     """A Ray Data actor: loads one checkpoint and its hooks once, then explains batches."""
 
-    def __init__(self, checkpoint: str, run: str, settings: CamSettings, layers: list[CamLayer]) -> None:
+    def __init__(self, checkpoint: str, run: str, settings: CamSettings, layers: list[CamLayer], progress: Any = None) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, meta = load_model(checkpoint, self.device)
         self.spec = ModelSpec(**meta["model"])
@@ -117,6 +119,7 @@ class CamActor:
                 warnings.warn(f"{self.spec.family} {layer.name} is {layer.height}x{layer.width}: its maps are degenerate", stacklevel=1)
         self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], self.channels_last_output)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
+        self.progress = progress  # an ImageCounter actor, or None
 
     def _maps(self, x: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
         """Logits, the predicted classes, and (target kind, layer, method) -> map and its
@@ -212,6 +215,8 @@ class CamActor:
                         auc = dict(zip(("deletion_auc", "insertion_auc"), per_map[key])) | baselines
                         columns |= {name: _nullable(name, values, np.isnan(values)) for name, values in auc.items()}
                     parts.append(pa.Table.from_pydict({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in _OUTPUT_SCHEMA}, schema=_OUTPUT_SCHEMA))
+        if self.progress is not None:
+            self.progress.add.remote(n)  # fire and forget: the driver polls the total
         return pa.concat_tables(parts)
 
 
@@ -308,12 +313,17 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
     return plans
 
 
-def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float) -> dict[str, Any]:
+def explain(
+    run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float, console: Console | None = None
+) -> dict[str, Any]:
     """Run the CAM stage for the planned models; Ray must be up.
 
     Ray Data writes each model's rows into this job's staging folder; they are then regrouped into
-    one folder per (layer, method), each with its files and its marker, and published one by one."""
+    one folder per (layer, method), each with its files and its marker, and published one by one.
+    With a ``console``, each model's progress (images explained, rate, time left) is shown there."""
     import ray
+
+    from cifarcam.cam_progress import ImageCounter, run_with_progress
 
     cams_dir = run_dir / "cams"
     summary: dict[str, Any] = {"skipped": 0, "written": []}
@@ -331,6 +341,7 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
             needed_layers = [l for l in layers if any(l == ml for ml, _ in missing)]
             needed_methods = tuple(m for m in settings.methods if any(m == mm for _, mm in missing))
             raw = staging.folder / f"raw-{uuid.uuid4().hex[:8]}"
+            counter = ImageCounter.remote() if console is not None else None
             explained = dataset.map_batches(
                 CamActor,
                 fn_constructor_kwargs={
@@ -338,6 +349,7 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
                     "run": run_dir.name,
                     "settings": CamSettings(**{**asdict(settings), "methods": needed_methods}),
                     "layers": needed_layers,
+                    "progress": counter,
                 },
                 batch_size=settings.batch_size,
                 batch_format="pyarrow",
@@ -345,7 +357,12 @@ def explain(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: Cam
                 num_gpus=gpus_per_actor or None,
                 num_cpus=None if gpus_per_actor else 1,
             )
-            explained.write_parquet(str(raw))
+            if counter is None:
+                explained.write_parquet(str(raw))
+            else:
+                label = f"cams {spec.family} ({', '.join(needed_methods)})"
+                run_with_progress(lambda: explained.write_parquet(str(raw)), counter, len(test), label, console)
+                ray.kill(counter)
             parts = staging.folder / "parts"
             staged = regroup(sorted(raw.glob("*.parquet")), parts, results.CAM_PARTITIONS, p.source, settings.comparable())
             shutil.rmtree(raw)

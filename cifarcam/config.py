@@ -34,7 +34,11 @@ class SyntheticConfig:
     train_size: int = 5000
     test_size: int = 1000
     image_size: int = 32
-    object_size: int = 12
+    min_object_size: int = 9  # each object's side is drawn from [min, max] pixels
+    max_object_size: int = 14
+    # "random": the class is the shape alone. "per_class": one colour per class, which a model
+    # learns in seconds, for plumbing tests only: it flatters every map (never quote its figures).
+    colours: str = "random"
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check everything that can be checked without a cluster; raise ConfigError naming the input."""
     d, s, sc = cfg.data, cfg.search, cfg.scaling
     _require(d.source in DATA_SOURCES, f"data.source: expected one of {', '.join(DATA_SOURCES)}, got {d.source!r}")
+    _require(d.synthetic.colours in ("random", "per_class"), f"data.synthetic.colours: expected random or per_class, got {d.synthetic.colours!r}")
     _require(0 < d.val_fraction < 1, f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     for key in ("limit_train", "limit_test"):
         n = getattr(d, key)

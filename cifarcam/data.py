@@ -25,7 +25,7 @@ class ImageSet:
     class_names: tuple[str, ...]
     coarse_labels: np.ndarray | None = None
     coarse_names: tuple[str, ...] | None = None
-    masks: np.ndarray | None = None  # (N, H, W) bool object masks: synthetic data only
+    masks: np.ndarray | None = None  # (N, H, W) bool object masks: synthetic data, Parquet with mask or box
     index: np.ndarray = field(default=None)  # type: ignore[assignment]  # position in the source split
 
     def __post_init__(self) -> None:

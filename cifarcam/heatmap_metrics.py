@@ -23,7 +23,9 @@ POINTING_TOLERANCE_PX = 2
 def constant_maps(spread: Tensor, layer_h: int, layer_w: int) -> Tensor:
     """(N,) bool: maps that carry no spatial information. ``spread``: each raw map's max - min
     before scaling (0 for a constant map; tiny relative noise counts as constant too)."""
-    return (spread <= 1e-12) | torch.tensor(layer_h * layer_w == 1, device=spread.device)
+    if layer_h * layer_w == 1:
+        return torch.ones_like(spread, dtype=torch.bool)  # no host-to-device copy for the constant
+    return spread <= 1e-12
 
 
 def heatmap_stats(maps: Tensor) -> dict[str, Tensor]:

@@ -10,7 +10,8 @@ TABLE_FILES = {"trials": "trials.parquet", "epochs": "epochs.parquet", "accuracy
 
 
 def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with views trials, epochs, accuracy, predictions and cams (if present)."""
+    """An in-memory DuckDB with views trials, epochs, accuracy, predictions, and cams and sanity
+    where the CAM stage wrote them."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
@@ -20,6 +21,8 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     for name, file in TABLE_FILES.items():
         con.execute(f"create view {name} as select * from read_parquet('{run_dir / file}')")
+    if any((run_dir / "sanity").glob("model=*.parquet")):
+        con.execute(f"create view sanity as select * from read_parquet('{run_dir}/sanity/model=*.parquet')")
     if any((run_dir / "cams").glob("model=*/layer=*/method=*/*.parquet")):
         con.execute(f"create view cams as select * from read_parquet('{run_dir}/cams/**/*.parquet', hive_partitioning = true)")
     return con
@@ -29,10 +32,11 @@ def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return bool(con.execute("select count(*) from duckdb_views() where view_name = ?", [name]).fetchall()[0][0])
 
 
-def run_sql(con: duckdb.DuckDBPyConnection, sql: str):
-    """A DataFrame of ``sql``'s result; DuckDB's errors become one-line ValueErrors."""
+def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None):
+    """A DataFrame of ``sql``'s result (``?`` placeholders bound to ``params``); DuckDB's errors
+    become one-line ValueErrors."""
     try:
-        return con.execute(sql).df()
+        return con.execute(sql, params or []).df()
     except duckdb.Error as err:
         first = " ".join(str(err).split())
         raise ValueError(f"SQL: {first}") from None

@@ -2,8 +2,9 @@
 
 It reproduces the paper's Table 2 and its Grad-CAM figures (one grid per model, intermediate and
 final layers, correct and misclassified examples chosen by query), and adds what the paper could
-not show: degenerate maps by layer size, faithfulness against a random baseline, confusions,
-per-class accuracy, learning curves and the search itself.
+not show: constant and low-resolution maps by layer size, localisation against object masks,
+faithfulness against trivial baselines (random, centre prior, edges), confusions, per-class
+accuracy, learning curves and the search itself. Its sentences are built from its numbers.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from cifarcam.faithfulness import BASELINES
 from cifarcam.queries import connect, has_view, run_sql
+from cifarcam.sanity import FAIL_SPEARMAN
 
-# The paper's Table 1 (parameter counts, millions). Its accuracy figures are not in this
-# repository; they are not invented here.
+# The seed paper: Table 1 (parameters, millions) and Table 2 (CIFAR-100 test top-1, %, 40 epochs).
 PAPER_PARAMS_M = {"efficientnetv2": 22.0, "mobilenetv3": 4.3, "regnet": 3.3, "resnet34": 21.3, "resnet50": 23.7, "resnet101": 42.7, "swin": 28.3}
+PAPER_TOP1_PCT = {"efficientnetv2": 83.65, "mobilenetv3": 62.85, "regnet": 75.47, "resnet34": 70.41, "resnet50": 87.15, "resnet101": 68.48, "swin": 70.85}
 FIGURE_DPI = 100
 
 
@@ -62,6 +65,78 @@ def _overlay(ax, image: np.ndarray, heatmap: np.ndarray | None, title: str) -> N
     ax.axis("off")
 
 
+# ---------------------------------------------------------------------------------------------
+# Words that follow the numbers
+
+
+def _size_text(frame: pd.DataFrame) -> str:
+    parts = []
+    for row in frame.itertuples(index=False):
+        if row.constant_share >= 0.999:
+            parts.append(f"{row.feature_size}: every map is constant, so it has no peak, spread or localisation (shown empty)")
+        elif row.h <= 2:
+            parts.append(f"{row.feature_size}: the map can only name a quadrant ({row.constant_share:.0%} constant)")
+    text = "Statistics cover informative maps only; a constant map's are missing, not zero."
+    return text + (" " + "; ".join(parts) + "." if parts else " No layer here is 2x2 or smaller.")
+
+
+def _localisation_text(frame: pd.DataFrame) -> str:
+    """Correct images only. pointing_hit: the peak within 2 px of the object; exact_peak: on it
+    (chance_exact: what a random point scores); mass_vs_chance: share of map mass on the object over
+    the object's share of the image (1 = a uniform map)."""
+    text = (
+        "Correctly classified images with an object mask. pointing_hit: the map's peak lies within 2 px of the object; exact_peak: on it"
+        " (chance_exact: a random point's rate); mass_vs_chance: the map's share of mass on the object over the object's share of the image"
+        " (1 = no better than a uniform map)."
+    )
+    weak = [f"{r.model} {r.layer} {r.method} ({r.pointing_hit:.2f})" for r in frame.itertuples(index=False) if r.pointing_hit < 0.5]
+    best = frame.sort_values("pointing_hit", ascending=False).iloc[0] if len(frame) else None
+    if best is not None and pd.notna(best.pointing_hit):
+        text += f" Best: {best.model} {best.layer} {best.method}, peak within 2 px of the object for {best.pointing_hit:.0%} of images."
+    if weak:
+        text += " Maps that miss the object more often than they find it: " + ", ".join(weak) + "."
+    return text
+
+
+def _verdict(margin: float, se: float) -> str:
+    if not np.isfinite(margin):
+        return "n/a"
+    if margin > 2 * se:
+        return "better"
+    return "worse" if margin < -2 * se else "tie"
+
+
+def _against_strongest(raw: pd.DataFrame) -> pd.DataFrame:
+    """Per row: the margin over the strongest baseline on each curve (the smallest margin), its
+    standard error, which baseline that is, and a verdict (better / tie / worse at 2 SE)."""
+    out = raw[["model", "layer", "method", "images", "deletion", "insertion"]].copy()
+    for curve, short in (("deletion", "del"), ("insertion", "ins")):
+        margins = raw[[f"{short}_margin_{b}" for b in BASELINES]].to_numpy()
+        strongest = np.nanargmin(np.where(np.isnan(margins), np.inf, margins), axis=1)
+        rows = np.arange(len(raw))
+        out[f"{curve}_margin"] = margins[rows, strongest]
+        out[f"{curve}_se"] = raw[[f"{short}_se_{b}" for b in BASELINES]].to_numpy()[rows, strongest]
+        out[f"{curve}_strongest"] = [BASELINES[i] for i in strongest]
+        out[f"{curve}_verdict"] = [_verdict(m, e) for m, e in zip(out[f"{curve}_margin"], out[f"{curve}_se"])]
+    return out
+
+
+def _faithfulness_text(frame: pd.DataFrame) -> str:
+    lines = []
+    for r in frame.itertuples(index=False):
+        name = f"{r.model} {r.layer} {r.method}"
+        verdicts = {"deletion": (r.deletion_verdict, r.deletion_strongest, r.deletion_margin), "insertion": (r.insertion_verdict, r.insertion_strongest, r.insertion_margin)}
+        failing = [f"{curve} ({verdict} than the {baseline} map, margin {margin:+.3f})" for curve, (verdict, baseline, margin) in verdicts.items() if verdict != "better"]
+        if failing:
+            prior = " It does not beat the centre prior." if any(b == "centre" for curve, (v, b, _) in verdicts.items() if v != "better") else ""
+            lines.append(f"{name}: not more faithful on " + " and ".join(failing).replace("tie than", "no better than") + "." + prior)
+    if not lines:
+        return "Every map beats every baseline on both curves by more than two standard errors."
+    better = [f"{r.model} {r.layer} {r.method}" for r in frame.itertuples(index=False) if r.deletion_verdict == r.insertion_verdict == "better"]
+    summary = ("Better than every baseline on both curves: " + ", ".join(better) + ". ") if better else "No map beats every baseline on both curves. "
+    return summary + " ".join(lines)
+
+
 class RunReport:
     def __init__(self, run_dir: Path) -> None:
         from cifarcam.config import load_config
@@ -77,8 +152,8 @@ class RunReport:
         self.out.mkdir(parents=True, exist_ok=True)
         self.has_cams = has_view(self.con, "cams")
 
-    def sql(self, query: str) -> pd.DataFrame:
-        return run_sql(self.con, query)
+    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+        return run_sql(self.con, query, params)
 
     def image(self, image_index: int) -> np.ndarray:
         return self.test.images[self.position[int(image_index)]]
@@ -99,7 +174,11 @@ class RunReport:
         text = f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if sc.use_gpu else 'CPUs'} per worker x training wall time."
         if self.cfg.data.source == "cifar100":
             frame["paper_params_m"] = frame["model"].map(PAPER_PARAMS_M)
-            text += " paper_params_m is the paper's Table 1; its accuracies are not reproduced here."
+            frame["paper_test_top1"] = frame["model"].map(PAPER_TOP1_PCT) / 100
+            text += (
+                f" paper_params_m and paper_test_top1 are the seed paper's Tables 1 and 2 (CIFAR-100, 40 epochs); this run trained"
+                f" {self.cfg.train.epochs} epochs with its own search, so a gap says how far this run is from the paper's setting."
+            )
         return Section("Table 2: accuracy of each model", text, frame)
 
     def cam_grids(self) -> Section:
@@ -140,19 +219,19 @@ class RunReport:
 
     def degenerate(self) -> Section:
         if not self.has_cams:
-            return Section("Degenerate maps by layer feature size", "No cams in this run.")
+            return Section("Heatmaps by layer feature size", "No cams in this run.")
+        # Statistics of constant maps are null: the averages below cover the informative maps only.
         frame = self.sql(
-            """select layer_h || 'x' || layer_w as feature_size, count(distinct model || layer) as layers,
-                      avg(degenerate::int) as degenerate_share, avg(entropy) as mean_entropy,
-                      avg(top10_mass) as mean_top10_mass, avg(peak_in_object::int) as peak_on_object
+            """select layer_h || 'x' || layer_w as feature_size, any_value(layer_h) as h, count(distinct model || layer) as layers,
+                      count(*) as maps, avg(degenerate::int) as constant_share, avg(entropy) as mean_entropy,
+                      avg(top10_mass) as mean_top10_mass, avg(pointing_hit::int) as pointing_hit
                from cams group by layer_h, layer_w order by layer_h desc"""
         )
-
         measures = {
             "mean_entropy": "entropy (1 = uniform)",
             "mean_top10_mass": "mass in top 10% of pixels",
-            "peak_on_object": "peak on the object (synthetic)",
-            "degenerate_share": "degenerate share",
+            "pointing_hit": "peak within 2 px of the object",
+            "constant_share": "constant maps",
         }
 
         def draw(fig):
@@ -168,34 +247,94 @@ class RunReport:
             ax.legend(fontsize=7)
             fig.tight_layout()
 
-        return Section(
-            "Degenerate maps by layer feature size",
-            "The paper found final-layer maps meaningless at 32x32: a 1x1 or 2x2 layer can only say which quadrant. Entropy rises and object hits fall as the map shrinks.",
-            frame,
-            [_figure(self.out / "degenerate_by_size.png", draw, (5, 3.2))],
+        return Section("Heatmaps by layer feature size", _size_text(frame), frame.drop(columns="h"), [_figure(self.out / "degenerate_by_size.png", draw, (5, 3.2))])
+
+    def localisation(self) -> Section:
+        title = "Localisation: do the maps point at the object?"
+        if not self.has_cams or not self.sql("select count(*) as n from cams where object_area is not null")["n"][0]:
+            return Section(title, "This dataset has no object masks, so localisation is not scored (see results/README.md for adding masks or boxes).")
+        target = "pred" if "pred" in set(self.sql("select distinct target from cams").target) else "label"
+        frame = self.sql(
+            """select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
+                      avg(pointing_hit::int) as pointing_hit, avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
+                      avg(mass_on_object / object_area) as mass_vs_chance
+               from cams where correct and object_area is not null and target = ?
+               group by model, layer, method order by model, h desc, method""",
+            [target],
         )
+        return Section(title, _localisation_text(frame), frame.drop(columns="h"))
 
     def faithfulness(self) -> Section:
-        if not self.has_cams:
-            return Section("Faithfulness", "No cams in this run.")
-        frame = self.sql(
-            """select model, layer, any_value(layer_h) as h, avg(deletion_auc) as deletion_auc,
-                      avg(deletion_auc_random) as random_auc, avg(deletion_auc_random) - avg(deletion_auc) as margin
-               from cams where target = 'pred' and deletion_auc is not null group by model, layer order by model, h desc"""
+        title = "Faithfulness against trivial maps"
+        if not self.has_cams or not self.sql("select count(*) as n from cams where faithfulness_sample")["n"][0]:
+            return Section(title, "No faithfulness scores in this run (--faithfulness-steps 0 or --faithfulness-images 0).")
+        columns = []
+        for b in BASELINES:  # per image: how much better the map is than baseline b (paired)
+            columns += [
+                f"avg(deletion_auc_{b} - deletion_auc) as del_margin_{b}, stddev_samp(deletion_auc_{b} - deletion_auc) / sqrt(count(*)) as del_se_{b}",
+                f"avg(insertion_auc - insertion_auc_{b}) as ins_margin_{b}, stddev_samp(insertion_auc - insertion_auc_{b}) / sqrt(count(*)) as ins_se_{b}",
+            ]
+        raw = self.sql(
+            f"""select model, layer, any_value(layer_h) as h, method, count(*) as images,
+                       avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, {', '.join(columns)}
+                from cams where faithfulness_sample and deletion_auc is not null
+                group by model, layer, method order by model, h desc, method"""
         )
+        frame = _against_strongest(raw)
 
         def draw(fig):
             ax = fig.add_subplot(1, 1, 1)
-            labels = [f"{m}\n{l}" for m, l in zip(frame.model, frame.layer)]
+            labels = [f"{m}\n{l}\n{k}" for m, l, k in zip(frame.model, frame.layer, frame.method)]
             x = np.arange(len(frame))
-            ax.bar(x - 0.2, frame.deletion_auc, 0.4, label="Grad-CAM")
-            ax.bar(x + 0.2, frame.random_auc, 0.4, label="random heatmap")
-            ax.set_xticks(x, labels, fontsize=6, rotation=30, ha="right")
-            ax.set_ylabel("deletion AUC (lower = more faithful)")
+            ax.bar(x - 0.2, frame.deletion_margin, 0.4, yerr=2 * frame.deletion_se, label="deletion margin")
+            ax.bar(x + 0.2, frame.insertion_margin, 0.4, yerr=2 * frame.insertion_se, label="insertion margin")
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xticks(x, labels, fontsize=6)
+            ax.set_ylabel("margin over the strongest baseline")
             ax.legend(fontsize=7)
             fig.tight_layout()
 
-        return Section("Faithfulness by model and layer", "Deletion AUC of the predicted class against a random heatmap of the same image.", frame, [_figure(self.out / "faithfulness.png", draw, (max(5, 0.9 * len(frame)), 3.4))] if len(frame) else [])
+        settings = self.sql("select count(distinct image_index) as n from cams where faithfulness_sample")["n"][0]
+        text = (
+            f"Deletion (lower is better) and insertion (higher is better) AUCs of the predicted class on a seeded sample of {settings} test images,"
+            " removed pixels filled with a blurred copy of the image. Each map is compared with three maps that know nothing of the model"
+            " (random, a centre Gaussian, the image's Sobel edges); margin = how much better than the *strongest* of them, per curve,"
+            " with its standard error over images (error bars: 2 SE). " + _faithfulness_text(frame)
+        )
+        return Section(title, text, frame, [_figure(self.out / "faithfulness.png", draw, (max(5, 0.9 * len(frame)), 3.6))] if len(frame) else [])
+
+    def sanity(self) -> Section:
+        title = "Sanity check: do the maps change when the model's weights are randomised?"
+        if not has_view(self.con, "sanity"):
+            return Section(title, "No sanity check in this run (--sanity-images 0, or no method with a fast path).")
+        frame = self.sql(
+            """select model, layer, method, randomised_to as random_above, images, spearman, spearman_se
+               from sanity where "check" order by model, layer, method"""
+        )
+        frame["verdict"] = np.where(frame.spearman >= FAIL_SPEARMAN, "insensitive", "changes")
+        text = (
+            "Cascading randomisation (Adebayo et al., 2018) on a seeded sample: the weights are re-initialised from the head down, and each"
+            " map is compared with the trained model's map of the same image and class (Spearman rank correlation, 1 = unchanged)."
+            f" Shown: the step at which every layer above the explained one is random. At {FAIL_SPEARMAN} or more a map is flagged"
+            " 'insensitive': it depends more on the image than on what the model learned above that layer."
+        )
+        flagged = [f"{r.model} {r.layer} {r.method} ({r.spearman:.2f})" for r in frame.itertuples(index=False) if r.verdict == "insensitive"]
+        text += (" Flagged: " + ", ".join(flagged) + ".") if flagged else " No map is flagged."
+        steps = self.sql("select model, layer, method, step, randomised_to, spearman from sanity order by model, layer, method, step")
+
+        def draw(fig):
+            ax = fig.add_subplot(1, 1, 1)
+            for (model, layer, method), part in steps.groupby(["model", "layer", "method"]):
+                ax.plot(part.step, part.spearman, marker="o", markersize=3, label=f"{model} {layer} {method}")
+            first = steps.drop_duplicates("step").sort_values("step")
+            ax.set_xticks(first.step, [f"+{n}" for n in first.randomised_to], fontsize=7)
+            ax.set_xlabel("randomised, top down (cumulative)")
+            ax.set_ylabel("rank correlation with the trained map")
+            ax.axhline(FAIL_SPEARMAN, color="grey", linestyle="--", linewidth=0.8)
+            ax.legend(fontsize=6)
+            fig.tight_layout()
+
+        return Section(title, text, frame, [_figure(self.out / "sanity.png", draw, (6, 3.6))] if len(steps) else [])
 
     def confusions(self) -> Section:
         frame = self.sql(
@@ -317,7 +456,10 @@ class RunReport:
     def sections(self) -> list[Section]:
         if not self.sql("select count(*) as n from accuracy")["n"][0]:
             return [self.failed_search(), self.learning_curves(), self.search()]
-        return [self.table2(), self.cam_grids(), self.degenerate(), self.faithfulness(), self.confusions(), self.per_class(), self.learning_curves(), self.search()]
+        return [
+            self.table2(), self.cam_grids(), self.degenerate(), self.localisation(), self.faithfulness(), self.sanity(),
+            self.confusions(), self.per_class(), self.learning_curves(), self.search(),
+        ]
 
 
 def write_report(run_dir: Path, console: Console | None = None) -> Path:

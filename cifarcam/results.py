@@ -183,4 +183,20 @@ CAMS = pa.schema(
         *_FAITHFULNESS_COLUMNS,
     ]
 )
+# The cascading-randomisation sanity check (cifarcam.sanity): one row per model x CAM layer x
+# method x cascade step, in <run>/sanity/model=<family>.parquet.
+SANITY = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("method", pa.string()),
+        ("step", pa.int64()),  # 0: the head randomised; then one more CAM layer per step, top down
+        ("randomised_to", pa.string()),  # "head" or the CAM layer randomised at this step
+        ("images", pa.int64()),
+        ("spearman", pa.float64()),  # mean rank correlation with the trained model's map (1 = unchanged)
+        ("spearman_se", pa.float64()),
+        ("above_random", pa.bool_()),  # every layer above this one is random at this step
+        ("check", pa.bool_()),  # the first such step: the row the report judges
+    ]
+)
 CAM_PARTITIONS = ("model", "layer", "method")

@@ -10,7 +10,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -190,6 +190,7 @@ def read_cifar(source: str, path: str | None, cache_dir: str, download: bool) ->
 
 
 PARQUET_COLUMNS = {"image": "binary (an encoded PNG/JPEG per row)", "label": "integer class index"}
+# Optional: "mask" (binary, an encoded PNG, nonzero = object) or "box" ([x0, y0, x1, y1]), for localisation.
 
 
 def read_parquet_split(file: Path, class_names: tuple[str, ...] | None = None) -> ImageSet:
@@ -226,7 +227,35 @@ def read_parquet_split(file: Path, class_names: tuple[str, ...] | None = None) -
     if len(shapes) > 1:
         raise ValueError(f"{file}: images must all have one shape, found {sorted(shapes)[:3]}")
     stacked = np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8)
-    return ImageSet(stacked, labels, class_names).validate(str(file))
+    return ImageSet(stacked, labels, class_names, masks=_object_masks(table, file, stacked.shape[1:3])).validate(str(file))
+
+
+def _object_masks(table: Any, file: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """Optional object masks, for localisation scores: a ``mask`` column (an encoded PNG per row,
+    nonzero = object, the image's size) or a ``box`` column ([x0, y0, x1, y1] in pixels, x1 and
+    y1 exclusive). None when the table has neither."""
+    from PIL import Image
+
+    h, w = size
+    if "mask" in table.column_names:
+        masks = []
+        for i, blob in enumerate(table.column("mask").to_pylist()):
+            try:
+                mask = np.asarray(Image.open(io.BytesIO(blob)).convert("L")) > 0
+            except Exception as err:
+                raise ValueError(f"{file}: row {i}: column mask is not a decodable PNG ({err})") from None
+            if mask.shape != (h, w):
+                raise ValueError(f"{file}: row {i}: mask is {mask.shape[1]}x{mask.shape[0]}, expected the image's {w}x{h}")
+            masks.append(mask)
+        return np.stack(masks)
+    if "box" in table.column_names:
+        masks = np.zeros((table.num_rows, h, w), bool)
+        for i, box in enumerate(table.column("box").to_pylist()):
+            if box is None or len(box) != 4 or not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
+                raise ValueError(f"{file}: row {i}: box {box} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
+            masks[i, box[1] : box[3], box[0] : box[2]] = True
+        return masks
+    return None
 
 
 def read_parquet_dir(path: str | None) -> tuple[ImageSet, ImageSet]:

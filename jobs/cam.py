@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 from typing import TYPE_CHECKING
 
 from jobs.common import add_ray_options, connect_ray, console, run, run_folder
@@ -31,7 +33,8 @@ def add_cam_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=_csv, default=("pred", "label"), help="explain the predicted class, the true label, or both (default)")
     p.add_argument("--cam-batch-size", type=int, default=128, help="images per CAM batch (default: 128)")
     p.add_argument("--faithfulness-steps", type=int, default=16, help="deletion / insertion steps per heatmap; 0 turns faithfulness off (default: 16)")
-    p.add_argument("--faithfulness-images", type=int, default=256, help="the seeded sample of test images faithfulness is measured on (default: 256)")
+    p.add_argument("--faithfulness-images", type=int, default=128, help="the seeded sample of test images faithfulness is measured on (default: 128)")
+    p.add_argument("--sanity-images", type=int, default=64, help="test images for the weight-randomisation sanity check; 0 turns it off (default: 64)")
     p.add_argument("--actors", type=int, default=None, help="CAM actors (default: one per GPU, else one per CPU but one)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0, help="GPU share of each actor where there are GPUs (default: 1)")
 
@@ -50,7 +53,7 @@ def settings_from(args: argparse.Namespace):
 
     return CamSettings(
         methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size,
-        faithfulness_steps=args.faithfulness_steps, faithfulness_images=args.faithfulness_images,
+        faithfulness_steps=args.faithfulness_steps, faithfulness_images=args.faithfulness_images, sanity_images=args.sanity_images,
     )
 
 
@@ -119,10 +122,42 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
         actors = args.actors or max(1, int(gpus / gpus_per_actor) if gpus else cpus - 1)
         if not gpus and actors >= cpus:
             raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
-        summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor)
+        summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor, console=console)
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
+    checked = sanity_checks(run_dir, plans, test, settings)
+    if checked:
+        console.print(f"sanity check (cascading weight randomisation): {len(checked)} model(s) written to {run_dir / 'sanity'}")
     console.print(json.dumps({"models": [p.model.name for p in plans], "methods": list(settings.methods), "targets": list(settings.targets)}))
     return summary
+
+
+def sanity_checks(run_dir: Path, plans: list, test, settings) -> list[Path]:
+    """The randomisation sanity check per model, on a small seeded sample; skipped where the
+    file for these weights and settings exists. A Ray task sized like a CAM actor when Ray is up."""
+    import ray
+
+    from cifarcam.cam import METHODS
+    from cifarcam.sanity import check_checkpoint, is_current, sample_rows, sanity_file, write_sanity
+
+    if not settings.sanity_images:
+        return []
+    written = []
+    images = test.images[np.sort(sample_rows(len(test), settings.sanity_images, seed=0))]
+    for p in plans:
+        layers = [layer.name for layer in p.layers]
+        methods = [m for m in settings.methods if METHODS[m][0] is not None]
+        wanted = {"images": len(images), "seed": 0, "layers": layers, "methods": methods}
+        path = sanity_file(run_dir, p.spec.family)
+        if not methods or is_current(path, p.source.weights_sha256, wanted):
+            continue
+        if ray.is_initialized():
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+            rows = ray.get(ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint).remote(p.model.checkpoint, layers, methods, images, 0))
+        else:
+            rows = check_checkpoint(p.model.checkpoint, layers, methods, images, 0)
+        write_sanity(path, rows, p.source.weights_sha256, wanted)
+        written.append(path)
+    return written
 
 
 def main() -> int:

@@ -25,7 +25,8 @@ SMALL_SEARCH = """
 name: {name}
 data:
   source: synthetic
-  synthetic: {{num_classes: 10, train_size: 2000, test_size: 300}}
+  # the easy variant: these tests check plumbing and need a model that learns in seconds
+  synthetic: {{num_classes: 10, train_size: 2000, test_size: 300, colours: per_class}}
 train:
   model: resnet_tiny
   epochs: 2

@@ -17,7 +17,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from cifarcam.cam import METHODS, MultiLayerCam, deletion_auc, heatmap_stats
+from cifarcam.cam import METHODS, MultiLayerCam
+from cifarcam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map
+from cifarcam.heatmap_metrics import constant_maps, heatmap_stats, localisation
 from cifarcam.config import TrainConfig
 from cifarcam.loader import DeviceLoader
 from cifarcam.models import FAMILIES, ModelSpec, build_model, cam_layers
@@ -95,9 +97,12 @@ def test_the_cam_fast_path_stays_on_the_device(family):
     with HostDeviceTraffic() as traffic, MultiLayerCam(model, layers, FAMILIES[family].channels_last_output) as cams:
         out = cams(x, {"pred": None, "label": y}, fast, 32)
         heat = out.maps[("pred", layers[0], "gradcam")]
-        stats = heatmap_stats(heat)
-        auc = deletion_auc(model, x, heat, y, steps=4)
+        stats = heatmap_stats(heat) | localisation(heat, torch.zeros(8, 32, 32, dtype=torch.bool, device=META))
+        constant = constant_maps(out.raw_peak[("pred", layers[0], "gradcam")], 16, 16)
+        settings = FaithfulnessSettings(steps=4)
+        curves = deletion_insertion(model, x, heat, y, 4, blurred(x, settings.blur_sigma))
+        baselines = {"centre": centre_prior(8, 32, settings.centre_sigma, META), "edge": edge_map(x)}
     assert len(out.maps) == 2 * len(layers) * len(fast)
-    assert {t.device for t in [*out.maps.values(), *out.raw_peak.values(), *stats.values(), auc]} == {META}
+    assert {t.device for t in [*out.maps.values(), *out.raw_peak.values(), *stats.values(), constant, *curves, *baselines.values()]} == {META}
     assert heat.shape == (8, 32, 32)
     assert traffic.events == []

@@ -19,7 +19,7 @@ FAULTS = """
 name: {name}
 data:
   source: synthetic
-  synthetic: {{num_classes: 10, train_size: 3000, test_size: 300}}
+  synthetic: {{num_classes: 10, train_size: 3000, test_size: 300, colours: per_class}}  # plumbing: learns in seconds
 train:
   model: resnet_tiny
   optimizer: sgd

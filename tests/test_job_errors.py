@@ -23,7 +23,7 @@ import pytest
 
 from helpers import run_job, write_config
 
-OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40}}\n"
+OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40, colours: per_class}}\n"
 
 
 def in_process(capsys, module: str, *args: str) -> SimpleNamespace:
@@ -305,7 +305,7 @@ def test_ray_address_that_does_not_answer(tmp_path, existing_run):
     ],
 )
 def test_trial_larger_than_the_cluster_fails_fast(scaling, expected, tmp_path, existing_run):
-    data = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 1000, test_size: 40}}\n"
+    data = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 1000, test_size: 40, colours: per_class}}\n"
     text = f"name: x\n{data}train: {{model: resnet_tiny, epochs: 1}}\nscaling: {scaling}\n"
     before = _snapshot(existing_run)
     started = time.monotonic()

@@ -86,7 +86,7 @@ def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, t
 
 HOPELESS_SEARCH = """
 name: {name}
-data: {{source: synthetic, synthetic: {{num_classes: 4, train_size: 400, test_size: 40}}}}
+data: {{source: synthetic, synthetic: {{num_classes: 4, train_size: 400, test_size: 40, colours: per_class}}}}
 train: {{model: resnet_tiny, optimizer: sgd, lr: 1e12, weight_decay: 0.0, epochs: 2, batch_size: 64}}
 search: {{early_stopping: none}}
 scaling: {{workers_per_trial: 1}}

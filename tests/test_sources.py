@@ -168,3 +168,37 @@ def test_download_failure_says_where_to_put_the_files(tmp_path):
     release = replace(sources.CIFAR_RELEASES["cifar10"], url=(tmp_path / "missing.tar.gz").as_uri())
     with pytest.raises(FileNotFoundError, match=r"cannot download .* offline, put missing\.tar\.gz \(or the extracted cifar-10-batches-py/ folder\) in"):
         sources.download_archive(release, tmp_path / "cache")
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_parquet_masks_and_boxes_become_object_masks(tmp_path):
+    """Users with segmentation masks or boxes get localisation scores: both columns are read."""
+    image = _png(np.zeros((32, 32, 3), np.uint8))
+    drawn = np.zeros((32, 32), np.uint8)
+    drawn[4:9, 20:30] = 255
+    pq.write_table(pa.table({"image": [image, image], "label": [0, 1], "mask": [_png(drawn), _png(np.zeros((32, 32), np.uint8))]}), tmp_path / "m.parquet")
+    masks = sources.read_parquet_split(tmp_path / "m.parquet").masks
+    assert masks.shape == (2, 32, 32) and (masks[0] == (drawn > 0)).all() and not masks[1].any()
+    pq.write_table(pa.table({"image": [image], "label": [0], "box": [[20, 4, 30, 9]]}), tmp_path / "b.parquet")
+    assert (sources.read_parquet_split(tmp_path / "b.parquet").masks[0] == (drawn > 0)).all()  # x0, y0, x1, y1
+
+
+@pytest.mark.parametrize(
+    "column, value, expected",
+    [
+        ("box", [10, 4, 5, 9], r"b\.parquet: row 0: box \[10, 4, 5, 9\] is not \[x0, y0, x1, y1\] with 0 <= x0 < x1 <= 32"),
+        ("mask", "small", r"b\.parquet: row 0: mask is 8x8, expected the image's 32x32"),
+    ],
+)
+def test_bad_masks_and_boxes_are_named(tmp_path, column, value, expected):
+    value = _png(np.zeros((8, 8), np.uint8)) if value == "small" else value
+    pq.write_table(pa.table({"image": [_png(np.zeros((32, 32, 3), np.uint8))], "label": [0], column: [value]}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=expected):
+        sources.read_parquet_split(tmp_path / "b.parquet")

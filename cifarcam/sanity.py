@@ -1,0 +1,178 @@
+"""The model-randomisation sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", 2018).
+
+Cascading randomisation: re-initialise the model's weights from the top down (first the head, the
+layers after the last CAM layer; then each CAM layer, last to first) and compare each map with the
+trained model's map of the same image and class (Spearman rank correlation per image). A method
+whose maps barely change once everything above the explained layer is random is explaining the
+image (its edges, its colours), not what the model learned.
+
+It runs on a small seeded sample (the first images of the faithfulness sample), for the methods
+with a fast path; methods that exist only in pytorch-grad-cam are skipped here (said in the table).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+from cifarcam.cam import METHODS, MultiLayerCam
+
+# Once every layer above the explained one is random, a rank correlation this high means that the
+# map barely depends on what the model learned there (Adebayo et al. flag visually similar maps).
+FAIL_SPEARMAN = 0.5
+
+
+@dataclass(frozen=True)
+class CascadeStep:
+    name: str  # "head", or the CAM layer randomised at this step
+    modules: list[nn.Module]  # modules whose own parameters are re-initialised at this step
+
+
+def _leaves_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters, in the order the forward pass runs them."""
+    order: list[tuple[str, nn.Module]] = []
+    owners = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(lambda m, _i, _o, name=name: order.append((name, m))) for name, m in owners]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seen: set[str] = set()
+    return [(n, m) for n, m in order if not (n in seen or seen.add(n))]
+
+
+def cascade(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[CascadeStep]:
+    """Top-down steps: the head (what runs after the last CAM layer), then each CAM layer."""
+    leaves = _leaves_in_order(model, x)
+
+    def inside(name: str, layer: str) -> bool:
+        return name == layer or name.startswith(layer + ".")
+
+    last = max(i for i, (n, _) in enumerate(leaves) for layer in layers if inside(n, layer))
+    head = [m for n, m in leaves[last + 1 :] if not any(inside(n, layer) for layer in layers)]
+    steps = [CascadeStep("head", head)] if head else []
+    for layer in sorted(layers, key=lambda l: max(i for i, (n, _) in enumerate(leaves) if inside(n, l)), reverse=True):
+        steps.append(CascadeStep(layer, [m for n, m in leaves if inside(n, layer)]))
+    return steps
+
+
+def reinitialise(module: nn.Module, generator: torch.Generator) -> None:
+    """Fresh random weights for a module's own parameters (its usual initialiser where it has one)."""
+    devices = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):  # seeded, without touching the caller's RNG state
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        else:  # e.g. Swin's relative position tables, layer scales
+            for p in module.parameters(recurse=False):
+                nn.init.normal_(p, std=0.02)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.reset_running_stats()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row of (N, P) arrays: Spearman's rank correlation (average ranks for ties); NaN where a
+    row is constant."""
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    denominator = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(1) / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def randomisation_rows(
+    model: nn.Module, x: torch.Tensor, layers: list[str], methods: list[str], channels_last_output: bool, size: int, seed: int = 0
+) -> list[dict]:
+    """One row per (cascade step, layer, method): the mean and standard error over images of the
+    rank correlation between the trained model's map and the randomised model's, for the class
+    the trained model predicts. ``model`` is not modified (a copy is randomised)."""
+    fast = [m for m in methods if METHODS[m][0] is not None]
+    if not fast:
+        return []
+    with MultiLayerCam(model, layers, channels_last_output) as cams:
+        trained = cams(x, {"pred": None}, fast, size)
+    classes = trained.logits.argmax(1)
+    randomised = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    steps = cascade(randomised, layers, x)
+    # The step after which every layer above a CAM layer is random: the head for the last one,
+    # else the CAM layer just above it. That step's correlation is the check.
+    names = [step.name for step in steps]
+    check_step = {layer: names.index(layer) - 1 for layer in layers}
+    rows = []
+    for step, cut in enumerate(steps):
+        for module in cut.modules:
+            reinitialise(module, generator)
+        with MultiLayerCam(randomised, layers, channels_last_output) as cams:
+            now = cams(x, {"pred": classes}, fast, size)
+        for layer in layers:
+            for method in fast:
+                key = ("pred", layer, method)
+                rho = spearman(trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy())
+                valid = rho[np.isfinite(rho)]
+                rows.append(
+                    {
+                        "layer": layer,
+                        "method": method,
+                        "step": step,
+                        "randomised_to": cut.name,
+                        "images": int(len(valid)),
+                        "spearman": float(valid.mean()) if len(valid) else None,
+                        "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
+                        "above_random": step >= check_step[layer],  # every layer above this one is random
+                        "check": step == check_step[layer],
+                    }
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# One table per model: <run>/sanity/model=<family>.parquet
+
+
+def sanity_file(run_dir: Path, family: str) -> Path:
+    return run_dir / "sanity" / f"model={family}.parquet"
+
+
+def is_current(path: Path, source_sha256: str, settings: dict) -> bool:
+    """The file exists and was computed from these weights with these settings."""
+    if not path.is_file():
+        return False
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"source_sha256", b"null")) == source_sha256 and json.loads(meta.get(b"settings", b"null")) == settings
+
+
+def sample_rows(n: int, images: int, seed: int) -> np.ndarray:
+    """The first ``images`` rows of the seeded permutation the faithfulness sample also starts with."""
+    return np.random.default_rng(seed).permutation(n)[:images]
+
+
+def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int) -> list[dict]:
+    """The rows for one checkpoint, on the device there is (run as a Ray task on a cluster)."""
+    from cifarcam.checkpoint import load_model
+    from cifarcam.loader import to_model_input
+    from cifarcam.models import FAMILIES, ModelSpec
+    from cifarcam.results import HEATMAP_SIZE
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_model(checkpoint, device)
+    spec = ModelSpec(**meta["model"])
+    x = to_model_input(torch.from_numpy(images).to(device), spec.input_size)
+    rows = randomisation_rows(model, x, layers, methods, FAMILIES[spec.family].channels_last_output, HEATMAP_SIZE, seed)
+    return [{"model": spec.family} | row for row in rows]
+
+
+def write_sanity(path: Path, rows: list[dict], source_sha256: str, settings: dict) -> None:
+    from cifarcam.results import SANITY, write_table
+
+    write_table(rows, SANITY, path, metadata={"source_sha256": source_sha256, "settings": settings})
