@@ -157,8 +157,7 @@ class CamActor:
             baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = deletion, insertion
         per_map = {}
         for key, heat in maps.items():
-            full = scores(heat[rows])
-            full[:, constant[key]] = float("nan")
+            full = torch.where(constant[key], float("nan"), scores(heat[rows]))  # no boolean-mask indexing: no host sync
             per_map[key] = tuple(full.cpu().numpy())
         return baselines, per_map
 

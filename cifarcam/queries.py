@@ -21,8 +21,8 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     for name, file in TABLE_FILES.items():
         con.execute(f"create view {name} as select * from read_parquet('{run_dir / file}')")
-    if any((run_dir / "sanity").glob("model=*.parquet")):
-        con.execute(f"create view sanity as select * from read_parquet('{run_dir}/sanity/model=*.parquet')")
+    if any((run_dir / "sanity").glob("model=*/method=*.parquet")):
+        con.execute(f"create view sanity as select * from read_parquet('{run_dir}/sanity/model=*/method=*.parquet', hive_partitioning = false)")
     if any((run_dir / "cams").glob("model=*/layer=*/method=*/*.parquet")):
         con.execute(f"create view cams as select * from read_parquet('{run_dir}/cams/**/*.parquet', hive_partitioning = true)")
     return con

@@ -65,6 +65,14 @@ def _overlay(ax, image: np.ndarray, heatmap: np.ndarray | None, title: str) -> N
     ax.axis("off")
 
 
+def with_paper_columns(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The seed paper's parameter counts and CIFAR-100 accuracies beside each family's row, for a
+    CIFAR-100 run only (on another dataset they compare nothing)."""
+    if dataset != "cifar100":
+        return frame
+    return frame.assign(paper_params_m=frame["model"].map(PAPER_PARAMS_M), paper_test_top1=frame["model"].map(PAPER_TOP1_PCT) / 100)
+
+
 # ---------------------------------------------------------------------------------------------
 # Words that follow the numbers
 
@@ -172,9 +180,8 @@ class RunReport:
                 from accuracy order by test_top1 desc"""
         )
         text = f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if sc.use_gpu else 'CPUs'} per worker x training wall time."
+        frame = with_paper_columns(frame, self.cfg.data.source)
         if self.cfg.data.source == "cifar100":
-            frame["paper_params_m"] = frame["model"].map(PAPER_PARAMS_M)
-            frame["paper_test_top1"] = frame["model"].map(PAPER_TOP1_PCT) / 100
             text += (
                 f" paper_params_m and paper_test_top1 are the seed paper's Tables 1 and 2 (CIFAR-100, 40 epochs); this run trained"
                 f" {self.cfg.train.epochs} epochs with its own search, so a gap says how far this run is from the paper's setting."

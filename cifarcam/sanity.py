@@ -137,11 +137,15 @@ def randomisation_rows(
 
 
 # ---------------------------------------------------------------------------------------------
-# One table per model: <run>/sanity/model=<family>.parquet
+# One file per model and method: <run>/sanity/model=<family>/method=<method>.parquet
 
 
-def sanity_file(run_dir: Path, family: str) -> Path:
-    return run_dir / "sanity" / f"model={family}.parquet"
+def sanity_file(run_dir: Path, family: str, method: str) -> Path:
+    """One file per model and method: two jobs explaining one run with other methods never
+    overwrite each other's rows."""
+    from cifarcam.partitions import encode
+
+    return run_dir / "sanity" / f"model={encode(family)}" / f"method={encode(method)}.parquet"
 
 
 def is_current(path: Path, source_sha256: str, settings: dict) -> bool:

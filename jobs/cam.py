@@ -126,7 +126,7 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
     checked = sanity_checks(run_dir, plans, test, settings)
     if checked:
-        console.print(f"sanity check (cascading weight randomisation): {len(checked)} model(s) written to {run_dir / 'sanity'}")
+        console.print(f"sanity check (cascading weight randomisation): {len(checked)} file(s) written under {run_dir / 'sanity'}")
     console.print(json.dumps({"models": [p.model.name for p in plans], "methods": list(settings.methods), "targets": list(settings.targets)}))
     return summary
 
@@ -145,18 +145,20 @@ def sanity_checks(run_dir: Path, plans: list, test, settings) -> list[Path]:
     images = test.images[np.sort(sample_rows(len(test), settings.sanity_images, seed=0))]
     for p in plans:
         layers = [layer.name for layer in p.layers]
-        methods = [m for m in settings.methods if METHODS[m][0] is not None]
-        wanted = {"images": len(images), "seed": 0, "layers": layers, "methods": methods}
-        path = sanity_file(run_dir, p.spec.family)
-        if not methods or is_current(path, p.source.weights_sha256, wanted):
+        wanted = {"images": len(images), "seed": 0, "layers": layers}
+        fast = [m for m in settings.methods if METHODS[m][0] is not None]
+        methods = [m for m in fast if not is_current(sanity_file(run_dir, p.spec.family, m), p.source.weights_sha256, wanted)]
+        if not methods:
             continue
         if ray.is_initialized():
             gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
             rows = ray.get(ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint).remote(p.model.checkpoint, layers, methods, images, 0))
         else:
             rows = check_checkpoint(p.model.checkpoint, layers, methods, images, 0)
-        write_sanity(path, rows, p.source.weights_sha256, wanted)
-        written.append(path)
+        for method in methods:
+            path = sanity_file(run_dir, p.spec.family, method)
+            write_sanity(path, [r for r in rows if r["method"] == method], p.source.weights_sha256, wanted)
+            written.append(path)
     return written
 
 

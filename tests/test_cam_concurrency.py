@@ -30,6 +30,12 @@ def test_two_jobs_on_one_run_lose_nothing_and_a_rerun_recomputes_nothing(demo_ru
     assert len(counts) == 2 * 3 * 2  # models x layers x methods
     assert all(n == distinct == images for *_, n, distinct in counts), counts
     assert not (run / ".staging").exists()
+    # each job showed its own progress, per model, in its log
+    assert "cams resnet_tiny (gradcam++): " in first.output() and "cams resnet_tiny (xgradcam): " in second.output()
+    assert f"cams mobilenetv3_small (xgradcam): {images}/{images} images (100%)" in second.output()
+    # the sanity check of both jobs' methods survived: one file per model and method
+    sanity = duckdb.sql(f"select model, method, count(*) from read_parquet('{run}/sanity/*/*.parquet') group by all order by all").fetchall()
+    assert [(m, k) for m, k, _ in sanity] == [(m, k) for m in ("mobilenetv3_small", "resnet_tiny") for k in ("gradcam++", "xgradcam")]
 
     rerun = run_job(*common, "--methods", "gradcam++,xgradcam", timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -13,8 +13,10 @@ from helpers import ROOT, run_job
 SECTIONS = [
     "Table 2: accuracy of each model",
     "Grad-CAM by layer: correct and misclassified examples",
-    "Degenerate maps by layer feature size",
-    "Faithfulness by model and layer",
+    "Heatmaps by layer feature size",
+    "Localisation: do the maps point at the object?",
+    "Faithfulness against trivial maps",
+    "Sanity check: do the maps change when the model's weights are randomised?",
     "Most-confused class pairs",
     "Per-class accuracy",
     "Learning curves",
@@ -33,7 +35,7 @@ def test_report_has_every_section_and_its_figures(demo_run):
     for title in SECTIONS:
         assert f"## {title}" in text, title
     models = [m for (m,) in duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by model").fetchall()]
-    expected = {f"cams_{m}.png" for m in models} | {"degenerate_by_size.png", "faithfulness.png", "confusions.png", "per_class_accuracy.png", "learning_curves.png", "search.png"}
+    expected = {f"cams_{m}.png" for m in models} | {"degenerate_by_size.png", "faithfulness.png", "sanity.png", "confusions.png", "per_class_accuracy.png", "learning_curves.png", "search.png"}
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))
     assert expected <= linked
     for name in expected:
@@ -58,6 +60,43 @@ def test_report_numbers_agree_with_direct_counts(demo_run):
     confusions = text.split("## Most-confused class pairs")[1].split("##")[0]
     first_row = [line for line in confusions.splitlines() if line.startswith("| ") and "model" not in line][0]
     assert first_row.rstrip(" |").endswith(str(n_wrong_pairs))
+
+
+def test_the_reports_words_follow_its_numbers(demo_run):
+    """Every map the faithfulness table does not call better than its strongest baseline on both
+    curves is named in a sentence saying so; the others are listed as better. Likewise the sanity
+    check's flags and the localisation text's weak maps."""
+    text = (demo_run / "report" / "report.md").read_text()
+    faithfulness = text.split("## Faithfulness against trivial maps")[1].split("\n## ")[0]
+    con = connect(demo_run)
+    rows = run_sql(con, """select model, layer, method,
+        avg(least(deletion_auc_random, deletion_auc_centre, deletion_auc_edge) - deletion_auc) as worst_deletion_margin
+        from cams where faithfulness_sample and deletion_auc is not null group by all""")
+    assert len(rows)
+    for r in rows.itertuples(index=False):
+        name = f"{r.model} {r.layer} {r.method}"
+        said_not = f"{name}: not more faithful on" in faithfulness
+        said_better = re.search(rf"Better than every baseline on both curves: [^.]*{re.escape(name)}", faithfulness) is not None
+        assert said_not != said_better, name  # exactly one verdict in words
+        if r.worst_deletion_margin <= 0:  # a per-image average cannot beat a baseline it trails on average
+            assert said_not, name
+    sanity = text.split("## Sanity check")[1].split("\n## ")[0]
+    for model, layer, method, rho in run_sql(con, 'select model, layer, method, spearman from sanity where "check"').itertuples(index=False):
+        assert (f"{model} {layer} {method} ({rho:.2f})" in sanity) == (rho >= 0.5)
+    if "No map is flagged." in sanity:
+        assert run_sql(con, 'select count(*) as n from sanity where "check" and spearman >= 0.5')["n"][0] == 0
+
+
+def test_the_papers_accuracies_stand_beside_ours_for_cifar100_only():
+    import pandas as pd
+
+    from cifarcam.report import with_paper_columns
+
+    frame = pd.DataFrame({"model": ["resnet50", "swin", "resnet_tiny"], "test_top1": [0.5, 0.4, 0.3]})
+    paper = with_paper_columns(frame, "cifar100")
+    assert paper["paper_test_top1"].tolist()[:2] == pytest.approx([0.8715, 0.7085]) and pd.isna(paper["paper_test_top1"].tolist()[2])
+    assert paper["paper_params_m"].tolist()[:2] == [23.7, 28.3]
+    assert "paper_test_top1" not in with_paper_columns(frame, "cifar10").columns
 
 
 def test_the_ten_documented_queries_run(demo_run):
