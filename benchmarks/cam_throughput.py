@@ -136,7 +136,7 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
         if threads:
             torch.set_num_threads(threads)
         actor = CamActor(str(ckpt), "bench", settings, layers)
-        table = images_table(subset)
+        table = images_table(subset, faithfulness=settings.faithfulness)  # the sample explain() marks
         start = time.perf_counter()
         out = [actor(table.slice(i, batch_size)) for i in range(0, len(subset), batch_size)]
         pq.write_table(pa.concat_tables(out), Path(tmp) / "loop.parquet")

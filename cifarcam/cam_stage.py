@@ -28,7 +28,7 @@ from cifarcam.cam import METHODS, MultiLayerCam, method_key, reference_maps
 from cifarcam.checkpoint import load_model
 from cifarcam.config import ConfigError
 from cifarcam.data import ImageSet
-from cifarcam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion
+from cifarcam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion, seeded_noise
 from cifarcam.faithfulness import sample as faithfulness_sample
 from cifarcam.heatmap_metrics import constant_maps, heatmap_stats, localisation
 from cifarcam.loader import to_model_input
@@ -118,7 +118,6 @@ class CamActor:
             if layer.degenerate:
                 warnings.warn(f"{self.spec.family} {layer.name} is {layer.height}x{layer.width}: its maps are degenerate", stacklevel=1)
         self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], self.channels_last_output)
-        self.generator = torch.Generator(device=self.device).manual_seed(0)
         self.progress = progress  # an ImageCounter actor, or None
 
     def _maps(self, x: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
@@ -138,21 +137,27 @@ class CamActor:
                     spread[(kind, layer.name, method)] = heat.flatten(1).amax(1) - heat.flatten(1).amin(1)
         return out.logits, pred, maps, spread
 
-    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, maps: dict, constant: dict) -> tuple[dict, dict]:
+    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, image_index: np.ndarray, maps: dict, constant: dict) -> tuple[dict, dict]:
         """Deletion and insertion AUCs for the sampled ``rows`` (NaN for the others, and for
         constant maps): (baseline column -> (B,) array, map key -> (deletion, insertion))."""
         n, f = len(x), self.settings.faithfulness
         xs, cs = x[rows], classes[rows]
-        fill = blurred(xs, f.blur_sigma)
+        # sigma is in CIFAR pixels: at input_size 224 the image is 7x larger, and so is the blur
+        fill = blurred(xs, f.blur_sigma * x.shape[-1] / results.HEATMAP_SIZE)
+        # The random baseline and the tie-break noise are functions of the image alone (its index
+        # and the seed): the same whichever actor, batch or job computes them.
+        chosen = image_index[rows.cpu().numpy()]
+        random_map = seeded_noise(chosen, f.seed, results.HEATMAP_SIZE).to(x.device)
+        tie_break = seeded_noise(chosen, f.seed + 1, results.HEATMAP_SIZE).to(x.device)
 
         def scores(heat: torch.Tensor) -> torch.Tensor:
             full = torch.full((2, n), float("nan"), device=x.device)
             if len(rows):
-                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill))
+                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill, tie_break))
             return full
 
         baselines = {}
-        for name, heat in baseline_maps(xs, f, self.generator).items():
+        for name, heat in baseline_maps(xs, f, random_map).items():
             deletion, insertion = scores(heat).cpu().numpy()
             baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = deletion, insertion
         per_map = {}
@@ -188,7 +193,7 @@ class CamActor:
             target = {"target": [kind] * n, "target_class": classes.cpu().numpy(), "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy()}
             faithful = kind == "pred" and self.settings.faithfulness.enabled
             kind_maps = {key: heat for key, heat in maps.items() if key[0] == kind}
-            baselines, per_map = self._faithfulness(x, classes, sample_rows, kind_maps, constant) if faithful else ({}, {})
+            baselines, per_map = self._faithfulness(x, classes, sample_rows, shared["image_index"], kind_maps, constant) if faithful else ({}, {})
             for layer in self.layers:
                 for method in self.settings.methods:
                     key = (kind, layer.name, method)

@@ -23,6 +23,7 @@ Every step of every map of a batch runs as one batched forward (chunked to bound
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -45,7 +46,7 @@ class FaithfulnessSettings:
     steps: int = 16  # fractions of pixels removed / revealed; 0 turns faithfulness off
     images: int = 128  # a seeded sample of the test set (the predicted class only)
     seed: int = 0
-    blur_sigma: float = 2.0  # pixels: removed pixels take the blurred image's values
+    blur_sigma: float = 2.0  # in 32-px image pixels (scaled with input_size): removed pixels take the blurred image's values
     centre_sigma: float = 0.25  # of the image side, for the centre-prior baseline
 
     @property
@@ -53,7 +54,13 @@ class FaithfulnessSettings:
         return self.steps > 0 and self.images > 0
 
     def metadata(self) -> dict:
-        return asdict(self) | {"fill": "gaussian_blur", "baselines": list(BASELINES), "target": "pred", "curve": "softmax probability, trapezoid AUC"}
+        return asdict(self) | {
+            "fill": "gaussian_blur",
+            "baselines": list(BASELINES),
+            "target": "pred",
+            "curve": "softmax probability, trapezoid AUC",
+            "random_map_and_ties": "uniform noise seeded by (seed, image_index)",
+        }
 
 
 def sample(n: int, settings: FaithfulnessSettings) -> np.ndarray:
@@ -71,8 +78,18 @@ def blurred(x: Tensor, sigma: float) -> Tensor:
     return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
 
 
-def _ranks(maps: Tensor) -> Tensor:
-    """(N, H*W) rank of each pixel, 0 = most salient."""
+def seeded_noise(image_index: np.ndarray, seed: int, size: int) -> Tensor:
+    """(N, size, size) uniform noise, a function of each image's index and the seed alone: the same
+    whichever actor, block order or device draws it (a CPU generator per image)."""
+    return torch.stack([torch.rand(size, size, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in image_index])
+
+
+def _ranks(maps: Tensor, tie_break: Tensor | None) -> Tensor:
+    """(N, H*W) rank of each pixel, 0 = most salient. Equal values (the zeros a ReLU leaves, a
+    symmetric prior) are ordered by ``tie_break`` noise, not by raster position: removing them
+    top-left first would bias every map with flat regions."""
+    if tie_break is not None:
+        maps = maps + 1e-6 * tie_break
     order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=maps.device).expand_as(order))
@@ -90,17 +107,24 @@ def _auc(curve: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def deletion_insertion(model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, fill: Tensor) -> tuple[Tensor, Tensor]:
+def deletion_insertion(
+    model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, fill: Tensor, tie_break: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(deletion AUC, insertion AUC), each (N,), for maps (N, h, w) of inputs ``x`` (N, C, H, W).
 
     ``fill``: what removed pixels become (N, C, H, W), e.g. ``blurred(x, sigma)``. Deletion
-    starts at ``x`` and ends at ``fill``; insertion starts at ``fill`` and ends at ``x``."""
+    starts at ``x`` and ends at ``fill``; insertion starts at ``fill`` and ends at ``x``.
+    ``tie_break``: (N, h, w) noise that orders equal map values (see ``_ranks``)."""
     n, c, hh, ww = x.shape
-    if maps.shape[-2:] != (hh, ww):
-        maps = F.interpolate(maps[:, None].float(), size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
-    thresholds = torch.tensor([(k * hh * ww) // steps for k in range(steps + 1)], device=x.device)
+
+    def resized(t: Tensor) -> Tensor:
+        return t if t.shape[-2:] == (hh, ww) else F.interpolate(t[:, None].float(), size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
+
+    maps = resized(maps)
+    tie_break = resized(tie_break) if tie_break is not None else None
+    thresholds = torch.arange(steps + 1, device=x.device) * (hh * ww) // steps  # no host-to-device copy
     # removed[i, k, p]: pixel p of image i is among the first k/steps most salient
-    removed = (_ranks(maps)[:, None, :] < thresholds[None, :, None]).view(n, steps + 1, 1, hh, ww)
+    removed = (_ranks(maps, tie_break)[:, None, :] < thresholds[None, :, None]).view(n, steps + 1, 1, hh, ww)
     xs, fills = x[:, None], fill[:, None]
     deletion = torch.where(removed, fills, xs)
     insertion = torch.where(removed, xs, fills)
@@ -116,19 +140,25 @@ def centre_prior(n: int, size: int, sigma: float, device: torch.device) -> Tenso
     return g.expand(n, size, size)
 
 
+@functools.lru_cache(maxsize=None)
+def _sobel(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The two Sobel kernels, copied to each device once."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    return torch.stack([kx, kx.T])[:, None].to(device=device, dtype=dtype)
+
+
 def edge_map(x: Tensor) -> Tensor:
     """Sobel gradient magnitude of the image's grey level (N, H, W): a map of its edges alone."""
     grey = x.mean(1, keepdim=True)
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=x.device, dtype=grey.dtype)
-    kernels = torch.stack([kx, kx.T])[:, None]
-    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), _sobel(x.device, grey.dtype))
     return g.pow(2).sum(1).sqrt()
 
 
-def baseline_maps(x: Tensor, settings: FaithfulnessSettings, generator: torch.Generator) -> dict[str, Tensor]:
+def baseline_maps(x: Tensor, settings: FaithfulnessSettings, noise: Tensor) -> dict[str, Tensor]:
+    """The three trivial maps for inputs ``x``; ``noise`` (N, h, w) is the random map."""
     n, _, hh, ww = x.shape
     return {
-        "random": torch.rand(n, hh, ww, generator=generator, device=x.device),
+        "random": noise,
         "centre": centre_prior(n, hh, settings.centre_sigma, x.device),
         "edge": edge_map(x),
     }

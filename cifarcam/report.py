@@ -107,7 +107,7 @@ def _localisation_text(frame: pd.DataFrame) -> str:
 
 
 def _verdict(margin: float, se: float) -> str:
-    if not np.isfinite(margin):
+    if not (np.isfinite(margin) and np.isfinite(se)):  # no image, or one (no standard error)
         return "n/a"
     if margin > 2 * se:
         return "better"
@@ -133,6 +133,9 @@ def _faithfulness_text(frame: pd.DataFrame) -> str:
     lines = []
     for r in frame.itertuples(index=False):
         name = f"{r.model} {r.layer} {r.method}"
+        if "n/a" in (r.deletion_verdict, r.insertion_verdict):
+            lines.append(f"{name}: too few scored images to judge ({r.images}).")
+            continue
         verdicts = {"deletion": (r.deletion_verdict, r.deletion_strongest, r.deletion_margin), "insertion": (r.insertion_verdict, r.insertion_strongest, r.insertion_margin)}
         failing = [f"{curve} ({verdict} than the {baseline} map, margin {margin:+.3f})" for curve, (verdict, baseline, margin) in verdicts.items() if verdict != "better"]
         if failing:
@@ -264,7 +267,7 @@ class RunReport:
         frame = self.sql(
             """select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
                       avg(pointing_hit::int) as pointing_hit, avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
-                      avg(mass_on_object / object_area) as mass_vs_chance
+                      avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance
                from cams where correct and object_area is not null and target = ?
                group by model, layer, method order by model, h desc, method""",
             [target],
@@ -274,7 +277,10 @@ class RunReport:
     def faithfulness(self) -> Section:
         title = "Faithfulness against trivial maps"
         if not self.has_cams or not self.sql("select count(*) as n from cams where faithfulness_sample")["n"][0]:
-            return Section(title, "No faithfulness scores in this run (--faithfulness-steps 0 or --faithfulness-images 0).")
+            why = "--faithfulness-steps 0 or --faithfulness-images 0"
+            if self.has_cams and "pred" not in set(self.sql("select distinct target from cams").target):
+                why = "it is measured for the predicted class, and this run explained the label only (--targets label)"
+            return Section(title, f"No faithfulness scores in this run ({why}).")
         columns = []
         for b in BASELINES:  # per image: how much better the map is than baseline b (paired)
             columns += [
@@ -318,7 +324,7 @@ class RunReport:
             """select model, layer, method, randomised_to as random_above, images, spearman, spearman_se
                from sanity where "check" order by model, layer, method"""
         )
-        frame["verdict"] = np.where(frame.spearman >= FAIL_SPEARMAN, "insensitive", "changes")
+        frame["verdict"] = np.where(frame.spearman.isna(), "n/a", np.where(frame.spearman >= FAIL_SPEARMAN, "insensitive", "changes"))
         text = (
             "Cascading randomisation (Adebayo et al., 2018) on a seeded sample: the weights are re-initialised from the head down, and each"
             " map is compared with the trained model's map of the same image and class (Spearman rank correlation, 1 = unchanged)."
@@ -327,6 +333,9 @@ class RunReport:
         )
         flagged = [f"{r.model} {r.layer} {r.method} ({r.spearman:.2f})" for r in frame.itertuples(index=False) if r.verdict == "insensitive"]
         text += (" Flagged: " + ", ".join(flagged) + ".") if flagged else " No map is flagged."
+        unmeasured = [f"{r.model} {r.layer} {r.method}" for r in frame.itertuples(index=False) if r.verdict == "n/a"]
+        if unmeasured:
+            text += " Not measurable (every map constant): " + ", ".join(unmeasured) + "."
         steps = self.sql("select model, layer, method, step, randomised_to, spearman from sanity order by model, layer, method, step")
 
         def draw(fig):

@@ -28,6 +28,8 @@ from cifarcam.cam import METHODS, MultiLayerCam
 # Once every layer above the explained one is random, a rank correlation this high means that the
 # map barely depends on what the model learned there (Adebayo et al. flag visually similar maps).
 FAIL_SPEARMAN = 0.5
+# Changes whenever the cascade's steps do, so that files computed the old way are recomputed.
+CASCADE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,18 +54,21 @@ def _leaves_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Mo
 
 
 def cascade(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[CascadeStep]:
-    """Top-down steps: the head (what runs after the last CAM layer), then each CAM layer."""
+    """Top-down steps that together cover every module with parameters: the head (what runs after
+    the last CAM layer), then each CAM layer together with everything between it and the CAM layer
+    below it (the blocks between two CAM layers, and the stem below the first, are random too)."""
     leaves = _leaves_in_order(model, x)
 
     def inside(name: str, layer: str) -> bool:
         return name == layer or name.startswith(layer + ".")
 
-    last = max(i for i, (n, _) in enumerate(leaves) for layer in layers if inside(n, layer))
-    head = [m for n, m in leaves[last + 1 :] if not any(inside(n, layer) for layer in layers)]
-    steps = [CascadeStep("head", head)] if head else []
-    for layer in sorted(layers, key=lambda l: max(i for i, (n, _) in enumerate(leaves) if inside(n, l)), reverse=True):
-        steps.append(CascadeStep(layer, [m for n, m in leaves if inside(n, layer)]))
-    return steps
+    ends = {layer: max(i for i, (n, _) in enumerate(leaves) if inside(n, layer)) for layer in layers}
+    bottom_up = sorted(layers, key=ends.__getitem__)
+    steps = [CascadeStep("head", [m for _, m in leaves[ends[bottom_up[-1]] + 1 :]])]
+    for below, layer in reversed(list(zip([None, *bottom_up[:-1]], bottom_up))):
+        start = ends[below] + 1 if below is not None else 0
+        steps.append(CascadeStep(layer, [m for _, m in leaves[start : ends[layer] + 1]]))
+    return [step for step in steps if step.modules or step.name != "head"]
 
 
 def reinitialise(module: nn.Module, generator: torch.Generator) -> None:

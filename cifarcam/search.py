@@ -254,7 +254,8 @@ def _with_earlier_epochs(rows: list[dict]) -> list[dict]:
 def _rows_from_checkpoints(trial_dir: Path) -> list[dict]:
     """Every epoch a trial's newest checkpoint records. For a trial that reported nothing to Tune:
     its driver died after the last epoch, and the restarted driver found no epoch left to run."""
-    folders = {read_meta(f)["epoch"]: f for f in trial_dir.glob("checkpoint_*") if (f / META_FILE).is_file()}
+    metas = {f: read_meta(f) for f in trial_dir.glob("checkpoint_*") if (f / META_FILE).is_file()}
+    folders = {meta["epoch"]: f for f, meta in metas.items() if meta.get("epoch")}
     if not folders:
         return []
     history = read_meta(folders[max(folders)]).get("history", [])

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from typing import TYPE_CHECKING
 
 from jobs.common import add_ray_options, connect_ray, console, run, run_folder
 
@@ -124,37 +124,45 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
             raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
         summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor, console=console)
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
-    checked = sanity_checks(run_dir, plans, test, settings)
+    def connect() -> None:
+        if not ray.is_initialized():
+            connect_ray(args.address, args.num_cpus)
+
+    checked = sanity_checks(run_dir, plans, test, settings, connect)
     if checked:
         console.print(f"sanity check (cascading weight randomisation): {len(checked)} file(s) written under {run_dir / 'sanity'}")
     console.print(json.dumps({"models": [p.model.name for p in plans], "methods": list(settings.methods), "targets": list(settings.targets)}))
     return summary
 
 
-def sanity_checks(run_dir: Path, plans: list, test, settings) -> list[Path]:
+def sanity_checks(run_dir: Path, plans: list, test, settings, connect: Callable[[], None]) -> list[Path]:
     """The randomisation sanity check per model, on a small seeded sample; skipped where the
-    file for these weights and settings exists. A Ray task sized like a CAM actor when Ray is up."""
+    file for these weights and settings exists. Each model's check is a Ray task with a GPU where
+    the cluster has GPUs (``connect`` joins or starts Ray when there is work), all at once."""
     import ray
 
     from cifarcam.cam import METHODS
-    from cifarcam.sanity import check_checkpoint, is_current, sample_rows, sanity_file, write_sanity
+    from cifarcam.sanity import CASCADE_VERSION, check_checkpoint, is_current, sample_rows, sanity_file, write_sanity
 
     if not settings.sanity_images:
         return []
-    written = []
     images = test.images[np.sort(sample_rows(len(test), settings.sanity_images, seed=0))]
+    fast = [m for m in settings.methods if METHODS[m][0] is not None]
+    work = []  # (plan, layers, the settings it is computed with, methods still missing)
     for p in plans:
         layers = [layer.name for layer in p.layers]
-        wanted = {"images": len(images), "seed": 0, "layers": layers}
-        fast = [m for m in settings.methods if METHODS[m][0] is not None]
+        wanted = {"images": len(images), "seed": 0, "layers": layers, "cascade": CASCADE_VERSION}
         methods = [m for m in fast if not is_current(sanity_file(run_dir, p.spec.family, m), p.source.weights_sha256, wanted)]
-        if not methods:
-            continue
-        if ray.is_initialized():
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-            rows = ray.get(ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint).remote(p.model.checkpoint, layers, methods, images, 0))
-        else:
-            rows = check_checkpoint(p.model.checkpoint, layers, methods, images, 0)
+        if methods:
+            work.append((p, layers, wanted, methods))
+    if not work:
+        return []
+    connect()
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint)
+    results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0) for p, layers, _, methods in work])
+    written = []
+    for (p, _, wanted, methods), rows in zip(work, results):
         for method in methods:
             path = sanity_file(run_dir, p.spec.family, method)
             write_sanity(path, [r for r in rows if r["method"] == method], p.source.weights_sha256, wanted)

@@ -94,6 +94,7 @@ def test_the_cam_fast_path_stays_on_the_device(family):
     images, labels = _data(8)
     x, y = next(iter(DeviceLoader(images, labels, 8, device=META, train=False)))
     fast = [name for name, (function, _) in METHODS.items() if function is not None]
+    edge_map(x)  # its Sobel kernels are copied to a device once per process, not per batch
     with HostDeviceTraffic() as traffic, MultiLayerCam(model, layers, FAMILIES[family].channels_last_output) as cams:
         out = cams(x, {"pred": None, "label": y}, fast, 32)
         heat = out.maps[("pred", layers[0], "gradcam")]

@@ -17,7 +17,7 @@ def test_gpu_check_cpu_mode_writes_its_table(tmp_path, cifar10_parquet):
     figures = json.loads((out / "gpu_check.json").read_text())
     assert figures["environment"]["mode"] == "cpu" and figures["gpu_tests"] is None
     assert all(row["images_per_s"] > 0 and row["tflops"] > 0 for row in figures["training"])
-    for key in ("a_per_image", "b_batched", "c_forward_full_backward", "d_forward_activation_backward", "ours", "actor_faithfulness_0_steps", "actor_faithfulness_8_steps"):
+    for key in ("a_per_image", "b_batched", "c_forward_full_backward", "d_forward_activation_backward", "ours", "actor_faithfulness_0_steps", "actor_faithfulness_16_steps"):
         assert figures["cam"][f"{key}_images_per_s"] > 0, key
     assert figures["baseline"]["ratio"] > 0 and figures["stage"]["stage_over_loop"] > 0 and figures["paper_epoch"]["epoch_s"] > 0
     assert set(figures["goals"]) == {"mfu", "train_vs_pil", "cam_vs_per_image", "cam_vs_batched", "stage_over_loop"}

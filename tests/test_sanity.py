@@ -17,6 +17,21 @@ def test_the_cascade_goes_top_down_from_the_head():
     assert [s.name for s in steps] == ["head", "layer4", "layer3", "layer2"]
     assert steps[0].modules == [model.fc]
     assert all(any(m is other for other in model.layer4.modules()) for m in steps[1].modules)
+    assert any(m is model.conv1 for m in steps[-1].modules)  # the stem goes with the first CAM layer
+
+
+def test_the_cascade_covers_the_blocks_between_cam_layers():
+    """mobilenetv3_small's CAM layers are blocks.1, .3 and .5: blocks.2 and .4 (and the stem) must
+    be randomised too, or the check would compare maps of a partly trained model."""
+    from cifarcam.models import FAMILIES
+
+    model = build_model(ModelSpec("mobilenetv3_small", 10))
+    steps = cascade(model, list(FAMILIES["mobilenetv3_small"].cam_layers), torch.zeros(1, 3, 32, 32))
+    randomised = {id(m) for step in steps for m in step.modules}
+    owners = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    assert [n for n, m in owners if id(m) not in randomised] == []
+    assert sum(len(step.modules) for step in steps) == len(randomised)  # each exactly once
+    assert [s.name for s in steps] == ["head", "blocks.5", "blocks.3", "blocks.1"]
 
 
 def test_spearman_matches_scipy_with_ties():
