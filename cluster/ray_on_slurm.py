@@ -59,14 +59,14 @@ def free_port(ip: str) -> int:
 
 
 def interface_address(interface: str) -> str:
-    """The IPv4 address of a network interface of this node (``--interface``)."""
+    """The IPv4 address of this node's first interface among ``--interface`` (a name, or a
+    comma-separated list for nodes whose interfaces are named differently, e.g. ``ib0,eth1``)."""
     interfaces = psutil.net_if_addrs()
-    if interface not in interfaces:
-        raise ValueError(f"--interface {interface}: no such network interface on {socket.gethostname()} (it has {', '.join(sorted(interfaces))})")
-    for address in interfaces[interface]:
-        if address.family == socket.AF_INET:
-            return address.address
-    raise ValueError(f"--interface {interface}: has no IPv4 address on {socket.gethostname()}")
+    for name in interface.split(","):
+        for address in interfaces.get(name.strip(), []):
+            if address.family == socket.AF_INET:
+                return address.address
+    raise ValueError(f"--interface {interface}: no such interface with an IPv4 address on {socket.gethostname()} (it has {', '.join(sorted(interfaces))})")
 
 
 def interface_of(ip: str) -> str | None:
@@ -78,7 +78,10 @@ def slurm_node_addr() -> str | None:
     name = os.environ.get("SLURMD_NODENAME")
     if not name or shutil.which("scontrol") is None:
         return None
-    shown = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True, timeout=60).stdout
+    try:
+        shown = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True, text=True, timeout=60).stdout
+    except subprocess.TimeoutExpired:  # slurmctld busy: fall back to the host name's address
+        return None
     match = re.search(r"\bNodeAddr=(\S+)", shown)
     return match.group(1) if match else None
 

@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. mail-type=END (repeatable)")
     p.add_argument("--job-name", default="cifarcam")
     p.add_argument("--logs", type=Path, default=Path("results/slurm"), help="submitit folder, shared by all nodes; each job logs to <logs>/<job id> (default: results/slurm)")
-    p.add_argument("--interface", default=None, metavar="NAME", help="network interface the nodes reach each other on, for Ray, Gloo and NCCL, e.g. ib0 (default: SLURM's NodeAddr on the head, the route to the head on workers)")
+    p.add_argument("--interface", default=None, metavar="NAME", help="network interface the nodes reach each other on, for Ray, Gloo and NCCL, e.g. ib0, or a list tried in order, e.g. ib0,eth1 (default: SLURM's NodeAddr on the head, the route to the head on workers)")
     p.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES", help="Ray object store per node (default: Ray's, 30%% of memory)")
     p.add_argument("--array", nargs="+", type=Path, default=None, metavar="CONFIG", help="one array task per config, each its own sweep")
     p.add_argument("--array-parallelism", type=_positive, default=None, help="array tasks running at once (default: all)")

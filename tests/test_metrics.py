@@ -72,3 +72,17 @@ def test_the_sample_is_seeded_and_sized():
     assert first.sum() == 10 and (first == sample(100, settings)).all()
     assert not (first == sample(100, FaithfulnessSettings(images=10, seed=4))).all()
     assert sample(5, settings).sum() == 5  # fewer images than the sample: all of them
+
+
+def test_chunked_forward_passes_give_the_same_curves(monkeypatch):
+    """Inputs are built one chunk at a time (bounded memory); the chunk size must not matter."""
+    import cifarcam.faithfulness as faithfulness
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x, maps = torch.randn(5, 3, 32, 32), torch.rand(5, 8, 8)
+    classes, fill = torch.tensor([0, 1, 2, 0, 1]), blurred(torch.randn(5, 3, 32, 32), 2.0)
+    whole = deletion_insertion(model, x, maps, classes, 16, fill)
+    monkeypatch.setattr(faithfulness, "FORWARD_CHUNK", 7)  # 85 inputs per curve: 13 chunks
+    chunked = deletion_insertion(model, x, maps, classes, 16, fill)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
