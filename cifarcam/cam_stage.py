@@ -137,16 +137,16 @@ class CamActor:
                     spread[(kind, layer.name, method)] = heat.flatten(1).amax(1) - heat.flatten(1).amin(1)
         return out.logits, pred, maps, spread
 
-    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, image_index: np.ndarray, maps: dict, constant: dict) -> tuple[dict, dict]:
+    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, chosen: np.ndarray, maps: dict, constant: dict) -> tuple[dict, dict]:
         """Deletion and insertion AUCs for the sampled ``rows`` (NaN for the others, and for
-        constant maps): (baseline column -> (B,) array, map key -> (deletion, insertion))."""
+        constant maps), whose image indices are ``chosen``: (baseline column -> (B,) array,
+        map key -> (deletion, insertion))."""
         n, f = len(x), self.settings.faithfulness
         xs, cs = x[rows], classes[rows]
         # sigma is in CIFAR pixels: at input_size 224 the image is 7x larger, and so is the blur
         fill = blurred(xs, f.blur_sigma * x.shape[-1] / results.HEATMAP_SIZE)
         # The random baseline and the tie-break noise are functions of the image alone (its index
         # and the seed): the same whichever actor, batch or job computes them.
-        chosen = image_index[rows.cpu().numpy()]
         random_map = seeded_noise(chosen, f.seed, results.HEATMAP_SIZE).to(x.device)
         tie_break = seeded_noise(chosen, f.seed + 1, results.HEATMAP_SIZE).to(x.device)
 
@@ -183,7 +183,8 @@ class CamActor:
         if batch.column("mask").null_count == 0:
             masks = torch.from_numpy(batch.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(n, 32, 32).copy()).to(self.device) > 0
         in_sample = batch.column("faithfulness").to_numpy(zero_copy_only=False).astype(bool)
-        sample_rows = torch.from_numpy(np.flatnonzero(in_sample)).to(self.device)
+        sample_index = np.flatnonzero(in_sample)
+        sample_rows = torch.from_numpy(sample_index).to(self.device)
         layer_of = {layer.name: layer for layer in self.layers}
         constant = {key: constant_maps(spread[key], layer_of[key[1]].height, layer_of[key[1]].width) for key in maps}
         shared = {"image_index": batch.column("image_index").to_numpy(), "label": labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == labels).cpu().numpy()}
@@ -193,7 +194,7 @@ class CamActor:
             target = {"target": [kind] * n, "target_class": classes.cpu().numpy(), "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy()}
             faithful = kind == "pred" and self.settings.faithfulness.enabled
             kind_maps = {key: heat for key, heat in maps.items() if key[0] == kind}
-            baselines, per_map = self._faithfulness(x, classes, sample_rows, shared["image_index"], kind_maps, constant) if faithful else ({}, {})
+            baselines, per_map = self._faithfulness(x, classes, sample_rows, shared["image_index"][sample_index], kind_maps, constant) if faithful else ({}, {})
             for layer in self.layers:
                 for method in self.settings.methods:
                     key = (kind, layer.name, method)
