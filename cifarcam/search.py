@@ -418,12 +418,15 @@ def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     from cifarcam import results
     from cifarcam.config import dump_config
     from cifarcam.progress import RichProgress
+    from cifarcam.tensorboard_log import TensorBoardEpochs
 
     config_yaml = dump_config(cfg)
     check_resumable(cfg, out_dir, resume)
     res = plan_resources(cfg, ray.cluster_resources())
     results.write_provenance(out_dir, config_yaml)
-    callbacks = [RichProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode)] if progress else None
+    callbacks = [TensorBoardEpochs(out_dir / "tensorboard")]
+    if progress:
+        callbacks.append(RichProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode))
     grid = make_tuner(cfg, splits, out_dir, resume, callbacks).fit()
     trials, epochs = trial_rows(grid, cfg, out_dir / "train")
     results.write_table(trials, results.TRIALS, out_dir / "trials.parquet")

@@ -34,9 +34,9 @@ def cifar10_parquet(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, shared_data):
     """The README's demo: `jobs.pipeline --config configs/demo.yaml` on a real local Ray."""
-    from helpers import run_job
+    from helpers import demo_cam_options, run_job
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    proc = run_job("jobs.pipeline", "--config", "configs/demo.yaml", "--out", str(out), "--num-cpus", "2", timeout=900)
+    proc = run_job("jobs.pipeline", "--config", "configs/demo.yaml", "--out", str(out), "--num-cpus", "2", *demo_cam_options(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out

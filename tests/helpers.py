@@ -12,6 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def demo_cam_options() -> list[str]:
+    """The CAM options `make demo` passes (its DEMO_CAM line), so that tests run the README's demo."""
+    import re
+
+    return re.search(r"^DEMO_CAM := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+
+
 def run_job(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     full_env.pop("RAY_ADDRESS", None)  # a local Ray per job unless the test names a cluster

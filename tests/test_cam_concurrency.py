@@ -15,7 +15,7 @@ CAMS = "read_parquet('{run}/cams/**/*.parquet', hive_partitioning = true)"
 
 def test_two_jobs_on_one_run_lose_nothing_and_a_rerun_recomputes_nothing(demo_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "report", ".staging"))
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "sanity", "report", ".staging"))
     common = ["jobs.cam", "--run", str(run), "--num-cpus", "2", "--targets", "pred", "--faithfulness-steps", "0"]
     with BackgroundJob(tmp_path / "a.log", *common, "--methods", "gradcam++") as first:
         time.sleep(5)  # the second starts while the first computes: it must not touch the first's files

@@ -27,6 +27,24 @@ def test_search_writes_every_table_and_the_provenance(search_run):
     assert versions["ray"].startswith("2.") and versions["torch"] and versions["git"]
 
 
+def test_tensorboard_holds_every_trials_epochs_in_the_run_folder(search_run):
+    """`tensorboard --logdir <run>/tensorboard` shows what epochs.parquet holds, read back here
+    with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = search_run
+    rows = duckdb.sql(f"select trial_id, epoch, val_top1, train_loss from '{out}/epochs.parquet' order by trial_id, epoch").fetchall()
+    assert rows and {p.name for p in (out / "tensorboard").iterdir()} == {f"trial_{t}" for t, *_ in rows}
+    for trial in {t for t, *_ in rows}:
+        events = EventAccumulator(str(out / "tensorboard" / f"trial_{trial}"))
+        events.Reload()
+        assert {"val_top1", "train_loss", "lr"} <= set(events.Tags()["scalars"])
+        logged = [(e.step, e.value) for e in events.Scalars("val_top1")]
+        expected = [(epoch, top1) for t, epoch, top1, _ in rows if t == trial]
+        assert [s for s, _ in logged] == [e for e, _ in expected]
+        assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(logged, expected))
+
+
 def test_asha_stops_the_hopeless_trial_and_keeps_the_good_one(search_run):
     out, _ = search_run
     rows = duckdb.sql(f"select lr, status, stopped_by_asha, epochs_run, best_val_top1 from '{out}/trials.parquet' order by lr desc").fetchall()
