@@ -305,12 +305,13 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
     twice = sorted({f for f in families if families.count(f) > 1})
     if twice:
         raise ConfigError(f"--checkpoint: two checkpoints of {', '.join(twice)}; one run's cams/ holds one checkpoint per model family")
+    # Layer names first: a typo is named before any stored setting is compared.
+    specs = [ModelSpec(**read_meta(model.checkpoint)["model"]) for model in models]
+    layers_of = [resolve_layers(spec, settings.layers, f"model {model.name}") for spec, model in zip(specs, models)]
     plans = []
     with run_lock(run_dir):
         check_settings(cams_dir, settings)
-        for model in models:
-            spec = ModelSpec(**read_meta(model.checkpoint)["model"])
-            layers = resolve_layers(spec, settings.layers, f"model {model.name}")
+        for model, spec, layers in zip(models, specs, layers_of):
             source = Source.of(model.checkpoint)
             claim_model(model_dir(cams_dir, spec.family), source)
             missing = [(l, m) for l in layers for m in settings.methods if not is_complete(partition_dir(cams_dir, spec.family, l.name, m), source)]

@@ -127,8 +127,8 @@ def test_rerun_skips_complete_partitions_and_redoes_a_missing_one(demo_run):
 
 
 def test_bad_layer_and_method_fail_before_any_work(demo_run):
-    proc = run_job("jobs.cam", "--run", str(demo_run), "--layers", "layer9", timeout=120)
+    proc = run_job("jobs.cam", "--run", str(demo_run), "--layers", "layer9", *demo_cam_options(), timeout=120)
     assert proc.returncode == 2 and "has no layer 'layer9'" in proc.stderr.strip().splitlines()[-1]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in proc.stdout  # no cluster time
-    proc = run_job("jobs.cam", "--run", str(demo_run), "--methods", "gradcan", timeout=120)
+    proc = run_job("jobs.cam", "--run", str(demo_run), "--methods", "gradcan", *demo_cam_options(), timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --methods: unknown CAM method 'gradcan'; did you mean 'gradcam'?"
