@@ -33,17 +33,23 @@ def test_cams_agree_with_predictions(demo_run):
     assert disagreements == [(0,)]
 
 
-def test_stored_heatmaps_point_at_the_objects(demo_run):
-    """Recompute each peak from the stored uint8 heatmap (row-major 32x32) and look it up in the
-    regenerated synthetic masks: a transposed or flipped storage would miss the objects."""
-    cfg = load_config(demo_run / "config.yaml")
-    masks = load_splits(cfg.data).test.masks
+def _best_models_first_layer(demo_run, columns: str) -> tuple[np.ndarray, str, str, list[tuple]]:
+    """The regenerated object masks, the demo's best model, its first CAM layer, and ``columns``
+    of that layer's informative label maps of correctly classified images."""
+    masks = load_splits(load_config(demo_run / "config.yaml").data).test.masks
     model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc limit 1").fetchall()[0][0]
     layer = FAMILIES[model].cam_layers[0]
     rows = duckdb.sql(
-        f"select image_index, heatmap, peak_y, peak_x from {CAMS.format(out=demo_run)} "
+        f"select {columns} from {CAMS.format(out=demo_run)} "
         f"where model = '{model}' and layer = '{layer}' and target = 'label' and correct and not degenerate"
     ).fetchall()
+    return masks, model, layer, rows
+
+
+def test_stored_heatmaps_point_at_the_objects(demo_run):
+    """Recompute each peak from the stored uint8 heatmap (row-major 32x32) and look it up in the
+    regenerated synthetic masks: a transposed or flipped storage would miss the objects."""
+    masks, model, layer, rows = _best_models_first_layer(demo_run, "image_index, heatmap, peak_y, peak_x")
     maps = np.array([r[1] for r in rows], dtype=np.uint8).reshape(-1, 32, 32)
     index = np.array([r[0] for r in rows])
     peaks = maps.reshape(len(rows), -1).argmax(1)
@@ -72,14 +78,7 @@ def test_the_demo_maps_point_at_the_hard_shapes_far_above_chance(demo_run):
     import torch
     import torch.nn.functional as F
 
-    cfg = load_config(demo_run / "config.yaml")
-    masks = load_splits(cfg.data).test.masks
-    model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc limit 1").fetchall()[0][0]
-    layer = FAMILIES[model].cam_layers[0]
-    rows = duckdb.sql(
-        f"select image_index, pointing_hit, mass_on_object / object_area from {CAMS.format(out=demo_run)} "
-        f"where model = '{model}' and layer = '{layer}' and target = 'label' and correct and not degenerate"
-    ).fetchall()
+    masks, model, layer, rows = _best_models_first_layer(demo_run, "image_index, pointing_hit, mass_on_object / object_area")
     index = np.array([r[0] for r in rows])
     near = F.max_pool2d(torch.from_numpy(masks[index]).float()[:, None], 5, stride=1, padding=2)[:, 0]
     chance = near.flatten(1).mean(1).mean().item()  # a random point's pointing-game rate
