@@ -72,7 +72,7 @@ class CamSettings:
 def resolve_layers(spec: ModelSpec, requested: tuple[str, ...] | None, where: str) -> list[CamLayer]:
     model = build_model(spec)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the actor warns once, in its own log
+        warnings.simplefilter("ignore")  # jobs.cam warns once per layer, on the terminal
         known = cam_layers(model, spec)
     if requested is None:
         return known
@@ -116,7 +116,7 @@ class CamActor:
         self.run, self.settings, self.layers = run, settings, layers
         for layer in layers:
             if layer.degenerate:
-                warnings.warn(f"{self.spec.family} {layer.name} is {layer.height}x{layer.width}: its maps are degenerate", stacklevel=1)
+                warnings.warn(layer.degenerate_warning(self.spec), stacklevel=1)
         self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], self.channels_last_output)
         self.progress = progress  # an ImageCounter actor, or None
 
@@ -330,6 +330,7 @@ def explain(
     import ray
 
     from cifarcam.cam_progress import ImageCounter, run_with_progress
+    from cifarcam.ray_logs import native_stderr_in_log
 
     cams_dir = run_dir / "cams"
     summary: dict[str, Any] = {"skipped": 0, "written": []}
@@ -363,12 +364,13 @@ def explain(
                 num_gpus=gpus_per_actor or None,
                 num_cpus=None if gpus_per_actor else 1,
             )
-            if counter is None:
-                explained.write_parquet(str(raw))
-            else:
-                label = f"cams {spec.family} ({', '.join(needed_methods)})"
-                run_with_progress(lambda: explained.write_parquet(str(raw)), counter, len(test), label, console)
-                ray.kill(counter)
+            with native_stderr_in_log():
+                if counter is None:
+                    explained.write_parquet(str(raw))
+                else:
+                    label = f"cams {spec.family} ({', '.join(needed_methods)})"
+                    run_with_progress(lambda: explained.write_parquet(str(raw)), counter, len(test), label, console)
+                    ray.kill(counter)
             parts = staging.folder / "parts"
             staged = regroup(sorted(raw.glob("*.parquet")), parts, results.CAM_PARTITIONS, p.source, settings.comparable())
             shutil.rmtree(raw)

@@ -145,6 +145,12 @@ class CamLayer:
         """2x2 or smaller: Grad-CAM can only say which quadrant (the paper's final-layer finding)."""
         return self.height <= 2 and self.width <= 2
 
+    def degenerate_warning(self, spec: ModelSpec) -> str:
+        return (
+            f"{spec.family} layer {self.name} is {self.height}x{self.width} at {spec.input_size}px: "
+            "its Grad-CAM maps are degenerate; use stem: cifar or a larger input_size"
+        )
+
 
 def swin_reshape(tensor: torch.Tensor) -> torch.Tensor:
     """Swin stages return (B, H, W, C); CAM code wants (B, C, H, W)."""
@@ -176,9 +182,5 @@ def cam_layers(model: nn.Module, spec: ModelSpec) -> list[CamLayer]:
     layers = [CamLayer(name, *sizes[name]) for name in fam.cam_layers]
     for layer in layers:
         if layer.degenerate:
-            warnings.warn(
-                f"{spec.family} layer {layer.name} is {layer.height}x{layer.width} at {spec.input_size}px: "
-                "its Grad-CAM maps are degenerate; use stem: cifar or a larger input_size",
-                stacklevel=2,
-            )
+            warnings.warn(layer.degenerate_warning(spec), stacklevel=2)
     return layers

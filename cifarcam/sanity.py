@@ -176,7 +176,7 @@ def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], ima
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_model(checkpoint, device)
     spec = ModelSpec(**meta["model"])
-    x = to_model_input(torch.from_numpy(images).to(device), spec.input_size)
+    x = to_model_input(torch.from_numpy(np.array(images)).to(device), spec.input_size)  # a writable copy of Ray's read-only array
     rows = randomisation_rows(model, x, layers, methods, FAMILIES[spec.family].channels_last_output, HEATMAP_SIZE, seed)
     return [{"model": spec.family} | row for row in rows]
 

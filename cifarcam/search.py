@@ -20,6 +20,7 @@ import ray.train
 import ray.train.torch
 import ray.tune
 import torch
+from rich.console import Console
 
 from cifarcam.checkpoint import META_FILE, load_train_state, load_weights, read_meta, save_checkpoint
 from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig, TrainConfig, trial_config
@@ -412,12 +413,16 @@ def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool) -> None:
             raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
 
 
-def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool = False, progress: bool = True) -> SearchSummary:
+def run_search(
+    cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool = False, console: Console | None = None, mlflow_uri: str | None = None
+) -> SearchSummary:
     """Tune over ``cfg.search``, then evaluate each family's best trial on the test set and write
-    trials / epochs / accuracy / predictions Parquet under ``out_dir``. Ray must be initialised."""
+    trials / epochs / accuracy / predictions Parquet under ``out_dir``. Ray must be initialised.
+    With a ``console``, the search's progress is shown there; with ``mlflow_uri``, every trial and
+    the test accuracy of each family's best are logged to MLflow as well."""
     from cifarcam import results
     from cifarcam.config import dump_config
-    from cifarcam.progress import RichProgress
+    from cifarcam.progress import SearchProgress
     from cifarcam.tensorboard_log import TensorBoardEpochs
 
     config_yaml = dump_config(cfg)
@@ -425,8 +430,12 @@ def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     res = plan_resources(cfg, ray.cluster_resources())
     results.write_provenance(out_dir, config_yaml)
     callbacks = [TensorBoardEpochs(out_dir / "tensorboard")]
-    if progress:
-        callbacks.append(RichProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode))
+    if console is not None:
+        callbacks.append(SearchProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode, console))
+    if mlflow_uri:
+        from cifarcam.mlflow_log import MLflowTrials
+
+        callbacks.append(MLflowTrials(mlflow_uri, cfg.name, cfg.train))
     grid = make_tuner(cfg, splits, out_dir, resume, callbacks).fit()
     trials, epochs = trial_rows(grid, cfg, out_dir / "train")
     results.write_table(trials, results.TRIALS, out_dir / "trials.parquet")
@@ -436,6 +445,10 @@ def run_search(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     # Written even when empty: the report of a failed search shows what each trial ran into.
     results.write_table(accuracy, results.ACCURACY, out_dir / "accuracy.parquet", metadata=meta)
     results.write_table(predictions, results.PREDICTIONS, out_dir / "predictions.parquet", metadata=meta)
+    if mlflow_uri:
+        from cifarcam.mlflow_log import log_test_accuracy
+
+        log_test_accuracy(mlflow_uri, cfg.name, accuracy)
     if not accuracy:
         raise no_usable_trial_error(trials, out_dir)
     return SearchSummary(out_dir, trials, accuracy)

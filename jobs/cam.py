@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from jobs.common import add_ray_options, connect_ray, console, run, run_folder
+from jobs.common import add_ray_options, connect_ray, console, run, run_folder, warn
 
 if TYPE_CHECKING:  # the heavy imports stay inside the functions: --help must be quick
     from cifarcam.cam_stage import CamSettings
@@ -109,11 +109,13 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     with console.status("loading the test set"):
         test = load_splits(cfg.data).test
     plans = plan(run_dir, models_to_explain(run_dir, args.checkpoint, test.num_classes), settings)
+    for layer, p in ((layer, p) for p in plans for layer in p.layers if layer.degenerate):
+        warn(layer.degenerate_warning(p.spec))
     if not any(p.missing for p in plans):  # nothing to compute: no cluster needed
         summary = explain(run_dir, plans, test, settings, actors=1, gpus_per_actor=0.0)
     else:
         if not ray.is_initialized():
-            connect_ray(args.address, args.num_cpus)
+            connect_ray(args, run_dir)
         gpus = ray.cluster_resources().get("GPU", 0)
         gpus_per_actor = args.gpus_per_actor if gpus else 0.0
         # On CPUs, one core stays free for Ray Data's write tasks: actors holding every CPU would
@@ -126,7 +128,7 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
     def connect() -> None:
         if not ray.is_initialized():
-            connect_ray(args.address, args.num_cpus)
+            connect_ray(args, run_dir)
 
     checked = sanity_checks(run_dir, plans, test, settings, connect)
     if checked:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from cifarcam.config import ConfigError
 from cifarcam.errors import JobFailed
+from cifarcam.ray_logs import VERBOSE_ENV, RayLogRouting, job_log_folder, verbose_from_env
 
 # Logs and CI are no terminals: give tables room there instead of rich's default 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -29,6 +30,12 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
         help="Ray cluster to join, e.g. 10.0.0.1:6379 or 'auto' (default: $RAY_ADDRESS; unset: start a local Ray in-process)",
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all of this machine's)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=verbose_from_env(),
+        help=f"show Ray's driver and worker logs here too (default: ${VERBOSE_ENV}; otherwise they go to <run>/logs/)",
+    )
 
 
 def run_folder(text: str) -> Path:
@@ -60,12 +67,41 @@ def _probe(address: str) -> None:
         raise ConnectionError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address``, or start a local one bound to 127.0.0.1."""
+def connect_ray(args: argparse.Namespace, run_dir: Path | None = None) -> None:
+    """Join the cluster at ``args.address``, or start a local one bound to 127.0.0.1. With a
+    ``run_dir`` and without ``--verbose``, Ray's own output goes to ``<run>/logs/`` (the terminal
+    says where), so that the terminal shows the job's lines alone."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    routing = None
+    if run_dir is not None and not getattr(args, "verbose", False):
+        routing = RayLogRouting(job_log_folder(run_dir, Path(sys.argv[0]).stem or "job"))
+        routing.route_driver_loggers()
+    _init(args.address, args.num_cpus)
+    if routing is not None:
+        routing.route_driver_loggers()
+        routing.route_worker_output()
+        routing.note_session()
+        console.print(f"Ray's logs: {routing.folder} (--verbose shows them here)", highlight=False)
+    if not ray.cluster_resources().get("GPU"):
+        warn("no GPU in this Ray cluster: training and Grad-CAM run on its CPUs")
+
+
+_warned: set[str] = set()
+
+
+def warn(text: str) -> None:
+    """A warning the user must see, once per job however often it is met, in the project's words."""
+    if text not in _warned:
+        _warned.add(text)
+        console.print(f"warning: {text}", style="yellow", highlight=False, markup=False)
+
+
+def _init(address: str | None, num_cpus: int | None) -> None:
+    import ray
+
     if address:
         _probe(address)
         try:

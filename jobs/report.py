@@ -2,7 +2,8 @@
 
     python -m jobs.report --run results/demo
 
-Prints rich tables and writes DIR/report/report.md with its PNG figures.
+Prints rich tables and writes DIR/report/report.md with its PNG figures, and DIR/report/report.html
+(the same, self-contained, plus a filterable heatmap gallery; open it from disk in a browser).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def report(run_dir: Path) -> Path:
 
     path = write_report(run_dir, console)
     console.print(f"report: {path}")
+    console.print(f"report: {path.with_name('report.html')}")
     return path
 
 

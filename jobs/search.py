@@ -21,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the search stored in --out: finished trials are kept")
     p.add_argument("--dry-run", action="store_true", help="print the trials, resources per trial, concurrency and expected epochs; start nothing")
     p.add_argument("--images-per-s", type=float, default=None, help="with --dry-run: one trial's training images/s (see make gpu-check), for an estimate of device-hours")
+    p.add_argument("--mlflow", metavar="URI", default=None, help="also log every trial to this MLflow tracking URI, e.g. sqlite:///mlflow.db or http://host:5000 (needs the mlflow extra)")
     add_ray_options(p)
     return p
 
@@ -30,7 +31,7 @@ def cluster_resources(args: argparse.Namespace) -> dict[str, float]:
     if args.address:
         import ray
 
-        connect_ray(args.address, args.num_cpus)
+        connect_ray(args)
         return dict(ray.cluster_resources())
     import torch
 
@@ -63,6 +64,10 @@ def prepare(args: argparse.Namespace):
     out = (args.out or default_out(cfg.name)).resolve()
     check_resumable(cfg, out, args.resume)
     check_writable(out)
+    if args.mlflow:
+        from cifarcam.mlflow_log import check_tracking
+
+        check_tracking(args.mlflow, cfg.name)
     with console.status(f"loading {cfg.data.source} data"):
         splits = load_splits(cfg.data)
     check_batch_fits(cfg, len(splits.train))
@@ -75,8 +80,8 @@ def search(args: argparse.Namespace):
     from cifarcam.search import run_search
 
     cfg, out, splits = prepare(args)
-    connect_ray(args.address, args.num_cpus)
-    summary = run_search(cfg, splits, out, resume=args.resume)
+    connect_ray(args, out)
+    summary = run_search(cfg, splits, out, resume=args.resume, console=console, mlflow_uri=args.mlflow)
     print_search_summary(summary, console)
     return summary
 

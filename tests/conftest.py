@@ -39,4 +39,5 @@ def demo_run(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("demo") / "run"
     proc = run_job("jobs.pipeline", "--config", "configs/demo.yaml", "--out", str(out), "--num-cpus", "2", *demo_cam_options(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (out.parent / "terminal.txt").write_text(proc.stdout + proc.stderr)  # what the user saw
     return out

@@ -19,6 +19,23 @@ def demo_cam_options() -> list[str]:
     return re.search(r"^DEMO_CAM := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
 
 
+# Ray's own lines that a quiet job keeps off the terminal (issue 13's measured examples).
+RAY_NOISE = (
+    "TrainingReport", "Reporting training result", "Checkpoint successfully created", "core_worker.cc", "(RayTrainWorker",
+    "(TrainController", "controller actor", "logging_progress", "streaming_executor", "Configuration for experiment", "tensorboard --logdir",
+)
+
+
+def assert_quiet(terminal: str, run: Path, moved: str = "Reporting training result") -> None:
+    """The terminal shows none of Ray's lines, names where they went, and they (``moved``) are there."""
+    noise = [line for line in terminal.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noise, noise[:5]
+    folders = sorted((run / "logs").iterdir())
+    assert folders and all(f"Ray's logs: {f}" in terminal for f in folders)
+    workers = "".join((f / "ray-workers.log").read_text() for f in folders)
+    assert moved in workers  # moved, not lost
+
+
 def run_job(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     full_env.pop("RAY_ADDRESS", None)  # a local Ray per job unless the test names a cluster

@@ -241,6 +241,15 @@ def test_unwritable_results_folder(tmp_path, capsys):
     assert line.startswith("error: --out /proc/cifarcam-run: cannot create the results folder")
 
 
+def test_an_unreachable_mlflow_store_fails_before_ray(tmp_path, capsys):
+    """A tracking store that cannot be opened is named before any trial, not after the first epoch."""
+    bad = "mlfow://typo"
+    proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", str(tmp_path / "run"), "--mlflow", bad)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --mlflow {bad}: cannot reach the tracking store (")
+    assert not (tmp_path / "run" / "tune").exists()
+
+
 @pytest.mark.parametrize(
     "options, expected",
     [

@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import ROOT, SMALL_SEARCH, write_config
+from helpers import ROOT, SMALL_SEARCH, assert_quiet, write_config
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,8 @@ def test_the_search_job_runs_through_ray_job_submit(ray_head, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "succeeded" in proc.stdout.lower()
+    assert_quiet(proc.stdout, out)  # `ray job submit` streams the job's log: the project's lines
+    assert "search: trial " in proc.stdout
     (n, completed), = duckdb.sql(f"select count(*), count(*) filter (where status = 'completed') from '{out}/trials.parquet'").fetchall()
     assert n == 2 and completed == 1
     assert duckdb.sql(f"select count(*) from '{out}/predictions.parquet'").fetchall() == [(300,)]

@@ -13,7 +13,11 @@ from helpers import run_job, write_config
 def search_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("search")
     out = folder / "run"
-    proc = run_job("jobs.search", "--config", str(write_config(folder)), "--out", str(out), "--num-cpus", "2")
+    # --verbose: Ray's own lines stay on the terminal (the quiet default is tested on the demo);
+    # --mlflow: a real local tracking store, read back below.
+    proc = run_job(
+        "jobs.search", "--config", str(write_config(folder)), "--out", str(out), "--num-cpus", "2", "--verbose", "--mlflow", f"sqlite:///{folder}/mlflow.db"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc
 
@@ -43,6 +47,33 @@ def test_tensorboard_holds_every_trials_epochs_in_the_run_folder(search_run):
         expected = [(epoch, top1) for t, epoch, top1, _ in rows if t == trial]
         assert [s for s, _ in logged] == [e for e, _ in expected]
         assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(logged, expected))
+
+
+def test_verbose_keeps_rays_lines_on_the_terminal(search_run):
+    out, proc = search_run
+    assert "Reporting training result" in proc.stdout + proc.stderr
+    assert "Ray's logs:" not in proc.stdout and not (out / "logs").exists()
+
+
+def test_mlflow_holds_every_trials_parameters_epochs_and_the_best_test_accuracy(search_run):
+    """Read back with MLflow's own client from the sqlite store the job was given."""
+    from mlflow.tracking import MlflowClient
+
+    out, _ = search_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.parent}/mlflow.db")
+    experiment = client.get_experiment_by_name("small")
+    runs = {r.data.tags["cifarcam.trial_id"]: r for r in client.search_runs([experiment.experiment_id])}
+    trials = duckdb.sql(f"select trial_id, lr, status from '{out}/trials.parquet'").fetchall()
+    assert set(runs) == {t for t, _, _ in trials}
+    for trial_id, lr, _ in trials:
+        run = runs[trial_id]
+        assert float(run.data.params["lr"]) == lr and run.data.params["model"] == "resnet_tiny" and run.info.status == "FINISHED"
+        epochs = duckdb.sql(f"select epoch, val_top1 from '{out}/epochs.parquet' where trial_id = ? order by epoch", params=[trial_id]).fetchall()
+        logged = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)]
+        assert [s for s, _ in logged] == [e for e, _ in epochs] and all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(logged, epochs))
+    (best, top1), = duckdb.sql(f"select trial_id, test_top1 from '{out}/accuracy.parquet'").fetchall()
+    assert abs(runs[best].data.metrics["test_top1"] - top1) < 1e-6 and runs[best].data.tags["cifarcam.best_of_family"] == "resnet_tiny"
+    assert not any("test_top1" in r.data.metrics for t, r in runs.items() if t != best)
 
 
 def test_asha_stops_the_hopeless_trial_and_keeps_the_good_one(search_run):

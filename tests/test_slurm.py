@@ -163,6 +163,8 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     (n, distinct), = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
     assert n == distinct == 300
     assert (run / "report" / "report.md").is_file()
+    driver_log = (logs / f"{job}_0_log.out").read_text()
+    assert "search: trial " in driver_log and "TrainingReport" not in driver_log and list((run / "logs").glob("pipeline-*/ray-workers.log"))
     deadline = time.monotonic() + 60
     while _sacct_state(job) != "COMPLETED" and time.monotonic() < deadline:
         time.sleep(1)
