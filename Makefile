@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # cores. tests/conftest.py's demo run passes the same options.
 DEMO_CAM := --faithfulness-images 64
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test lint bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The formatter's and the linter's verdicts (configured in pyproject.toml); CI runs this first.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_throughput.py

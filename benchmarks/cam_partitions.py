@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cifarcam import results  # noqa: E402
-from cifarcam.cam_stage import CamActor, CamSettings, images_table, resolve_layers  # noqa: E402
+from cifarcam.cam_actor import CamActor, images_table  # noqa: E402
+from cifarcam.cam_settings import CamSettings, resolve_layers  # noqa: E402
 from cifarcam.checkpoint import save_checkpoint  # noqa: E402
 from cifarcam.config import DataConfig  # noqa: E402
 from cifarcam.data import load_splits  # noqa: E402

@@ -35,6 +35,7 @@ from cifarcam.config import DataConfig  # noqa: E402
 from cifarcam.data import ImageSet, load_splits  # noqa: E402
 from cifarcam.loader import to_model_input  # noqa: E402
 from cifarcam.models import ModelSpec, build_model, cam_layers  # noqa: E402
+from cifarcam.results import HEATMAP_SIZE  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +71,7 @@ def cam_rates(model: nn.Module, layer: str, batches: list[torch.Tensor], per_ima
     def ours() -> None:
         with MultiLayerCam(model, [layer]) as cams:
             for b in batches:
-                cams(b, {"pred": None}, ["gradcam"], 32)
+                cams(b, {"pred": None}, ["gradcam"], HEATMAP_SIZE)
 
     def full_backward() -> None:
         for p in model.parameters():
@@ -113,12 +114,14 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
     import pyarrow.parquet as pq
     import ray
 
-    from cifarcam.cam_stage import CamActor, CamSettings, ModelToExplain, explain, images_table, plan
+    from cifarcam.cam_actor import CamActor, images_table
+    from cifarcam.cam_settings import CamSettings
+    from cifarcam.cam_stage import ModelToExplain, explain, plan
     from cifarcam.checkpoint import save_checkpoint
 
     subset = test.subset(np.arange(min(images, len(test))))
     settings = CamSettings(methods=("gradcam",), layers=(layer,), targets=("pred",), batch_size=batch_size, faithfulness_steps=faithfulness_steps)
-    layers = [l for l in cam_layers(model, spec) if l.name == layer]
+    layers = [cl for cl in cam_layers(model, spec) if cl.name == layer]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_checkpoint(Path(tmp) / "ckpt", model, spec, {})
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -142,7 +145,10 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
         pq.write_table(pa.concat_tables(out), Path(tmp) / "loop.parquet")
         loop_s = time.perf_counter() - start
         torch.set_num_threads(previous_threads)
-    print(f"Ray Data stage on {len(subset)} images: {stage_s:.1f} s ({actors} actor(s)); plain loop ({threads or 'all'} thread(s)): {loop_s:.1f} s; ratio {stage_s / loop_s:.2f}")
+    print(
+        f"Ray Data stage on {len(subset)} images: {stage_s:.1f} s ({actors} actor(s)); "
+        f"plain loop ({threads or 'all'} thread(s)): {loop_s:.1f} s; ratio {stage_s / loop_s:.2f}"
+    )
     return {"stage_images": len(subset), "stage_s": stage_s, "plain_loop_s": loop_s, "stage_over_loop": stage_s / loop_s, "actors": actors}
 
 

@@ -115,8 +115,21 @@ def training(sizes: Sizes, device: torch.device, images: np.ndarray, labels: np.
             rate = ours_images_per_s(model, cfg, images, labels, device, sizes.train_steps)
             achieved = rate * flops / 1e12
             precision = "bf16" if device.type == "cuda" else "fp32"  # fit() autocasts on CUDA only
-            rows.append({"model": sizes.train_model, "precision": precision, "batch": batch, "compile": compiled, "images_per_s": rate, "tflops": achieved, "mfu": achieved / peak_tflops if peak_tflops else None})
-            print(f"train {sizes.train_model} batch {batch} compile={compiled}: {rate:.0f} images/s, {achieved:.1f} TFLOP/s" + (f", MFU {100 * achieved / peak_tflops:.1f}%" if peak_tflops else ""))
+            rows.append(
+                {
+                    "model": sizes.train_model,
+                    "precision": precision,
+                    "batch": batch,
+                    "compile": compiled,
+                    "images_per_s": rate,
+                    "tflops": achieved,
+                    "mfu": achieved / peak_tflops if peak_tflops else None,
+                }
+            )
+            print(
+                f"train {sizes.train_model} batch {batch} compile={compiled}: {rate:.0f} images/s, {achieved:.1f} TFLOP/s"
+                + (f", MFU {100 * achieved / peak_tflops:.1f}%" if peak_tflops else "")
+            )
             torch._dynamo.reset()
     return rows
 
@@ -135,7 +148,8 @@ def against_pil_baseline(sizes: Sizes, device: torch.device, images: np.ndarray,
 
 def cam(sizes: Sizes, device: torch.device, test) -> dict:
     """The fast path against pytorch-grad-cam and the limit; the actor with faithfulness on/off."""
-    from cifarcam.cam_stage import CamActor, CamSettings, images_table, resolve_layers
+    from cifarcam.cam_actor import CamActor, images_table
+    from cifarcam.cam_settings import CamSettings, resolve_layers
     from cifarcam.checkpoint import save_checkpoint
 
     spec = ModelSpec(sizes.cam_model, 10)
@@ -154,7 +168,7 @@ def cam(sizes: Sizes, device: torch.device, test) -> dict:
             table = images_table(subset, faithfulness=settings.faithfulness)
             actor = CamActor(ckpt, "check", settings, layers)
             actor(table.slice(0, sizes.cam_batch))  # warm-up
-            seconds = timed(lambda: [actor(table.slice(i, sizes.cam_batch)) for i in range(0, len(subset), sizes.cam_batch)], device)
+            seconds = timed(lambda actor=actor, table=table: [actor(table.slice(i, sizes.cam_batch)) for i in range(0, len(subset), sizes.cam_batch)], device)
             actor_rates[f"actor_faithfulness_{steps}_steps"] = len(subset) / seconds
     figures = {f"{k}_images_per_s": v for k, v in {**rates, **actor_rates}.items()}
     figures |= {
@@ -183,11 +197,19 @@ def paper_epoch(sizes: Sizes, device: torch.device, images: np.ndarray, labels: 
     train_epoch(model, model, warm, optimizer, scheduler, cfg)  # cuDNN autotuning, allocator
     seconds = timed(lambda: train_epoch(model, model, loader, optimizer, scheduler, cfg), device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    figures = {"model": sizes.paper_model, "images": n, "epoch_s": seconds, "images_per_s": len(loader) * 64 / seconds, "peak_memory_gib": peak / 2**30 if peak else None}
+    figures = {
+        "model": sizes.paper_model,
+        "images": n,
+        "epoch_s": seconds,
+        "images_per_s": len(loader) * 64 / seconds,
+        "peak_memory_gib": peak / 2**30 if peak else None,
+    }
     if peak:
         total = torch.cuda.get_device_properties(device).total_memory
         figures["trials_that_fit_in_memory"] = int(0.9 * total // peak)
-    print(f"paper epoch ({sizes.paper_model}, ImageNet stem, 32 px, batch 64, {n} images): {seconds:.1f} s" + (f", peak {peak / 2**30:.2f} GiB" if peak else ""))
+    print(
+        f"paper epoch ({sizes.paper_model}, ImageNet stem, 32 px, batch 64, {n} images): {seconds:.1f} s" + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
+    )
     return figures
 
 
@@ -252,7 +274,9 @@ def markdown(figures: dict) -> str:
     lines += ["| training | batch | compile | images/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for r in figures["training"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        lines.append(f"| {r['model']} (CIFAR stem, {r['precision']}, channels_last) | {r['batch']} | {r['compile']} | {r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} |")
+        lines.append(
+            f"| {r['model']} (CIFAR stem, {r['precision']}, channels_last) | {r['batch']} | {r['compile']} | {r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} |"
+        )
     b = figures["baseline"]
     c = figures["cam"]
     s = figures["stage"]
@@ -271,7 +295,11 @@ def markdown(figures: dict) -> str:
         + " |",
     ]
     for r in figures["packing"]:
-        shown = f"{r['combined_images_per_s']:.0f} images/s combined ({r['speedup_over_one']:.2f}x one)" if r["combined_images_per_s"] else f"failed ({r['failed']})"
+        shown = (
+            f"{r['combined_images_per_s']:.0f} images/s combined ({r['speedup_over_one']:.2f}x one)"
+            if r["combined_images_per_s"]
+            else f"failed ({r['failed']})"
+        )
         lines.append(f"| {r['trials']} paper trial(s) sharing the GPU | {shown} |")
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for key, (text, target) in GOALS.items():
@@ -306,7 +334,13 @@ def main() -> None:
     name = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if gpu else None
     figures: dict = {
-        "environment": {"mode": "gpu" if gpu else "cpu", "device_name": name, "peak_bf16_tflops": peak, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+        "environment": {
+            "mode": "gpu" if gpu else "cpu",
+            "device_name": name,
+            "peak_bf16_tflops": peak,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        },
         "sizes": dataclasses.asdict(sizes),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,13 @@ class PILCifar(Dataset):
 
 def baseline_images_per_s(model, cfg, images, labels, device, steps, workers) -> float:
     loader = DataLoader(
-        PILCifar(images, labels), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+        PILCifar(images, labels),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
     )
     optimizer = build_optimizer(model, cfg)
     model.train()
@@ -143,16 +148,26 @@ def main() -> None:
     loader_ratio = statistics.median(o / b for o, b in zip(ours, base_cl))
     target = 5.0 if device.type == "cuda" else 1.5
     precision = "bf16 autocast" if cfg.bf16 and device.type == "cuda" else "fp32"
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.repeats}, {precision} on both sides")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), model {args.model}, batch {args.batch_size}, {args.steps} steps x {args.repeats}, {precision} on both sides"
+    )
     print(f"baseline: PIL Dataset + DataLoader ({args.workers} workers) + plain loop:  " + ", ".join(f"{b:.0f}" for b in base) + " images/s")
     print("baseline + channels_last model:                                " + ", ".join(f"{b:.0f}" for b in base_cl) + " images/s")
     print("cifarcam fit() (device-side loader, channels_last, no per-step sync): " + ", ".join(f"{o:.0f}" for o in ours) + " images/s")
     print(f"speed-up over the baseline (median of paired ratios): {ratio:.2f}x (target >= {target}x)")
     print(f"  of which the loader and loop, at equal memory format: {loader_ratio:.2f}x")
     figures = {
-        "device": str(device), "model": args.model, "batch_size": args.batch_size, "steps": args.steps, "precision": precision,
-        "baseline_images_per_s": base, "baseline_channels_last_images_per_s": base_cl, "ours_images_per_s": ours,
-        "speedup": ratio, "speedup_at_equal_memory_format": loader_ratio, "target": target,
+        "device": str(device),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "precision": precision,
+        "baseline_images_per_s": base,
+        "baseline_channels_last_images_per_s": base_cl,
+        "ours_images_per_s": ours,
+        "speedup": ratio,
+        "speedup_at_equal_memory_format": loader_ratio,
+        "target": target,
     }
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
@@ -162,8 +177,18 @@ def main() -> None:
         flops = flops_per_image(model, device, bf16=True)
         rate = ours_images_per_s(model, mfu_cfg, images, labels, device, args.steps)
         achieved = rate * flops / 1e12
-        figures |= {"mfu_model": args.mfu_model, "mfu_images_per_s": rate, "flops_per_image": flops, "achieved_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None}
-        print(f"{args.mfu_model} (CIFAR stem, bf16): {rate:.0f} images/s, {achieved:.1f} TFLOP/s" + (f" = {100 * achieved / peak:.1f}% of {peak:.0f} peak" if peak else ""))
+        figures |= {
+            "mfu_model": args.mfu_model,
+            "mfu_images_per_s": rate,
+            "flops_per_image": flops,
+            "achieved_tflops": achieved,
+            "peak_tflops": peak,
+            "mfu": achieved / peak if peak else None,
+        }
+        print(
+            f"{args.mfu_model} (CIFAR stem, bf16): {rate:.0f} images/s, {achieved:.1f} TFLOP/s"
+            + (f" = {100 * achieved / peak:.1f}% of {peak:.0f} peak" if peak else "")
+        )
     print(json.dumps(figures))
 
 

@@ -10,15 +10,13 @@ Methods that are not simple functions of (activations, gradients) run through py
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from cifarcam.config import ConfigError
 
 Tensor = torch.Tensor
 
@@ -50,31 +48,57 @@ def _gradcam_plusplus(a: Tensor, g: Tensor) -> Tensor:
     return _weighted((g.clamp(min=0) * aij).sum((2, 3)), a)
 
 
-# name -> (fast function of activations and gradients, or None, pytorch-grad-cam class name)
-METHODS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor] | None, str]] = {
-    "gradcam": (_gradcam, "GradCAM"),
-    "gradcam++": (_gradcam_plusplus, "GradCAMPlusPlus"),
-    "hirescam": (_hirescam, "HiResCAM"),
-    "xgradcam": (_xgradcam, "XGradCAM"),
-    "layercam": (_layercam, "LayerCAM"),
-    "eigencam": (None, "EigenCAM"),
-    "eigengradcam": (None, "EigenGradCAM"),
-    "scorecam": (None, "ScoreCAM"),
-    "ablationcam": (None, "AblationCAM"),
-    "gradcamelementwise": (None, "GradCAMElementWise"),
-    "kpcacam": (None, "KPCA_CAM"),
-    "randomcam": (None, "RandomCAM"),
+Weighting = Callable[[Tensor, Tensor], Tensor]  # (activations, gradients), both (B, C, h, w) -> (B, h, w)
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    """One CAM method: its fast path where it is a simple function of (activations, gradients),
+    and the pytorch-grad-cam class that is its reference (and its only path without a fast one).
+    The class is named, not imported: pytorch-grad-cam loads OpenCV, which only the fallback needs."""
+
+    name: str
+    reference: str  # a class of pytorch_grad_cam
+    fast: Weighting | None = None
+
+    @property
+    def is_fast(self) -> bool:
+        return self.fast is not None
+
+
+# The one list of methods: adding one is one line here (with its weighting, if it has a fast path).
+METHODS: dict[str, CamMethod] = {
+    m.name: m
+    for m in (
+        CamMethod("gradcam", "GradCAM", _gradcam),
+        CamMethod("gradcam++", "GradCAMPlusPlus", _gradcam_plusplus),
+        CamMethod("hirescam", "HiResCAM", _hirescam),
+        CamMethod("xgradcam", "XGradCAM", _xgradcam),
+        CamMethod("layercam", "LayerCAM", _layercam),
+        CamMethod("eigencam", "EigenCAM"),
+        CamMethod("eigengradcam", "EigenGradCAM"),
+        CamMethod("scorecam", "ScoreCAM"),
+        CamMethod("ablationcam", "AblationCAM"),
+        CamMethod("gradcamelementwise", "GradCAMElementWise"),
+        CamMethod("kpcacam", "KPCA_CAM"),
+        CamMethod("randomcam", "RandomCAM"),
+    )
 }
 
 
 def method_key(name: str) -> str:
-    """'GradCAM++', 'grad-cam++' and 'gradcam++' all name the same method."""
-    key = "".join(ch for ch in name.lower() if ch.isalnum() or ch == "+")
-    if key not in METHODS:
-        close = difflib.get_close_matches(key, METHODS, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(METHODS)}"
-        raise ConfigError(f"--methods: unknown CAM method {name!r}; {hint}")
-    return key
+    """'GradCAM++', 'grad-cam++' and 'gradcam++' all spell the key 'gradcam++' (which may name no
+    method: ``find_method`` says, and its callers word the error for their own option)."""
+    return "".join(ch for ch in name.lower() if ch.isalnum() or ch == "+")
+
+
+def find_method(name: str) -> CamMethod | None:
+    return METHODS.get(method_key(name))
+
+
+def fast_methods(names: Iterable[str] | None = None) -> list[str]:
+    """Those of ``names`` (default: every method) with a fast path, in their order."""
+    return [m for m in (METHODS if names is None else names) if METHODS[m].is_fast]
 
 
 def normalise_maps(cams: Tensor, size: int) -> Tensor:
@@ -105,7 +129,9 @@ class MultiLayerCam:
     """Owns forward hooks on several layers of ``model`` (released by the context manager).
 
     One forward pass captures every layer; one ``torch.autograd.grad`` per target kind returns
-    the gradients of the target logit with respect to every captured activation at once.
+    the gradients of the target logit with respect to every captured activation at once. Methods
+    without a fast path are computed beside them by ``reference_maps``, so that a caller asks for
+    every method the same way.
     """
 
     def __init__(self, model: nn.Module, layers: list[str], channels_last_output: bool = False) -> None:
@@ -141,31 +167,45 @@ class MultiLayerCam:
         return t.permute(0, 3, 1, 2) if self.channels_last_output else t
 
     def __call__(self, x: Tensor, targets: dict[str, Tensor | None], methods: list[str], size: int) -> CamBatch:
-        """Maps for every (target kind, layer, method). A target of None means the predicted class."""
-        fast = [m for m in methods if METHODS[m][0] is not None]
+        """Maps for every (target kind, layer, method), at ``size`` x ``size``. A target of None
+        means the class this forward predicts. Methods without a fast path go through
+        pytorch-grad-cam, one call per (method, target kind, layer)."""
+        fast = fast_methods(methods)
         self.activations.clear()
-        x = x.detach().requires_grad_(True)  # the graph starts here; parameters stay out of it
-        logits = self.model(x)
+        x_graph = x.detach().requires_grad_(True)  # the graph starts here; parameters stay out of it
+        logits = self.model(x_graph)
         acts = [self.activations[name] for name in self.layers]
-        maps, raw_peak = {}, {}
+        maps, raw_peak, grads = {}, {}, []
         kinds = list(targets)
+        classes_of = {kind: targets[kind] if targets[kind] is not None else logits.argmax(1) for kind in kinds}
         for i, kind in enumerate(kinds):
-            classes = targets[kind] if targets[kind] is not None else logits.argmax(1)
-            score = logits.gather(1, classes[:, None]).sum()
+            score = logits.gather(1, classes_of[kind][:, None]).sum()
             grads = torch.autograd.grad(score, acts, retain_graph=i < len(kinds) - 1) if fast else []
-            for layer, a, g in zip(self.layers, acts, grads):
+            for layer, a, g in zip(self.layers, acts, grads, strict=False):
                 a, g = self._nchw(a.detach()).float(), self._nchw(g).float()
                 for method in fast:
-                    cam = METHODS[method][0](a, g).clamp(min=0)
-                    flat = cam.flatten(1)
-                    raw_peak[(kind, layer, method)] = flat.max(1).values - flat.min(1).values
+                    cam = METHODS[method].fast(a, g).clamp(min=0)
+                    raw_peak[(kind, layer, method)] = _spread(cam)
                     maps[(kind, layer, method)] = normalise_maps(cam, size)
+        del acts, grads  # the graph (kept alive when no method is fast) is not needed past here
+        self.activations.clear()
+        for method in (m for m in methods if not METHODS[m].is_fast):
+            for kind in kinds:
+                for layer in self.layers:
+                    heat = reference_maps(self.model, x, layer, method, classes_of[kind], self.channels_last_output).to(x.device)
+                    heat = F.interpolate(heat[:, None], size=(size, size), mode="bilinear")[:, 0]
+                    maps[(kind, layer, method)] = heat
+                    raw_peak[(kind, layer, method)] = _spread(heat)
         return CamBatch(logits.detach(), maps, raw_peak)
 
 
-def reference_maps(
-    model: nn.Module, x: Tensor, layer: str, method: str, classes: Tensor, channels_last_output: bool = False
-) -> Tensor:
+def _spread(cams: Tensor) -> Tensor:
+    """(B,) max - min of each map: 0 for a constant one (``heatmap_metrics.constant_maps``)."""
+    flat = cams.flatten(1)
+    return flat.max(1).values - flat.min(1).values
+
+
+def reference_maps(model: nn.Module, x: Tensor, layer: str, method: str, classes: Tensor, channels_last_output: bool = False) -> Tensor:
     """pytorch-grad-cam's own output for one layer (the reference, and the path for methods
     without a fast implementation). Returns (B, H, W) float at the input resolution."""
     import pytorch_grad_cam
@@ -174,7 +214,7 @@ def reference_maps(
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:  # pytorch-grad-cam backpropagates into the weights
         p.requires_grad_(True)
-    cls = getattr(pytorch_grad_cam, METHODS[method][1])
+    cls = getattr(pytorch_grad_cam, METHODS[method].reference)
     reshape = (lambda t: t.permute(0, 3, 1, 2)) if channels_last_output else None
     try:
         with cls(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:

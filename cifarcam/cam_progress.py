@@ -47,7 +47,9 @@ def run_with_progress(work: Callable[[], None], counter: ray.actor.ActorHandle, 
     started = time.monotonic()
     thread.start()
     if console.is_terminal:
-        with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console) as bar:
+        with Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console
+        ) as bar:
             task = bar.add_task(label, total=total, rate="")
             while thread.is_alive():
                 thread.join(timeout=1.0)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarcam.errors import DataError
 from cifarcam.models import ModelSpec, build_model
 
 MODEL_FILE, STATE_FILE, META_FILE = "model.pt", "train_state.pt", "meta.json"
@@ -41,15 +42,18 @@ def save_checkpoint(
 def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: not a cifarcam checkpoint (no {META_FILE})")
-    return json.loads(path.read_text())
+        raise DataError(f"{folder}: not a cifarcam checkpoint (no {META_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # cut short or edited by hand
+        raise DataError(f"{path}: not JSON ({err})") from None
 
 
 def load_weights(model: nn.Module, folder: str | Path, spec: ModelSpec) -> None:
     """Load ``folder``'s weights into ``model`` (safe loader: tensors only, no pickled code)."""
     saved = ModelSpec(**read_meta(folder)["model"])
     if saved != spec:
-        raise ValueError(f"{folder}: checkpoint is for {saved}, expected {spec}")
+        raise DataError(f"{folder}: checkpoint is for {saved}, expected {spec}")
     state = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)
     unwrap(model).load_state_dict(state)
 
@@ -63,7 +67,7 @@ def check_weights(folder: str | Path) -> None:
         load_weights(build_model(spec), folder, spec)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
         first = str(err).strip().splitlines()[0][:300]
-        raise ValueError(f"{folder}: its weights do not fit the {spec.family} model its {META_FILE} names ({first})") from None
+        raise DataError(f"{folder}: its weights do not fit the {spec.family} model its {META_FILE} names ({first})") from None
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any] | None:

@@ -7,9 +7,6 @@ Every error is one line naming the key and what was expected, e.g.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +14,10 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
-
+# ConfigError lives in the leaf errors module, so that every module may raise it; it is imported
+# from here too, for now.
+from cifarcam.errors import ConfigError, did_you_mean
+from cifarcam.typed_yaml import check_type, from_dict, load_yaml, unknown_key_error
 
 DATA_SOURCES = ("synthetic", "cifar10", "cifar100", "parquet")
 STEMS = ("cifar", "imagenet")
@@ -118,90 +115,26 @@ class ExperimentConfig:
 SAMPLERS = ("uniform", "loguniform", "choice", "randint")
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """Safe YAML that reads ``1e-3`` and ``3e10`` as numbers, as YAML 1.2 does: PyYAML follows
-    YAML 1.1, where a float needs a dot and a signed exponent, so it would make them strings."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Coerce YAML scalars to ``annotation`` (ints to floats, lists to tuples) or raise."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: expected {annotation}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(annotation)[:1]
-        return tuple(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, list):
-        if not isinstance(value, origin):
-            raise ConfigError(f"{where}: expected a {origin.__name__}, got {value!r}")
-        return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if annotation in (float, str) and not isinstance(value, annotation):
-        raise ConfigError(f"{where}: expected a {annotation.__name__}, got {value!r}")
-    return value
-
-
-def unknown_key_error(key: str, known: typing.Iterable[str], where: str) -> ConfigError:
-    known = list(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(known)}"
-    return ConfigError(f"{where}: unknown key; {hint}")
-
-
-def from_dict(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise unknown_key_error(str(key), names, path)
-        if dataclasses.is_dataclass(hints[key]):
-            values[key] = from_dict(hints[key], value, path)
-        else:
-            values[key] = _check_type(value, hints[key], path)
-    return cls(**values)
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
+def check_optimizer_name(name: str, where: str = "optimizer") -> None:
+    """Any optimizer timm's factory knows: 'adamw', 'sgd' (SGD with Nesterov momentum), 'momentum' …
+    (Here, not in ``optim``: optim builds from TrainConfig, so config must not import it.)"""
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    if name not in known:
+        hint = did_you_mean(name, known) or "expected a timm optimizer name such as adamw or sgd"
+        raise ConfigError(f"{where}: unknown optimizer {name!r}; {hint}")
+
+
 def validate_train(cfg: TrainConfig, where: str = "train") -> None:
     """Value checks for one trial's hyperparameters (names are checked against the registries)."""
+    # Here, not at the top: models loads torch and timm, which reading a config does not need.
     from cifarcam.models import check_model_name
-    from cifarcam.optim import check_optimizer_name
 
     _require(cfg.lr > 0, f"{where}.lr: must be > 0, got {cfg.lr}")
     _require(cfg.weight_decay >= 0, f"{where}.weight_decay: must be >= 0, got {cfg.weight_decay}")
@@ -209,9 +142,7 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> None:
     _require(cfg.batch_size > 0, f"{where}.batch_size: must be > 0, got {cfg.batch_size}")
     _require(cfg.input_size >= 16, f"{where}.input_size: must be >= 16 pixels, got {cfg.input_size}")
     _require(cfg.stem in STEMS, f"{where}.stem: expected one of {', '.join(STEMS)}, got {cfg.stem!r}")
-    _require(
-        cfg.scheduler in SCHEDULERS, f"{where}.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}"
-    )
+    _require(cfg.scheduler in SCHEDULERS, f"{where}.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
     _require(0 <= cfg.warmup_epochs < cfg.epochs, f"{where}.warmup_epochs: must be in [0, epochs), got {cfg.warmup_epochs}")
     _require(0 <= cfg.label_smoothing < 1, f"{where}.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}")
     check_model_name(cfg.model, f"{where}.model")
@@ -234,7 +165,7 @@ def _space_values(cfg: SearchConfig) -> dict[str, list]:
             isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS,
             f"search.sample.{key}: expected one of {{{', '.join(SAMPLERS)}: [...]}}, got {spec!r}",
         )
-        (kind, args), = spec.items()
+        ((kind, args),) = spec.items()
         _require(isinstance(args, list) and args, f"search.sample.{key}.{kind}: expected a list of bounds or options")
         if kind in ("uniform", "loguniform", "randint"):
             _require(len(args) == 2 and args[0] < args[1], f"search.sample.{key}.{kind}: expected [low, high] with low < high")
@@ -278,7 +209,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     for key, options in _space_values(s).items():
         for option in options:
             try:
-                value = _check_type(option, typing.get_type_hints(TrainConfig)[key], f"search.{key}")
+                value = check_type(option, typing.get_type_hints(TrainConfig)[key], f"search.{key}")
                 validate_train(dataclasses.replace(cfg.train, **{key: value}), where="search")
             except ConfigError as err:
                 raise ConfigError(str(err).replace("search.", f"search.{key}=", 1)) from None
@@ -292,16 +223,7 @@ def searched_models(cfg: ExperimentConfig) -> list[str]:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read, type-check and validate a YAML experiment file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_YamlLoader) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    raw = load_yaml(Path(path)) or {}
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -325,7 +247,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 def trial_config(base: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """The trial's hyperparameters: ``base`` with the search's picks (type-coerced) applied."""
     hints = typing.get_type_hints(TrainConfig)
-    picked = {k: _check_type(v, hints[k], f"trial.{k}") for k, v in overrides.items() if k in hints}
+    picked = {k: check_type(v, hints[k], f"trial.{k}") for k, v in overrides.items() if k in hints}
     return dataclasses.replace(base, **picked)
 
 

@@ -63,13 +63,17 @@ class FaithfulnessSettings:
         }
 
 
+def sample_rows(n: int, images: int, seed: int) -> np.ndarray:
+    """The first ``images`` rows of a seeded permutation of ``n``: the faithfulness sample, and the
+    sanity check's smaller sample, which is its start (both see the same images first)."""
+    return np.random.default_rng(seed).permutation(n)[:images]
+
+
 def sample(n: int, settings: FaithfulnessSettings) -> np.ndarray:
     """(n,) bool: the seeded sample of an image set's rows that faithfulness is measured on, the
     same whichever job, block or actor asks."""
-    import numpy as np
-
     chosen = np.zeros(n, bool)
-    chosen[np.random.default_rng(settings.seed).permutation(n)[: settings.images]] = True
+    chosen[sample_rows(n, settings.images, settings.seed)] = True
     return chosen
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarcam.data import CIFAR_MEAN, CIFAR_STD
+from cifarcam.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,11 +71,8 @@ class DeviceLoader:
             self.images = torch.as_tensor(images).to(self.device)  # uint8 NHWC, uploaded once
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
         n = len(self.labels)
-        if batch_size > n // world_size and train:
-            raise ValueError(
-                f"batch_size {batch_size} is larger than this worker's share of the data "
-                f"({n} images / {world_size} workers = {n // world_size})"
-            )
+        if batch_size > n // world_size and train:  # config.check_batch_fits says so before any trial
+            raise ConfigError(f"batch_size {batch_size} is larger than this worker's share of the data ({n} images / {world_size} workers = {n // world_size})")
         self.batch_size, self.train, self.rank, self.world_size = batch_size, train, rank, world_size
         self.seed, self.input_size, self.pad = seed, input_size, pad
         self.epoch = 0

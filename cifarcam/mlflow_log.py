@@ -22,7 +22,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cifarcam.config import ConfigError, TrainConfig, trial_config
+from cifarcam.config import TrainConfig, trial_config
+from cifarcam.errors import ConfigError
+from cifarcam.search_tables import AccuracyRow
 from cifarcam.tensorboard_log import SCALARS
 
 TRIAL_TAG = "cifarcam.trial_id"
@@ -101,17 +103,17 @@ class MLflowTrials(Callback):
         self.client.set_terminated(self._run(trial), status="FAILED")
 
 
-def log_test_accuracy(tracking_uri: str, experiment: str, accuracy_rows: list[dict]) -> None:
+def log_test_accuracy(tracking_uri: str, experiment: str, accuracy_rows: list[AccuracyRow]) -> None:
     """Each family's best trial: its best checkpoint's test accuracy, on that trial's run."""
     client = _client(tracking_uri)
     experiment_id = check_tracking(tracking_uri, experiment)
     for row in accuracy_rows:
-        run_id = find_run(client, experiment_id, row["trial_id"])
+        run_id = find_run(client, experiment_id, row.trial_id)
         if run_id is None:  # a trial from before --mlflow was given: nothing to attach it to
             continue
-        values = {name: row.get(name) for name in ("test_top1", "test_top5", "test_superclass_top1")}
-        client.log_batch(run_id, metrics=_metrics(values, step=int(row["epochs"])))
-        client.set_tag(run_id, "cifarcam.best_of_family", row["model"])
+        values = {"test_top1": row.test_top1, "test_top5": row.test_top5, "test_superclass_top1": row.test_superclass_top1}
+        client.log_batch(run_id, metrics=_metrics(values, step=row.epochs))
+        client.set_tag(run_id, "cifarcam.best_of_family", row.model)
 
 
 def _param(key: str, value: Any) -> Any:

@@ -1,9 +1,11 @@
 """The model zoo: the paper's seven families (and small ones for demos) built with timm,
-each with its CIFAR stem and the layers Grad-CAM looks at."""
+each with its CIFAR stem and the layers Grad-CAM looks at.
+
+Nothing here reads the experiment config: ``config`` checks model names through this module,
+so the import goes config -> models only."""
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -11,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cifarcam.config import ConfigError
+from cifarcam.errors import ConfigError, DataError, did_you_mean
 
 
 def _unstride(module: nn.Module) -> None:
@@ -79,8 +81,7 @@ PAPER_FAMILIES = ("resnet34", "resnet50", "resnet101", "efficientnetv2", "mobile
 
 def check_model_name(name: str, where: str = "model") -> None:
     if name not in FAMILIES:
-        close = difflib.get_close_matches(name, FAMILIES, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(FAMILIES)}"
+        hint = did_you_mean(name, FAMILIES) or f"expected one of {', '.join(FAMILIES)}"
         raise ConfigError(f"{where}: unknown model {name!r}; {hint}")
 
 
@@ -121,7 +122,7 @@ def build_model(spec: ModelSpec, pretrained: bool | str = False) -> nn.Module:
         if not pretrained:
             raise
         source = pretrained if isinstance(pretrained, str) else "the Hugging Face hub"
-        raise RuntimeError(
+        raise DataError(
             f"train.pretrained: cannot load ImageNet weights for {fam.timm_name} from {source} "
             f"({type(err).__name__}); offline, download them elsewhere and set pretrained: /path/to/file"
         ) from None
@@ -152,23 +153,30 @@ class CamLayer:
         )
 
 
-def swin_reshape(tensor: torch.Tensor) -> torch.Tensor:
-    """Swin stages return (B, H, W, C); CAM code wants (B, C, H, W)."""
-    return tensor.permute(0, 3, 1, 2)
-
-
 def cam_layers(model: nn.Module, spec: ModelSpec) -> list[CamLayer]:
     """The family's CAM target layers with their feature-map size at ``spec.input_size``,
     measured by one forward pass (exact for every stem and input size)."""
-    fam = FAMILIES[spec.family]
+    layers = measure_layers(model, spec, FAMILIES[spec.family].cam_layers)
+    for layer in layers:
+        if layer.degenerate:
+            warnings.warn(layer.degenerate_warning(spec), stacklevel=2)
+    return layers
+
+
+def measure_layers(model: nn.Module, spec: ModelSpec, names: tuple[str, ...] | list[str]) -> list[CamLayer]:
+    """Each named module's feature-map size at ``spec.input_size`` (any module, not only the
+    family's CAM layers), from one forward pass in eval mode; the model's mode is restored."""
+    channels_last = FAMILIES[spec.family].channels_last_output
     sizes: dict[str, tuple[int, int]] = {}
-    hooks = []
-    for name in fam.cam_layers:
-        def record(_m: nn.Module, _i: tuple, out: torch.Tensor, name: str = name) -> None:
-            h, w = (out.shape[1], out.shape[2]) if fam.channels_last_output else (out.shape[2], out.shape[3])
+
+    def record(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+            h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[2], out.shape[3])
             sizes[name] = (int(h), int(w))
 
-        hooks.append(model.get_submodule(name).register_forward_hook(record))
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
     was_training = model.training
     device = next(model.parameters()).device
     try:
@@ -179,8 +187,4 @@ def cam_layers(model: nn.Module, spec: ModelSpec) -> list[CamLayer]:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    layers = [CamLayer(name, *sizes[name]) for name in fam.cam_layers]
-    for layer in layers:
-        if layer.degenerate:
-            warnings.warn(layer.degenerate_warning(spec), stacklevel=2)
-    return layers
+    return [CamLayer(name, *sizes[name]) for name in names]

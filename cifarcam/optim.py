@@ -1,28 +1,19 @@
-"""Optimizers (timm's factory) and per-step learning-rate schedules with warmup (torch's)."""
+"""Optimizers (timm's factory) and per-step learning-rate schedules with warmup (torch's).
+
+Built from a TrainConfig, so this imports config and config never imports this (it checks
+optimizer names against timm's list itself)."""
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING
 
 import torch
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, OneCycleLR, SequentialLR
 
-from cifarcam.config import ConfigError
+from cifarcam.errors import ConfigError
 
 if TYPE_CHECKING:
     from cifarcam.config import TrainConfig
-
-
-def check_optimizer_name(name: str, where: str = "optimizer") -> None:
-    """Any optimizer timm's factory knows: 'adamw', 'sgd' (SGD with Nesterov momentum), 'momentum' …"""
-    from timm.optim import list_optimizers
-
-    known = list_optimizers()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else "expected a timm optimizer name such as adamw or sgd"
-        raise ConfigError(f"{where}: unknown optimizer {name!r}; {hint}")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -29,11 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from cifarcam.config import ConfigError
+from cifarcam.errors import ConfigError
 from cifarcam.results import write_text_atomic
 
 MARKER = "_COMPLETE.json"
 CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
+SETTINGS = "_settings.json"  # in cams/: how every partition there was computed
 LOCK_MODE = 0o666  # lock files others in a shared project folder can take too
 MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
 
@@ -108,6 +109,18 @@ def claim_model(folder: Path, source: Source) -> None:
     write_text_atomic(claim, json.dumps(asdict(source), indent=2))
 
 
+def check_settings(cams_dir: Path, settings: dict) -> None:
+    """Existing partitions are reused only when they were computed the same way: the first job
+    records ``settings`` in ``cams/_settings.json``, every later one must match it."""
+    path = cams_dir / SETTINGS
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            raise ConfigError(f"{cams_dir}: computed with {saved}, now asked for {settings}; use the same settings or remove {cams_dir}")
+    else:
+        write_text_atomic(path, json.dumps(settings))
+
+
 def run_lock(run_dir: Path) -> FileLock:
     """Held while a job plans what is missing, while it publishes, and while staging folders come
     and go (never nested: a second lock object on the same file in one thread raises)."""
@@ -150,6 +163,26 @@ class Staging:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
         return removed
+
+    def regroup_and_publish(self, raw: Path, keys: tuple[str, ...], wanted: set[tuple[str, ...]], source: Source, settings: dict) -> tuple[list[Path], int]:
+        """Regroup the Parquet files in ``raw`` (unpartitioned rows, e.g. Ray Data's write) into
+        partitions by ``keys`` and publish those whose key values are ``wanted`` under
+        ``run/cams``; the others were computed alongside (the published copy stands). Returns
+        (partitions published, partitions another job published meanwhile). ``raw`` is removed."""
+        parts = self.folder / "parts"
+        staged = regroup(sorted(raw.glob("*.parquet")), parts, keys, source, settings)
+        shutil.rmtree(raw)
+        wanted_folders = {parts.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key, strict=False))) for key in wanted}
+        written, skipped = [], 0
+        with run_lock(self.run_dir):
+            for folder in sorted(f for f in staged if f in wanted_folders):
+                target = self.run_dir / "cams" / folder.relative_to(parts)
+                if publish(folder, target, source, self.folder / "trash"):
+                    written.append(target)
+                else:
+                    skipped += 1
+        shutil.rmtree(parts, ignore_errors=True)
+        return written, skipped
 
     def close(self) -> None:
         with run_lock(self.run_dir):
@@ -209,7 +242,7 @@ def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source
             table = pq.read_table(raw)
             for key, part in _split(table, keys):
                 if key not in partitions:
-                    folder = out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key)))
+                    folder = out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key, strict=False)))
                     partitions[key] = _PartitionFiles(folder, {"cifarcam_settings": json.dumps(settings), "cifarcam_source": json.dumps(asdict(source))})
                 partitions[key].write(part.drop_columns(list(keys)))
     finally:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cifarcam.config import ConfigError, ExperimentConfig, SearchConfig
+from cifarcam.config import ExperimentConfig, SearchConfig
+from cifarcam.errors import ConfigError
 
 # Training-split sizes of the datasets whose files a dry run need not read.
 KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
@@ -54,7 +55,7 @@ def trial_descriptions(search: SearchConfig) -> list[str]:
     keys = list(search.grid)
     sampled = ", ".join(f"{key} ~ {kind}{tuple(args)}" for key, spec in search.sample.items() for kind, args in spec.items())
     lines = []
-    for repeat in range(search.num_samples):
+    for _ in range(search.num_samples):
         for values in itertools.product(*(search.grid[k] for k in keys)):
             picked = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
             lines.append(", ".join(part for part in (picked, sampled) if part) or "the train section's values")

@@ -48,7 +48,11 @@ class SearchProgress(Callback):
             return
         if self.progress is None:
             self.progress = Progress(
-                TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                TextColumn("[bold]search"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
                 console=self.console,
             )
             self.task = self.progress.add_task("trials", total=self.total, status="starting")

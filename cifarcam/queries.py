@@ -6,6 +6,8 @@ from pathlib import Path
 
 import duckdb
 
+from cifarcam.errors import UserError
+
 TABLE_FILES = {"trials": "trials.parquet", "epochs": "epochs.parquet", "accuracy": "accuracy.parquet", "predictions": "predictions.parquet"}
 
 
@@ -14,10 +16,10 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     where the CAM stage wrote them."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run folder")
+        raise UserError(f"{run_dir}: no such run folder")
     missing = [name for name, file in TABLE_FILES.items() if not (run_dir / file).is_file()]
     if missing:
-        raise FileNotFoundError(f"{run_dir}: not a finished run (missing {', '.join(TABLE_FILES[m] for m in missing)}); run jobs.search first")
+        raise UserError(f"{run_dir}: not a finished run (missing {', '.join(TABLE_FILES[m] for m in missing)}); run jobs.search first")
     con = duckdb.connect()
     for name, file in TABLE_FILES.items():
         con.execute(f"create view {name} as select * from read_parquet('{run_dir / file}')")
@@ -39,4 +41,4 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None
         return con.execute(sql, params or []).df()
     except duckdb.Error as err:
         first = " ".join(str(err).split())
-        raise ValueError(f"SQL: {first}") from None
+        raise UserError(f"SQL: {first}") from None

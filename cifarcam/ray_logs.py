@@ -96,6 +96,27 @@ class RayLogRouting:
         with self._lock:
             self.workers.write("".join(prefix + line + "\n" for line in data.get("lines", [])))
 
+    def discard(self) -> None:
+        """Undo this routing for a job that stops on a user error before doing any work (bad
+        address, a trial larger than the cluster): stop Ray, close the files and remove the job's
+        folder (and ``logs/`` if it is left empty), so that the run folder is left as it was."""
+        import ray
+
+        global _active
+        _active = None
+        if ray.is_initialized():
+            ray.shutdown()  # before the files go: its shutdown still logs
+        for logger in [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
+            if self.driver_handler in logger.handlers:
+                logger.removeHandler(self.driver_handler)
+        self.driver_handler.close()
+        self.workers.close()
+        for path in sorted(self.folder.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        self.folder.rmdir()
+        with contextlib.suppress(OSError):  # another job's logs are there
+            self.folder.parent.rmdir()
+
     def note_session(self) -> None:
         """Where Ray keeps the rest (raylet, GCS, core-worker logs), written into the driver log."""
         import ray
@@ -103,6 +124,12 @@ class RayLogRouting:
         session = ray.get_runtime_context().get_session_name()
         temp = ray.get_runtime_context().get_temp_dir()
         logging.getLogger("ray").info("Ray's own logs (raylet, GCS, core workers): %s/%s/logs on each node", temp, session)
+
+
+def discard_active() -> None:
+    """:meth:`RayLogRouting.discard` for this process's routing, if there is one."""
+    if _active is not None:
+        _active.discard()
 
 
 def _writes_to_terminal(handler: logging.Handler) -> bool:

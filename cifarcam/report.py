@@ -11,8 +11,6 @@ the PNGs from cifarcam.report_figures; the same Sections become report.md (here)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +19,14 @@ from rich.console import Console
 
 from cifarcam import report_figures as fig
 from cifarcam import report_queries as q
-from cifarcam.queries import connect, has_view
+from cifarcam.queries import has_view
 from cifarcam.report_console import print_sections
+from cifarcam.report_run import ReportRun, Section
 from cifarcam.sanity import FAIL_SPEARMAN
 
 # The seed paper: Table 1 (parameters, millions) and Table 2 (CIFAR-100 test top-1, %, 40 epochs).
 PAPER_PARAMS_M = {"efficientnetv2": 22.0, "mobilenetv3": 4.3, "regnet": 3.3, "resnet34": 21.3, "resnet50": 23.7, "resnet101": 42.7, "swin": 28.3}
 PAPER_TOP1_PCT = {"efficientnetv2": 83.65, "mobilenetv3": 62.85, "regnet": 75.47, "resnet34": 70.41, "resnet50": 87.15, "resnet101": 68.48, "swin": 70.85}
-
-
-@dataclass
-class Section:
-    """One part of the report, whatever the medium: figures are PNG names in the report folder."""
-
-    title: str
-    text: str = ""
-    table: pd.DataFrame | None = None
-    figures: list[str] = field(default_factory=list)
 
 
 def with_paper_columns(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
@@ -87,8 +76,15 @@ def _faithfulness_text(frame: pd.DataFrame) -> str:
         if "n/a" in (r.deletion_verdict, r.insertion_verdict):
             lines.append(f"{name}: too few scored images to judge ({r.images}).")
             continue
-        verdicts = {"deletion": (r.deletion_verdict, r.deletion_strongest, r.deletion_margin), "insertion": (r.insertion_verdict, r.insertion_strongest, r.insertion_margin)}
-        failing = [f"{curve} ({verdict} than the {baseline} map, margin {margin:+.3f})" for curve, (verdict, baseline, margin) in verdicts.items() if verdict != "better"]
+        verdicts = {
+            "deletion": (r.deletion_verdict, r.deletion_strongest, r.deletion_margin),
+            "insertion": (r.insertion_verdict, r.insertion_strongest, r.insertion_margin),
+        }
+        failing = [
+            f"{curve} ({verdict} than the {baseline} map, margin {margin:+.3f})"
+            for curve, (verdict, baseline, margin) in verdicts.items()
+            if verdict != "better"
+        ]
         if failing:
             prior = " It does not beat the centre prior." if any(b == "centre" for curve, (v, b, _) in verdicts.items() if v != "better") else ""
             lines.append(f"{name}: not more faithful on " + " and ".join(failing).replace("tie than", "no better than") + "." + prior)
@@ -99,31 +95,8 @@ def _faithfulness_text(frame: pd.DataFrame) -> str:
     return summary + " ".join(lines)
 
 
-
-class RunReport:
-    """A run's report: the connection, config and test images its sections draw on."""
-
-    def __init__(self, run_dir: Path) -> None:
-        from cifarcam.config import load_config
-        from cifarcam.data import load_splits
-
-        self.run_dir = Path(run_dir)
-        self.con = connect(self.run_dir)
-        self.cfg = load_config(self.run_dir / "config.yaml")
-        self.test = load_splits(self.cfg.data).test
-        self.position = {int(i): n for n, i in enumerate(self.test.index)}  # image_index -> row
-        self.names = list(self.test.class_names)
-        self.out = self.run_dir / "report"
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.has_cams = has_view(self.con, "cams")
-        self.title = f"Report: {self.cfg.name}"
-
-    def image(self, image_index: int) -> np.ndarray:
-        """A test image by its index in the Parquet (the CAM rows' image_index)."""
-        return self.test.images[self.position[int(image_index)]]
-
-    def images(self, image_indices: Iterable[int]) -> dict[int, np.ndarray]:
-        return {int(i): self.image(i) for i in image_indices}
+class RunReport(ReportRun):
+    """A run's report: one method per section, each a query, its words and its figure."""
 
     # -- sections --------------------------------------------------------------------------
 
@@ -132,7 +105,9 @@ class RunReport:
         per_worker = sc.gpus_per_worker if sc.use_gpu else sc.cpus_per_worker
         unit = "GPU-h" if sc.use_gpu else "CPU-h" if sc.use_gpu is False else "device-h"
         frame = with_paper_columns(q.accuracy(self.con, sc.workers_per_trial * per_worker, unit), self.cfg.data.source)
-        text = f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if sc.use_gpu else 'CPUs'} per worker x training wall time."
+        text = (
+            f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if sc.use_gpu else 'CPUs'} per worker x training wall time."
+        )
         if self.cfg.data.source == "cifar100":
             text += (
                 f" paper_params_m and paper_test_top1 are the seed paper's Tables 1 and 2 (CIFAR-100, 40 epochs); this run trained"
@@ -160,7 +135,12 @@ class RunReport:
         if not self.has_cams:
             return Section("Heatmaps by layer feature size", "No cams in this run.")
         frame = q.by_feature_size(self.con)
-        measures = {"mean_entropy": "entropy (1 = uniform)", "mean_top10_mass": "mass in top 10% of pixels", "pointing_hit": "peak within 2 px of the object", "constant_share": "constant maps"}
+        measures = {
+            "mean_entropy": "entropy (1 = uniform)",
+            "mean_top10_mass": "mass in top 10% of pixels",
+            "pointing_hit": "peak within 2 px of the object",
+            "constant_share": "constant maps",
+        }
         figure = fig.grouped_bars(self.out / "degenerate_by_size.png", frame, measures, "CAM layer feature map")
         return Section("Heatmaps by layer feature size", _size_text(frame), frame.drop(columns="h"), [figure])
 
@@ -245,8 +225,14 @@ class RunReport:
         table = pd.concat(effects, ignore_index=True) if effects else None
         status = q.trial_status(self.con)
         points = q.trial_points(self.con)
-        text = "Trials by status: " + ", ".join(f"{n} {s}" for s, n in status.itertuples(index=False)) + ". Mean best validation accuracy by each searched value (x in the figure: stopped by ASHA)."
-        return Section("The search: what mattered and what ASHA stopped", text, table, [fig.search_scatter(self.out / "search.png", points)] if len(points) else [])
+        text = (
+            "Trials by status: "
+            + ", ".join(f"{n} {s}" for s, n in status.itertuples(index=False))
+            + ". Mean best validation accuracy by each searched value (x in the figure: stopped by ASHA)."
+        )
+        return Section(
+            "The search: what mattered and what ASHA stopped", text, table, [fig.search_scatter(self.out / "search.png", points)] if len(points) else []
+        )
 
     def failed_search(self) -> Section:
         frame = q.trial_errors(self.con)
@@ -260,8 +246,16 @@ class RunReport:
         if not q.count(self.con, "accuracy"):
             return [self.failed_search(), self.learning_curves(), self.search()]
         return [
-            self.table2(), self.cam_grids(), self.degenerate(), self.localisation(), self.faithfulness(), self.sanity(),
-            self.confusions(), self.per_class(), self.learning_curves(), self.search(),
+            self.table2(),
+            self.cam_grids(),
+            self.degenerate(),
+            self.localisation(),
+            self.faithfulness(),
+            self.sanity(),
+            self.confusions(),
+            self.per_class(),
+            self.learning_curves(),
+            self.search(),
         ]
 
 
@@ -284,8 +278,9 @@ def markdown(report: RunReport, sections: list[Section]) -> str:
 def write_report(run_dir: Path, console: Console | None = None) -> Path:
     """Write ``run_dir/report/report.md`` and ``report.html`` with the figures; print the tables
     to ``console``. Returns report.md's path (report.html lies beside it)."""
-    from cifarcam.report_html import write_html  # it imports this module's types
+    from cifarcam.report_html import write_html
     from cifarcam.results import write_text_atomic
+
     report = RunReport(run_dir)
     sections = report.sections()
     if console is not None:

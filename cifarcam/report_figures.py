@@ -44,7 +44,9 @@ def overlay(ax: Any, image: np.ndarray, heatmap: np.ndarray | None, title: str) 
     if heatmap is not None:
         side = int(np.sqrt(heatmap.size))
         h, w = image.shape[:2]
-        ax.imshow(heatmap.reshape(side, side), cmap="jet", alpha=HEATMAP_ALPHA, vmin=0, vmax=255, interpolation="bilinear", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        ax.imshow(
+            heatmap.reshape(side, side), cmap="jet", alpha=HEATMAP_ALPHA, vmin=0, vmax=255, interpolation="bilinear", extent=(-0.5, w - 0.5, h - 0.5, -0.5)
+        )
     ax.set_title(title, fontsize=7)
     ax.axis("off")
 
@@ -66,7 +68,15 @@ def overlay_pngs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], pixels: int = 9
     return out
 
 
-def cam_grid(path: Path, title: str, picks: pd.DataFrame, layers: pd.DataFrame, maps: Mapping[tuple[int, str], np.ndarray], images: Mapping[int, np.ndarray], names: Sequence[str]) -> str:
+def cam_grid(
+    path: Path,
+    title: str,
+    picks: pd.DataFrame,
+    layers: pd.DataFrame,
+    maps: Mapping[tuple[int, str], np.ndarray],
+    images: Mapping[int, np.ndarray],
+    names: Sequence[str],
+) -> str:
     """One row per pick (image_index, label, pred, correct): the image, then its map at each layer."""
 
     def draw(fig: Any) -> None:
@@ -76,7 +86,9 @@ def cam_grid(path: Path, title: str, picks: pd.DataFrame, layers: pd.DataFrame, 
             image = images[p.image_index]
             overlay(fig.add_subplot(len(picks), cols, r * cols + 1), image, None, f"{names[p.label]} -> {names[p.pred]} ({verdict})")
             for c, layer in enumerate(layers.itertuples(index=False)):
-                overlay(fig.add_subplot(len(picks), cols, r * cols + 2 + c), image, maps.get((p.image_index, layer.layer)), f"{layer.layer} {layer.h}x{layer.w}")
+                overlay(
+                    fig.add_subplot(len(picks), cols, r * cols + 2 + c), image, maps.get((p.image_index, layer.layer)), f"{layer.layer} {layer.h}x{layer.w}"
+                )
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
 
@@ -108,7 +120,7 @@ def faithfulness_margins(path: Path, frame: pd.DataFrame) -> str:
 
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
-        labels = [f"{m}\n{l}\n{k}" for m, l, k in zip(frame.model, frame.layer, frame.method)]
+        labels = [f"{model}\n{layer}\n{method}" for model, layer, method in zip(frame.model, frame.layer, frame.method)]
         x = np.arange(len(frame))
         ax.bar(x - 0.2, frame.deletion_margin, 0.4, yerr=2 * frame.deletion_se, label="deletion margin")
         ax.bar(x + 0.2, frame.insertion_margin, 0.4, yerr=2 * frame.insertion_se, label="insertion margin")

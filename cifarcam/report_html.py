@@ -22,7 +22,7 @@ from cifarcam.report_figures import overlay_pngs
 from cifarcam.results import write_text_atomic
 
 if TYPE_CHECKING:
-    from cifarcam.report import RunReport, Section
+    from cifarcam.report_run import ReportRun, Section
 
 # Gallery size: per model x layer x method, up to this many correct and as many mistaken images
 # (the same images at every layer and method of a model, so they compare side by side). It bounds
@@ -84,7 +84,7 @@ class Card:
         return "correct" if self.correct else "mistaken"
 
 
-def gallery_cards(report: RunReport, per_outcome: int = GALLERY_PER_OUTCOME) -> list[Card]:
+def gallery_cards(report: ReportRun, per_outcome: int = GALLERY_PER_OUTCOME) -> list[Card]:
     """Maps of a bounded, deterministic sample of each model's images (report_queries.spread_picks)
     at every layer (earliest first) and method; the cam grids' image and heatmap look-ups."""
     if not report.has_cams:
@@ -158,15 +158,19 @@ def _gallery(cards: Sequence[Card], class_order: Sequence[str]) -> str:
             " class → predicted class.</p>",
             '<form id="filters">' + "".join(_select(name, values[name]) for name in FILTERS) + "</form>",
             f'<p id="count">{len(cards)} of {len(cards)} maps shown</p>',
-            '<div class="cards">', *items, "</div></section>",
+            '<div class="cards">',
+            *items,
+            "</div></section>",
         ]
     )
 
 
-def render(report: RunReport, sections: Sequence[Section], cards: Sequence[Card]) -> str:
+def render(report: ReportRun, sections: Sequence[Section], cards: Sequence[Card]) -> str:
     """The whole page: header, contents, every section, the gallery, the filter script."""
     title = html.escape(report.title)
-    toc = [f'<li><a href="#section-{n}">{html.escape(s.title)}</a></li>' for n, s in enumerate(sections, 1)] + ['<li><a href="#gallery">Heatmap gallery</a></li>']
+    toc = [f'<li><a href="#section-{n}">{html.escape(s.title)}</a></li>' for n, s in enumerate(sections, 1)] + [
+        '<li><a href="#gallery">Heatmap gallery</a></li>'
+    ]
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -185,7 +189,7 @@ def render(report: RunReport, sections: Sequence[Section], cards: Sequence[Card]
     )
 
 
-def write_html(report: RunReport, sections: Sequence[Section]) -> Path:
+def write_html(report: ReportRun, sections: Sequence[Section]) -> Path:
     """Write ``report.html`` beside report.md, from the same sections (their PNGs must exist)."""
     path = report.out / "report.html"
     write_text_atomic(path, render(report, sections, gallery_cards(report)))

@@ -138,7 +138,7 @@ def faithfulness(con: Con) -> pd.DataFrame:
     raw = run_sql(
         con,
         f"""select model, layer, any_value(layer_h) as h, method, count(*) as images,
-                   avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, {', '.join(columns)}
+                   avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, {", ".join(columns)}
             from cams where faithfulness_sample and deletion_auc is not null
             group by model, layer, method order by model, h desc, method""",
     )
@@ -205,11 +205,16 @@ def per_class(con: Con) -> pd.DataFrame:
 
 
 def epochs(con: Con) -> pd.DataFrame:
-    return run_sql(con, "select e.trial_id, e.model, t.optimizer, t.status, e.epoch, e.val_top1 from epochs e join trials t using (trial_id) order by e.trial_id, e.epoch")
+    return run_sql(
+        con, "select e.trial_id, e.model, t.optimizer, t.status, e.epoch, e.val_top1 from epochs e join trials t using (trial_id) order by e.trial_id, e.epoch"
+    )
 
 
 def epochs_by_model(con: Con) -> pd.DataFrame:
-    return run_sql(con, "select model, count(distinct trial_id) as trials, max(epoch) as max_epoch, max(val_top1) as best_val_top1 from epochs group by model order by model")
+    return run_sql(
+        con,
+        "select model, count(distinct trial_id) as trials, max(epoch) as max_epoch, max(val_top1) as best_val_top1 from epochs group by model order by model",
+    )
 
 
 def hyperparameter_effect(con: Con, key: str) -> pd.DataFrame:

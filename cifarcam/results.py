@@ -1,4 +1,5 @@
-"""The run's Parquet tables: schemas, atomic writers and the run-folder layout.
+"""The run's Parquet files: atomic writers, the CAM and sanity schemas, the run-folder layout
+(the search's tables are row dataclasses in ``cifarcam.search_tables``).
 
 Every table is written to a temporary name and renamed into place, so a crash never leaves a
 half-written file under a name a reader would open.
@@ -6,6 +7,7 @@ half-written file under a name a reader would open.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -15,91 +17,15 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TRIALS = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("model", pa.string()),
-        ("optimizer", pa.string()),
-        ("scheduler", pa.string()),
-        ("lr", pa.float64()),
-        ("weight_decay", pa.float64()),
-        ("batch_size", pa.int64()),
-        ("hyperparameters", pa.string()),  # JSON of every searched value
-        ("status", pa.string()),  # completed | stopped_early | diverged | error
-        ("error", pa.string()),
-        ("epochs_run", pa.int64()),
-        ("epochs_planned", pa.int64()),
-        ("stopped_by_asha", pa.bool_()),
-        ("metric", pa.string()),  # the search's metric (search.metric), which ranks the trials
-        ("best_metric", pa.float64()),  # its value at the trial's best epoch (best by search.mode)
-        ("best_val_top1", pa.float64()),
-        ("best_epoch", pa.int64()),
-        ("best_checkpoint", pa.string()),
-        ("time_s", pa.float64()),
-    ]
-)
-
-EPOCHS = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("model", pa.string()),
-        ("epoch", pa.int64()),
-        ("train_loss", pa.float64()),
-        ("val_loss", pa.float64()),
-        ("val_top1", pa.float64()),
-        ("val_top5", pa.float64()),
-        ("images_per_s", pa.float64()),
-        ("lr", pa.float64()),
-        ("epoch_time_s", pa.float64()),
-        ("diverged", pa.bool_()),
-        ("workers", pa.int64()),  # DDP processes that trained this epoch
-        ("nodes", pa.int64()),  # distinct Ray nodes those processes ran on
-        ("checkpoint_path", pa.string()),  # null once Train dropped it (only the best k are kept)
-    ]
-)
-
-ACCURACY = pa.schema(
-    [
-        ("model", pa.string()),
-        ("variant", pa.string()),  # the timm model behind the family name
-        ("stem", pa.string()),
-        ("input_size", pa.int64()),
-        ("params", pa.int64()),
-        ("trial_id", pa.string()),
-        ("optimizer", pa.string()),
-        ("scheduler", pa.string()),
-        ("lr", pa.float64()),
-        ("weight_decay", pa.float64()),
-        ("epochs", pa.int64()),
-        ("val_top1", pa.float64()),
-        ("test_top1", pa.float64()),
-        ("test_top5", pa.float64()),
-        ("test_superclass_top1", pa.float64()),  # null where the dataset has no superclasses
-        ("train_time_s", pa.float64()),
-        ("images_per_s", pa.float64()),
-        ("checkpoint", pa.string()),
-    ]
-)
-
-PREDICTIONS = pa.schema(
-    [
-        ("model", pa.string()),
-        ("image_index", pa.int64()),
-        ("label", pa.int64()),
-        ("coarse_label", pa.int64()),
-        ("pred", pa.int64()),
-        ("top5", pa.list_(pa.int64())),
-        ("prob", pa.float64()),
-        ("correct", pa.bool_()),
-    ]
-)
-
-TABLES = {"trials": TRIALS, "epochs": EPOCHS, "accuracy": ACCURACY, "predictions": PREDICTIONS}
+from cifarcam.errors import UserError
 
 
-def write_table(rows: Iterable[dict[str, Any]] | dict[str, Any], schema: pa.Schema, path: Path, metadata: dict | None = None) -> Path:
-    """Write rows (a list of dicts, or a dict of columns) with ``schema``, atomically."""
-    table = pa.Table.from_pydict(rows, schema=schema) if isinstance(rows, dict) else pa.Table.from_pylist(list(rows), schema=schema)
+def write_table(rows: Iterable[Any] | dict[str, Any], schema: pa.Schema, path: Path, metadata: dict | None = None) -> Path:
+    """Write rows (dataclasses or dicts, or a dict of columns) with ``schema``, atomically."""
+    if isinstance(rows, dict):
+        table = pa.Table.from_pydict(rows, schema=schema)
+    else:
+        table = pa.Table.from_pylist([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows], schema=schema)
     if metadata:
         table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +54,9 @@ def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PermissionError(f"--out {out_dir}: cannot create the results folder ({err.strerror})") from None
+        raise UserError(f"--out {out_dir}: cannot create the results folder ({err.strerror})") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out_dir}: the results folder is not writable")
+        raise UserError(f"--out {out_dir}: the results folder is not writable")
 
 
 def write_provenance(out_dir: Path, config_yaml: str) -> None:
@@ -148,11 +74,7 @@ HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the mod
 # results/README.md explains every column; CAMS_VERSION changes whenever a column does, so that
 # partitions written by an older version are refused instead of mixed in.
 CAMS_VERSION = 2
-_FAITHFULNESS_COLUMNS = [
-    (f"{curve}_auc{suffix}", pa.float64())
-    for suffix in ("", "_random", "_centre", "_edge")
-    for curve in ("deletion", "insertion")
-]
+_FAITHFULNESS_COLUMNS = [(f"{curve}_auc{suffix}", pa.float64()) for suffix in ("", "_random", "_centre", "_edge") for curve in ("deletion", "insertion")]
 CAMS = pa.schema(
     [
         ("run", pa.string()),

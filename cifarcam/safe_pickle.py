@@ -11,6 +11,8 @@ import io
 import pickle
 from typing import Any, BinaryIO
 
+from cifarcam.errors import DataError
+
 # Exactly what the official files (written by Python 2 numpy) and numpy 2 re-pickles reference.
 _ALLOWED_GLOBALS = frozenset(
     {
@@ -23,8 +25,8 @@ _ALLOWED_GLOBALS = frozenset(
 )
 
 
-class UnsafePickleError(ValueError):
-    """Raised when a pickle references anything outside the allow-list."""
+class UnsafePickleError(DataError):
+    """Raised when a pickle references anything outside the allow-list: a bad data file, not a bug."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -45,8 +47,6 @@ def safe_load(stream: BinaryIO | bytes, source: str) -> Any:
     try:
         return _RestrictedUnpickler(stream, encoding="latin1").load()
     except UnsafePickleError as err:
-        raise UnsafePickleError(
-            f"{source}: not a CIFAR pickle ({err}); only numpy arrays, lists, ints and strings are allowed"
-        ) from None
+        raise UnsafePickleError(f"{source}: not a CIFAR pickle ({err}); only numpy arrays, lists, ints and strings are allowed") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
-        raise ValueError(f"{source}: corrupt or truncated pickle ({type(err).__name__}: {err})") from None
+        raise DataError(f"{source}: corrupt or truncated pickle ({type(err).__name__}: {err})") from None

@@ -23,7 +23,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
-from cifarcam.cam import METHODS, MultiLayerCam
+from cifarcam.cam import MultiLayerCam, fast_methods
 
 # Once every layer above the explained one is random, a rank correlation this high means that the
 # map barely depends on what the model learned there (Adebayo et al. flag visually similar maps).
@@ -65,7 +65,7 @@ def cascade(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[Cascad
     ends = {layer: max(i for i, (n, _) in enumerate(leaves) if inside(n, layer)) for layer in layers}
     bottom_up = sorted(layers, key=ends.__getitem__)
     steps = [CascadeStep("head", [m for _, m in leaves[ends[bottom_up[-1]] + 1 :]])]
-    for below, layer in reversed(list(zip([None, *bottom_up[:-1]], bottom_up))):
+    for below, layer in reversed(list(zip([None, *bottom_up[:-1]], bottom_up, strict=False))):
         start = ends[below] + 1 if below is not None else 0
         steps.append(CascadeStep(layer, [m for _, m in leaves[start : ends[layer] + 1]]))
     return [step for step in steps if step.modules or step.name != "head"]
@@ -101,7 +101,7 @@ def randomisation_rows(
     """One row per (cascade step, layer, method): the mean and standard error over images of the
     rank correlation between the trained model's map and the randomised model's, for the class
     the trained model predicts. ``model`` is not modified (a copy is randomised)."""
-    fast = [m for m in methods if METHODS[m][0] is not None]
+    fast = fast_methods(methods)
     if not fast:
         return []
     with MultiLayerCam(model, layers, channels_last_output) as cams:
@@ -159,11 +159,6 @@ def is_current(path: Path, source_sha256: str, settings: dict) -> bool:
         return False
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"source_sha256", b"null")) == source_sha256 and json.loads(meta.get(b"settings", b"null")) == settings
-
-
-def sample_rows(n: int, images: int, seed: int) -> np.ndarray:
-    """The first ``images`` rows of the seeded permutation the faithfulness sample also starts with."""
-    return np.random.default_rng(seed).permutation(n)[:images]
 
 
 def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int) -> list[dict]:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cifarcam.data import ImageSet
+from cifarcam.errors import ConfigError
+from cifarcam.image_set import ImageSet
 
 if TYPE_CHECKING:
     from cifarcam.config import SyntheticConfig
@@ -78,7 +79,7 @@ def _render(rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticConfig) 
     sides = rng.integers(cfg.min_object_size, cfg.max_object_size + 1, size=n)
     tops = rng.integers(0, size - sides + 1)
     lefts = rng.integers(0, size - sides + 1)
-    for i, (cls, side, top, left) in enumerate(zip(labels, sides, tops, lefts)):
+    for i, (cls, side, top, left) in enumerate(zip(labels, sides, tops, lefts, strict=True)):
         masks[i, top : top + side, left : left + side] = _shape_mask(SHAPES[cls % len(SHAPES)], int(side))
     background = np.stack([images[i][masks[i]].mean(0) for i in range(n)])
     colours = _object_colours(rng, background) if cfg.colours == "random" else _class_colours(labels, cfg.num_classes)
@@ -90,10 +91,11 @@ def _render(rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticConfig) 
 def make_synthetic(cfg: SyntheticConfig, seed: int) -> tuple[ImageSet, ImageSet]:
     """(train, test) image sets, identical for identical ``cfg`` and ``seed``."""
     if cfg.num_classes > len(SHAPES):
-        raise ValueError(f"data.synthetic.num_classes: at most {len(SHAPES)} shapes exist, got {cfg.num_classes}")
+        raise ConfigError(f"data.synthetic.num_classes: at most {len(SHAPES)} shapes exist, got {cfg.num_classes}")
     if not 3 <= cfg.min_object_size <= cfg.max_object_size <= cfg.image_size:
-        raise ValueError(
-            f"data.synthetic: expected 3 <= min_object_size <= max_object_size <= image_size, got {cfg.min_object_size}, {cfg.max_object_size}, {cfg.image_size}"
+        raise ConfigError(
+            "data.synthetic: expected 3 <= min_object_size <= max_object_size <= image_size, "
+            f"got {cfg.min_object_size}, {cfg.max_object_size}, {cfg.image_size}"
         )
     rng = np.random.default_rng(seed)
     names = tuple(SHAPES[: cfg.num_classes])

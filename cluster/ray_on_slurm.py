@@ -46,6 +46,7 @@ from typing import IO
 import psutil
 import submitit
 
+from cifarcam.errors import ConfigError
 from cifarcam.results import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def interface_address(interface: str) -> str:
         for address in interfaces.get(name.strip(), []):
             if address.family == socket.AF_INET:
                 return address.address
-    raise ValueError(f"--interface {interface}: no such interface with an IPv4 address on {socket.gethostname()} (it has {', '.join(sorted(interfaces))})")
+    raise ConfigError(f"--interface {interface}: no such interface with an IPv4 address on {socket.gethostname()} (it has {', '.join(sorted(interfaces))})")
 
 
 def interface_of(ip: str) -> str | None:
@@ -113,7 +114,7 @@ def node_ip(interface: str | None = None, head: str | None = None, nodes: int = 
 
     ip = get_node_ip_address()
     if ipaddress.ip_address(ip).is_loopback:
-        raise ValueError(f"{name} resolves to {ip} and no other address routes anywhere: pass --interface (e.g. ib0 or eth0)")
+        raise ConfigError(f"{name} resolves to {ip} and no other address routes anywhere: pass --interface (e.g. ib0 or eth0)")
     return ip
 
 
@@ -200,9 +201,14 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
 
     def _ray_start(self, ip: str, extra: list[str], temp: Path, log: IO) -> subprocess.Popen:
         cmd = [
-            str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-            f"--node-ip-address={ip}", f"--temp-dir={temp}",
-            f"--dashboard-agent-listen-port={free_port(ip)}", f"--metrics-export-port={free_port(ip)}",
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--node-ip-address={ip}",
+            f"--temp-dir={temp}",
+            f"--dashboard-agent-listen-port={free_port(ip)}",
+            f"--metrics-export-port={free_port(ip)}",
         ]
         cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
         if cpus:
@@ -222,9 +228,16 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
         with open(log, "ab") as out:
             head = self._ray_start(
                 ip,
-                ["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}"],
-                temp, out,
+                [
+                    "--head",
+                    f"--port={gcs}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={client}",
+                ],
+                temp,
+                out,
             )
         try:
             api = f"http://127.0.0.1:{dashboard}"

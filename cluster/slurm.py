@@ -3,13 +3,16 @@ workers on the others, the driver on the head; requeued on preemption or timeout
 
     python -m cluster.slurm [--nodes N] [--gpus-per-node G] [--cpus-per-task C] [--partition P]
         [--account A] [--time MIN] [--qos Q] [--constraint X] [--sbatch-arg KEY=VALUE ...]
-        [--logs DIR] [--detach] -- --config configs/paper.yaml --out /shared/results/paper
+        [--logs DIR] [--detach] --config configs/paper.yaml --out /shared/results/paper [...]
 
-    python -m cluster.slurm --nodes 2 --array configs/a.yaml configs/b.yaml -- --out /shared/results
+    python -m cluster.slurm --nodes 2 --array configs/a.yaml configs/b.yaml --out /shared/results
 
-Everything after `--` goes to `python -m jobs.pipeline`. With --array, each config is one array
-task writing to <--out>/<config name>. The run folder and --logs must be on a filesystem every node
-sees. Without --detach the command waits and exits with the driver's status.
+Every `python -m jobs.pipeline` option is an option here too (that parser is this one's parent),
+checked here and handed to the driver as given, with --config and --out made absolute; but not
+--address and --num-cpus, which the job's own Ray cluster sets. With --array, each config is one
+array task writing to <--out>/<config name>. The run folder and --logs must be on a filesystem
+every node sees. Without --detach the command waits and exits with the
+driver's status. The older form, with `--` before the jobs.pipeline options, still works.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ import shutil
 import sys
 from pathlib import Path
 
+from cifarcam.errors import ConfigError, UserError
+from jobs import cam, pipeline
 from jobs.common import console, run
+
+PROG = "python -m cluster.slurm"
+OWN_CLUSTER = ("--address", "--num-cpus")  # pipeline options the job's own Ray cluster sets
+PER_JOB = ("--config", "--out")  # pipeline options each job gets its own, absolute value of
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -38,8 +47,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cluster.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def launcher_parser() -> argparse.ArgumentParser:
+    """cluster.slurm's own options (the allocation's): a parent of ``parser``, and alone in
+    ``launcher_options``, where its errors are one line (no usage; ``parser`` prints it)."""
+    launcher = argparse.ArgumentParser(prog=PROG, usage=argparse.SUPPRESS, add_help=False, allow_abbrev=False)
+    p = launcher.add_argument_group("SLURM allocation (cluster.slurm's own options; all others are jobs.pipeline's)")
     p.add_argument("--nodes", type=_positive, default=1, help="nodes in the allocation; Ray runs one node per SLURM node (default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request on each node (default: 0)")
     p.add_argument("--cpus-per-task", type=_positive, default=None, help="CPUs on each node for Ray (one task per node; default: SLURM's)")
@@ -50,74 +62,108 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--constraint", default=None)
     p.add_argument("--time", type=_positive, default=240, help="time limit per attempt in minutes (default: 240)")
     p.add_argument("--requeues", type=int, default=3, help="times a timed-out job is requeued to continue (default: 3; preemptions do not count)")
-    p.add_argument("--sbatch-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. mail-type=END (repeatable)")
+    p.add_argument(
+        "--sbatch-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. mail-type=END (repeatable)"
+    )
     p.add_argument("--job-name", default="cifarcam")
-    p.add_argument("--logs", type=Path, default=Path("results/slurm"), help="submitit folder, shared by all nodes; each job logs to <logs>/<job id> (default: results/slurm)")
-    p.add_argument("--interface", default=None, metavar="NAME", help="network interface the nodes reach each other on, for Ray, Gloo and NCCL, e.g. ib0, or a list tried in order, e.g. ib0,eth1 (default: SLURM's NodeAddr on the head, the route to the head on workers)")
+    p.add_argument(
+        "--logs",
+        type=Path,
+        default=Path("results/slurm"),
+        help="submitit folder, shared by all nodes; each job logs to <logs>/<job id> (default: results/slurm)",
+    )
+    p.add_argument(
+        "--interface",
+        default=None,
+        metavar="NAME",
+        help="network interface the nodes reach each other on, for Ray, Gloo and NCCL, e.g. ib0, or a list tried in order, e.g. ib0,eth1 "
+        "(default: SLURM's NodeAddr on the head, the route to the head on workers)",
+    )
     p.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES", help="Ray object store per node (default: Ray's, 30%% of memory)")
     p.add_argument("--array", nargs="+", type=Path, default=None, metavar="CONFIG", help="one array task per config, each its own sweep")
     p.add_argument("--array-parallelism", type=_positive, default=None, help="array tasks running at once (default: all)")
     p.add_argument("--detach", action="store_true", help="print the job id and return instead of waiting for the result")
-    return p
+    return launcher
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+def parser() -> argparse.ArgumentParser:
+    """jobs.pipeline's parser as the parent, so that a new pipeline option needs no change here;
+    its -h/--help lists both (hence add_help=False here). No abbreviations: an abbreviated
+    pipeline option would not be told apart from the launcher's in ``launcher_options``."""
+    return argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[pipeline.parser(), launcher_parser()],
+        add_help=False,
+        allow_abbrev=False,
+    )
+
+
+def launcher_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's options, and the rest as given: what every job runs jobs.pipeline with.
+    --config and --out are set aside (each job gets its own), and --address and --num-cpus too,
+    to be refused."""
+    p = launcher_parser()
+    for option in (*PER_JOB, *OWN_CLUSTER):
+        p.add_argument(option)
+    return p.parse_known_args(argv)
+
+
+def accept_separator(argv: list[str]) -> list[str]:
+    """The older form put `--` before the jobs.pipeline options; accepted (quietly: scripts parse
+    the first line of output) for a while. argparse would take what follows it as positionals."""
     if "--" not in argv:
-        raise ValueError("expected `--` followed by the jobs.pipeline arguments, e.g. -- --config configs/demo.yaml")
+        return argv
     cut = argv.index("--")
-    return argv[:cut], argv[cut + 1:]
+    return argv[:cut] + argv[cut + 1 :]
 
 
-def pipeline_runs(pipeline_argv: list[str], array: list[Path] | None) -> list[list[str]]:
-    """One jobs.pipeline argument list per job, with absolute paths (nodes need not share a cwd),
-    checked here so that a mistake costs no allocation."""
+def pipeline_runs(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]:
+    """The launcher's options, and one jobs.pipeline argument list per job, with absolute paths
+    (nodes need not share a cwd), checked here so that a mistake costs no allocation."""
     from cifarcam.config import load_config
     from cifarcam.results import check_writable
-    from jobs import cam, pipeline
 
-    for option in ("--address", "--num-cpus"):
-        if option in pipeline_argv:
-            raise ValueError(f"{option}: set by cluster.slurm (the job's own Ray cluster); remove it from the jobs.pipeline arguments")
-    if array and "--config" in pipeline_argv:
-        raise ValueError("--array: each config is one array task; do not pass --config after `--` as well")
-    base = pipeline_argv + (["--config", str(array[0])] if array else [])
-    args = pipeline.parser().parse_args(base)  # argparse mistakes exit here, before submitting
+    own, rest = launcher_options(argv)
+    for option in OWN_CLUSTER:
+        if getattr(own, option.lstrip("-").replace("-", "_")) is not None:
+            raise ConfigError(f"{option}: set by cluster.slurm (the job's own Ray cluster); remove it")
+    if own.array and own.config:
+        raise ConfigError("--array: each config is one array task; do not pass --config as well")
+    # The whole command line; --config is required there, and with --array the first config stands
+    # in for it. argparse's own mistakes (and --help) exit here, before submitting.
+    args = parser().parse_args([*argv, "--config", str(own.array[0])] if own.array else argv)
     cam.settings_from(args)
     runs = []
-    for config in array or [Path(args.config)]:
+    for config in own.array or [Path(args.config)]:
         cfg = load_config(config)
-        out = (args.out / cfg.name if array and args.out else args.out) or Path("results") / cfg.name
+        out = (args.out / cfg.name if own.array and args.out else args.out) or Path("results") / cfg.name
         check_writable(out)
-        rest = _without(pipeline_argv, "--config", "--out")
         runs.append([*rest, "--config", str(Path(config).resolve()), "--out", str(out.resolve())])
-    return runs
-
-
-def _without(argv: list[str], *options: str) -> list[str]:
-    """``argv`` less each ``option VALUE`` / ``option=VALUE`` pair."""
-    kept, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in options:
-            skip = True
-        elif not any(item.startswith(f"{o}=") for o in options):
-            kept.append(item)
-    return kept
+    return own, runs
 
 
 def make_executor(opts: argparse.Namespace):
     import submitit
 
     if shutil.which("sbatch") is None:
-        raise FileNotFoundError("sbatch: not found on PATH; cluster.slurm runs on a SLURM login node")
+        raise UserError("sbatch: not found on PATH; cluster.slurm runs on a SLURM login node")
     executor = submitit.AutoExecutor(folder=opts.logs.resolve() / "%j", cluster="slurm", slurm_max_num_timeout=opts.requeues)
     params = dict(
-        name=opts.job_name, nodes=opts.nodes, tasks_per_node=1, timeout_min=opts.time,
-        slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
+        name=opts.job_name,
+        nodes=opts.nodes,
+        tasks_per_node=1,
+        timeout_min=opts.time,
+        slurm_partition=opts.partition,
+        slurm_account=opts.account,
+        slurm_qos=opts.qos,
         slurm_constraint=opts.constraint,
-        slurm_additional_parameters=dict(opts.sbatch_arg), slurm_array_parallelism=opts.array_parallelism,
-        cpus_per_task=opts.cpus_per_task, gpus_per_node=opts.gpus_per_node or None, mem_gb=opts.mem_gb,
+        slurm_additional_parameters=dict(opts.sbatch_arg),
+        slurm_array_parallelism=opts.array_parallelism,
+        cpus_per_task=opts.cpus_per_task,
+        gpus_per_node=opts.gpus_per_node or None,
+        mem_gb=opts.mem_gb,
     )
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None and v != {}})
     return executor
@@ -146,12 +192,7 @@ def driver_status(job) -> int:
 def main(argv: list[str] | None = None) -> int:
     from cluster.ray_on_slurm import RayOnSlurm
 
-    argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        parser().parse_args(argv)  # --help, and argparse's own messages, still work without `--`
-    slurm_argv, pipeline_argv = split_argv(argv)
-    opts = parser().parse_args(slurm_argv)
-    runs = pipeline_runs(pipeline_argv, opts.array)
+    opts, runs = pipeline_runs(accept_separator(sys.argv[1:] if argv is None else argv))
     executor = make_executor(opts)
     token = new_token(opts.logs)
     tasks = [RayOnSlurm(args, str(token), opts.object_store_memory, interface=opts.interface) for args in runs]
@@ -160,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [executor.submit(task) for task in tasks]
     else:
         jobs = [executor.submit(tasks[0])]
-    for job, args in zip(jobs, runs):
+    for job, args in zip(jobs, runs, strict=True):
         print(f"submitted job {job.job_id} ({opts.nodes} node(s)): jobs.pipeline {' '.join(args)}; logs in {job.paths.folder}", flush=True)
     if opts.detach:
         return 0
     for job in jobs:
         job.wait()
     codes = [driver_status(job) for job in jobs]
-    for job, code in zip(jobs, codes):
+    for job, code in zip(jobs, codes, strict=True):
         console.print(f"job {job.job_id}: driver exit status {code}; logs in {job.paths.folder}")
     return max(codes)
 

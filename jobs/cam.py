@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from cifarcam.errors import ConfigError, UserError
 from jobs.common import add_ray_options, connect_ray, console, run, run_folder, warn
 
 if TYPE_CHECKING:  # the heavy imports stay inside the functions: --help must be quick
-    from cifarcam.cam_stage import CamSettings
+    from cifarcam.cam_settings import CamSettings
+    from cifarcam.cam_stage import ModelPlan, ModelToExplain
     from cifarcam.config import ExperimentConfig
+    from cifarcam.data import ImageSet
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -42,24 +45,35 @@ def add_cam_options(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.cam", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=run_folder, required=True, help="run folder written by jobs.search (its config.yaml names the data)")
-    p.add_argument("--checkpoint", type=Path, action="append", default=None, help="checkpoint folder to explain (repeatable; default: each model's best in accuracy.parquet)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=None,
+        help="checkpoint folder to explain (repeatable; default: each model's best in accuracy.parquet)",
+    )
     add_cam_options(p)
     add_ray_options(p)
     return p
 
 
-def settings_from(args: argparse.Namespace):
-    from cifarcam.cam_stage import CamSettings
+def settings_from(args: argparse.Namespace) -> "CamSettings":
+    from cifarcam.cam_settings import CamSettings
 
     return CamSettings(
-        methods=args.methods, layers=args.layers, targets=args.targets, batch_size=args.cam_batch_size,
-        faithfulness_steps=args.faithfulness_steps, faithfulness_images=args.faithfulness_images, sanity_images=args.sanity_images,
+        methods=args.methods,
+        layers=args.layers,
+        targets=args.targets,
+        batch_size=args.cam_batch_size,
+        faithfulness_steps=args.faithfulness_steps,
+        faithfulness_images=args.faithfulness_images,
+        sanity_images=args.sanity_images,
     )
 
 
 def check_layers(cfg: "ExperimentConfig", settings: "CamSettings") -> None:
     """Every --layers name exists in every model the search may train: checked before the search."""
-    from cifarcam.cam_stage import resolve_layers
+    from cifarcam.cam_settings import resolve_layers
     from cifarcam.config import searched_models
     from cifarcam.models import ModelSpec
 
@@ -68,7 +82,7 @@ def check_layers(cfg: "ExperimentConfig", settings: "CamSettings") -> None:
             resolve_layers(ModelSpec(family, 10, cfg.train.stem, cfg.train.input_size), settings.layers, f"model {family}")
 
 
-def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes: int):
+def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes: int) -> "list[ModelToExplain]":
     """The checkpoints to explain, each checked against the run's dataset before any cluster time."""
     import duckdb
 
@@ -80,21 +94,21 @@ def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes
     else:
         table = run_dir / "accuracy.parquet"
         if not table.is_file():
-            raise FileNotFoundError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
+            raise UserError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
         chosen = duckdb.sql(f"select model, checkpoint from read_parquet('{table}') order by model").fetchall()
         if not chosen:
-            raise ValueError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
+            raise UserError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
     models = []
     for name, folder in chosen:
         meta = read_meta(folder)
         if meta["model"]["num_classes"] != num_classes:
-            raise ValueError(f"--checkpoint {folder}: a {meta['model']['num_classes']}-class model, but the run's dataset has {num_classes} classes")
+            raise ConfigError(f"--checkpoint {folder}: a {meta['model']['num_classes']}-class model, but the run's dataset has {num_classes} classes")
         check_weights(folder)
         models.append(ModelToExplain(name, folder))
     return models
 
 
-def cam(args: argparse.Namespace, settings=None) -> dict:
+def cam(args: argparse.Namespace, settings: "CamSettings | None" = None) -> dict:
     import ray
 
     from cifarcam.cam_stage import explain, plan
@@ -104,13 +118,13 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     settings = settings or settings_from(args)
     run_dir = args.run.resolve()
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"--run {run_dir}: not a run folder (no config.yaml)")
+        raise UserError(f"--run {run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     with console.status("loading the test set"):
         test = load_splits(cfg.data).test
     plans = plan(run_dir, models_to_explain(run_dir, args.checkpoint, test.num_classes), settings)
-    for layer, p in ((layer, p) for p in plans for layer in p.layers if layer.degenerate):
-        warn(layer.degenerate_warning(p.spec))
+    for layer, spec in ((layer, p.spec) for p in plans for layer in p.layers if layer.degenerate):
+        warn(layer.degenerate_warning(spec))
     if not any(p.missing for p in plans):  # nothing to compute: no cluster needed
         summary = explain(run_dir, plans, test, settings, actors=1, gpus_per_actor=0.0)
     else:
@@ -123,9 +137,10 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         actors = args.actors or max(1, int(gpus / gpus_per_actor) if gpus else cpus - 1)
         if not gpus and actors >= cpus:
-            raise ValueError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
+            raise ConfigError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
         summary = explain(run_dir, plans, test, settings, actors, gpus_per_actor, console=console)
     console.print(f"cams: {len(summary['written'])} partitions written, {summary['skipped']} already complete, in {run_dir / 'cams'}")
+
     def connect() -> None:
         if not ray.is_initialized():
             connect_ray(args, run_dir)
@@ -137,19 +152,20 @@ def cam(args: argparse.Namespace, settings=None) -> dict:
     return summary
 
 
-def sanity_checks(run_dir: Path, plans: list, test, settings, connect: Callable[[], None]) -> list[Path]:
+def sanity_checks(run_dir: Path, plans: "list[ModelPlan]", test: "ImageSet", settings: "CamSettings", connect: Callable[[], None]) -> list[Path]:
     """The randomisation sanity check per model, on a small seeded sample; skipped where the
     file for these weights and settings exists. Each model's check is a Ray task with a GPU where
     the cluster has GPUs (``connect`` joins or starts Ray when there is work), all at once."""
     import ray
 
-    from cifarcam.cam import METHODS
-    from cifarcam.sanity import CASCADE_VERSION, check_checkpoint, is_current, sample_rows, sanity_file, write_sanity
+    from cifarcam.cam import fast_methods
+    from cifarcam.faithfulness import sample_rows
+    from cifarcam.sanity import CASCADE_VERSION, check_checkpoint, is_current, sanity_file, write_sanity
 
     if not settings.sanity_images:
         return []
     images = test.images[np.sort(sample_rows(len(test), settings.sanity_images, seed=0))]
-    fast = [m for m in settings.methods if METHODS[m][0] is not None]
+    fast = fast_methods(settings.methods)
     work = []  # (plan, layers, the settings it is computed with, methods still missing)
     for p in plans:
         layers = [layer.name for layer in p.layers]
@@ -164,7 +180,7 @@ def sanity_checks(run_dir: Path, plans: list, test, settings, connect: Callable[
     task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint)
     results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0) for p, layers, _, methods in work])
     written = []
-    for (p, _, wanted, methods), rows in zip(work, results):
+    for (p, _, wanted, methods), rows in zip(work, results, strict=False):
         for method in methods:
             path = sanity_file(run_dir, p.spec.family, method)
             write_sanity(path, [r for r in rows if r["method"] == method], p.source.weights_sha256, wanted)

@@ -12,15 +12,11 @@ from typing import Callable
 
 from rich.console import Console
 
-from cifarcam.config import ConfigError
-from cifarcam.errors import JobFailed
-from cifarcam.ray_logs import VERBOSE_ENV, RayLogRouting, job_log_folder, verbose_from_env
+from cifarcam.errors import ClusterUnreachable, JobFailed, UserError
+from cifarcam.ray_logs import VERBOSE_ENV, RayLogRouting, discard_active, job_log_folder, verbose_from_env
 
 # Logs and CI are no terminals: give tables room there instead of rich's default 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
-
-# Mistakes a user can make (bad config, data, paths, addresses) end in one line, not a traceback.
-USER_ERRORS = (ConfigError, ValueError, OSError, ConnectionError)
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +58,9 @@ def _probe(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=10).close()
     except ValueError:
-        raise ConnectionError(f"--address {address}: expected HOST:PORT (or 'auto'), e.g. 10.0.0.1:6379") from None
+        raise ClusterUnreachable(f"--address {address}: expected HOST:PORT (or 'auto'), e.g. 10.0.0.1:6379") from None
     except OSError as err:
-        raise ConnectionError(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
+        raise ClusterUnreachable(f"--address {address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
 def connect_ray(args: argparse.Namespace, run_dir: Path | None = None) -> None:
@@ -108,7 +104,7 @@ def _init(address: str | None, num_cpus: int | None) -> None:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConnectionError(f"--address {address}: no Ray cluster answers there ({first})") from None
+            raise ClusterUnreachable(f"--address {address}: no Ray cluster answers there ({first})") from None
         return
     # The dashboard (on loopback) is not optional: Ray Train's PlacementGroupCleaner asks the
     # state API it serves whether a trial's controller still lives, and without it a trial that
@@ -118,13 +114,16 @@ def _init(address: str | None, num_cpus: int | None) -> None:
 
 
 def run(main: Callable[[], int]) -> None:
-    """Run a job's ``main``; user mistakes print ``error: …`` (one line) and exit 2, a job whose
-    work came to nothing (``JobFailed``) likewise with exit status 1."""
+    """Run a job's ``main``; user mistakes (``UserError``) print ``error: …`` (one line) and exit 2,
+    a job whose work came to nothing (``JobFailed``) likewise with exit status 1. Anything else,
+    a ValueError or OSError included, is a bug or an unforeseen failure: it keeps its traceback."""
     try:
         sys.exit(main())
-    except (*USER_ERRORS, JobFailed) as err:
+    except (UserError, JobFailed) as err:
         if os.environ.get("CIFARCAM_DEBUG"):
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
+        if isinstance(err, UserError):  # raised before any work: the run folder stays as it was
+            discard_active()
         sys.exit(1 if isinstance(err, JobFailed) else 2)

@@ -1,6 +1,6 @@
 """The whole pipeline on one config: search, Grad-CAM over the test set, then the report.
 
-    python -m jobs.pipeline --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
+python -m jobs.pipeline --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
 """
 
 from __future__ import annotations

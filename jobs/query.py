@@ -1,7 +1,7 @@
 """Any DuckDB SQL over a run's tables (views: trials, epochs, accuracy, predictions, cams).
 
-    python -m jobs.query results/demo "select model, test_top1 from accuracy"
-    python -m jobs.query results/demo "select * from cams where layer = 'layer2'" --parquet out.parquet
+python -m jobs.query results/demo "select model, test_top1 from accuracy"
+python -m jobs.query results/demo "select * from cams where layer = 'layer2'" --parquet out.parquet
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cifarcam.errors import UserError
 from jobs.common import console, run, run_folder
 
 
@@ -28,10 +29,12 @@ def main() -> int:
 
     args = parser().parse_args()
     frame = run_sql(connect(args.run), args.sql)
-    if args.csv:
-        frame.to_csv(args.csv, index=False)
-    if args.parquet:
-        frame.to_parquet(args.parquet, index=False)
+    for option, path, write in (("--csv", args.csv, frame.to_csv), ("--parquet", args.parquet, frame.to_parquet)):
+        if path:
+            try:
+                write(path, index=False)
+            except OSError as err:  # a missing folder or no permission: the user's to fix
+                raise UserError(f"{option} {path}: cannot write it ({err.strerror or err})") from None
     if not (args.csv or args.parquet):
         console.print(rich_table(frame.head(args.limit), title=f"{len(frame)} rows"))
     return 0

@@ -1,16 +1,15 @@
 """Hyperparameter search: Ray Tune over models x optimizers x schedulers, each trial a DDP run.
 
-    python -m jobs.search --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
-    python -m jobs.search --config configs/paper.yaml --dry-run [--images-per-s N] [--address ADDR]
+python -m jobs.search --config configs/demo.yaml [--out DIR] [--resume] [--address ADDR]
+python -m jobs.search --config configs/paper.yaml --dry-run [--images-per-s N] [--address ADDR]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from cifarcam.config import ConfigError
+from cifarcam.errors import ConfigError
 from jobs.common import add_ray_options, connect_ray, console, default_out, run, run_folder
 
 
@@ -20,8 +19,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=run_folder, default=None, help="run folder (default: results/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the search stored in --out: finished trials are kept")
     p.add_argument("--dry-run", action="store_true", help="print the trials, resources per trial, concurrency and expected epochs; start nothing")
-    p.add_argument("--images-per-s", type=float, default=None, help="with --dry-run: one trial's training images/s (see make gpu-check), for an estimate of device-hours")
-    p.add_argument("--mlflow", metavar="URI", default=None, help="also log every trial to this MLflow tracking URI, e.g. sqlite:///mlflow.db or http://host:5000 (needs the mlflow extra)")
+    p.add_argument(
+        "--images-per-s", type=float, default=None, help="with --dry-run: one trial's training images/s (see make gpu-check), for an estimate of device-hours"
+    )
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        default=None,
+        help="also log every trial to this MLflow tracking URI, e.g. sqlite:///mlflow.db or http://host:5000 (needs the mlflow extra)",
+    )
     add_ray_options(p)
     return p
 
@@ -44,7 +50,7 @@ def dry_run(args: argparse.Namespace) -> None:
     from cifarcam.planning import plan_search
 
     if args.images_per_s is not None and args.images_per_s <= 0:
-        raise ValueError(f"--images-per-s: must be > 0, got {args.images_per_s:g}")
+        raise ConfigError(f"--images-per-s: must be > 0, got {args.images_per_s:g}")
     cfg = load_config(args.config)
     plan = plan_search(cfg, cluster_resources(args), args.images_per_s)
     for line in plan.lines():

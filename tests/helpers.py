@@ -21,8 +21,17 @@ def demo_cam_options() -> list[str]:
 
 # Ray's own lines that a quiet job keeps off the terminal (issue 13's measured examples).
 RAY_NOISE = (
-    "TrainingReport", "Reporting training result", "Checkpoint successfully created", "core_worker.cc", "(RayTrainWorker",
-    "(TrainController", "controller actor", "logging_progress", "streaming_executor", "Configuration for experiment", "tensorboard --logdir",
+    "TrainingReport",
+    "Reporting training result",
+    "Checkpoint successfully created",
+    "core_worker.cc",
+    "(RayTrainWorker",
+    "(TrainController",
+    "controller actor",
+    "logging_progress",
+    "streaming_executor",
+    "Configuration for experiment",
+    "tensorboard --logdir",
 )
 
 
@@ -40,9 +49,7 @@ def run_job(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     full_env.pop("RAY_ADDRESS", None)  # a local Ray per job unless the test names a cluster
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 SMALL_SEARCH = """
@@ -151,9 +158,9 @@ def assert_fast_path_matches_pytorch_grad_cam(model, x, labels, layers: list[str
     pytorch-grad-cam's own maps for the same model and images, on the inputs' device."""
     import numpy as np
 
-    from cifarcam.cam import METHODS, MultiLayerCam, reference_maps
+    from cifarcam.cam import MultiLayerCam, fast_methods, reference_maps
 
-    fast = [m for m, (fn, _) in METHODS.items() if fn is not None]
+    fast = fast_methods()
     with MultiLayerCam(model, layers) as cams:
         out = cams(x, {"pred": None, "label": labels}, fast, 32)
     pred = out.logits.argmax(1)

@@ -7,12 +7,11 @@ import torch
 from torch import nn
 
 from cifarcam.cam import METHODS, MultiLayerCam, method_key, reference_maps
-from cifarcam.config import ConfigError
+from cifarcam.cam_settings import CamSettings
+from cifarcam.errors import ConfigError
 from cifarcam.heatmap_metrics import heatmap_stats
 from cifarcam.models import FAMILIES, ModelSpec, build_model
 from helpers import assert_fast_path_matches_pytorch_grad_cam
-
-FAST = [m for m, (fn, _) in METHODS.items() if fn is not None]
 
 
 @pytest.mark.parametrize("family", ["resnet_tiny", "mobilenetv3_small", "resnet18"])
@@ -72,5 +71,15 @@ def test_stats_of_a_point_and_a_uniform_map():
 
 def test_unknown_method_suggests_the_closest():
     assert method_key("GradCAM++") == "gradcam++" and method_key("Grad-CAM") == "gradcam"
-    with pytest.raises(ConfigError, match=r"unknown CAM method 'gradcan'; did you mean 'gradcam'\?"):
-        method_key("gradcan")
+    assert CamSettings(methods=("Grad-CAM++", "EigenCAM")).methods == ("gradcam++", "eigencam")
+    with pytest.raises(ConfigError, match=r"^--methods: unknown CAM method 'gradcan'; did you mean 'gradcam'\?$"):
+        CamSettings(methods=("gradcan",))
+    with pytest.raises(ConfigError, match=r"^--methods: unknown CAM method 'xyz'; expected one of gradcam, gradcam\+\+, "):
+        CamSettings(methods=("xyz",))
+
+
+def test_every_method_names_its_pytorch_grad_cam_class():
+    import pytorch_grad_cam
+
+    assert all(isinstance(getattr(pytorch_grad_cam, m.reference), type) for m in METHODS.values())
+    assert {m.name for m in METHODS.values() if m.is_fast} == {"gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"}

@@ -5,11 +5,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cifarcam.cam_stage import CamActor, CamSettings, check_settings, resolve_layers, images_table
+from cifarcam.cam_actor import CamActor, images_table
+from cifarcam.cam_settings import CamSettings, resolve_layers
 from cifarcam.checkpoint import save_checkpoint
-from cifarcam.config import ConfigError, DataConfig, SyntheticConfig
+from cifarcam.config import DataConfig, SyntheticConfig
 from cifarcam.data import load_splits
+from cifarcam.errors import ConfigError
 from cifarcam.models import ModelSpec, build_model, cam_layers
+from cifarcam.partitions import check_settings
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def test_actor_rows_cover_every_layer_method_and_target(checkpoint, test_set):
     assert table.schema.field("heatmap").type == pa.list_(pa.uint8(), 1024)
     rows = table.to_pylist()
     assert {(r["layer"], r["method"], r["target"]) for r in rows} == {
-        (l.name, m, t) for l in layers for m in ("gradcam", "eigencam") for t in ("pred", "label")
+        (layer.name, m, t) for layer in layers for m in ("gradcam", "eigencam") for t in ("pred", "label")
     }
     assert sum(r["degenerate"] for r in rows) < len(rows) / 2
     for r in rows:
@@ -71,9 +74,9 @@ def test_any_named_module_can_be_a_layer(checkpoint):
 
 
 def test_changed_settings_refuse_to_mix_with_existing_partitions(tmp_path):
-    check_settings(tmp_path, CamSettings())
+    check_settings(tmp_path, CamSettings().comparable())
     with pytest.raises(ConfigError, match=r"computed with .*'targets': \['pred', 'label'\].* now asked for .*'targets': \['pred'\]"):
-        check_settings(tmp_path, CamSettings(targets=("pred",)))
+        check_settings(tmp_path, CamSettings(targets=("pred",)).comparable())
 
 
 def test_settings_are_checked():
@@ -88,7 +91,7 @@ def test_low_resolution_layers_warn_and_are_flagged(tmp_path, test_set):
     spec = ModelSpec("resnet_tiny", 10, stem="imagenet")
     folder = save_checkpoint(tmp_path, build_model(spec), spec, {})
     layers = resolve_layers(spec, None, "m")
-    with pytest.warns(UserWarning, match=r"resnet_tiny layer4 is 1x1: its maps are degenerate"):
+    with pytest.warns(UserWarning, match=r"resnet_tiny layer layer4 is 1x1 at 32px: its Grad-CAM maps are degenerate"):
         actor = CamActor(str(folder), "run", CamSettings(targets=("pred",), faithfulness_steps=0), layers)
     rows = actor(images_table(test_set)).to_pylist()
     by_layer = {r["layer"]: r for r in rows}
@@ -124,25 +127,25 @@ def test_the_runs_stored_predictions_are_the_predicted_class(checkpoint, test_se
     layers = resolve_layers(spec, ("layer3",), "m")
     settings = CamSettings(targets=("pred", "label"), faithfulness_steps=0)
     rows = CamActor(str(folder), "run", settings, layers)(images_table(test_set, stored)).to_pylist()
-    by_image = {int(i): int(p) for i, p in zip(test_set.index, stored)}
+    by_image = {int(i): int(p) for i, p in zip(test_set.index, stored, strict=False)}
     assert all(r["pred"] == by_image[r["image_index"]] and r["correct"] is False for r in rows)
     assert all(r["target_class"] == r["pred"] for r in rows if r["target"] == "pred")
     own = CamActor(str(folder), "run", settings, layers)(images_table(test_set)).to_pylist()
-    assert any(a["pred"] != b["pred"] for a, b in zip(rows, own))  # the stored column was really used
+    assert any(a["pred"] != b["pred"] for a, b in zip(rows, own, strict=False))  # the stored column was really used
 
 
 def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, checkpoint):
     from cifarcam import results
     from cifarcam.cam_stage import ModelToExplain, stored_predictions
+    from cifarcam.search_tables import ACCURACY, PREDICTIONS
 
     folder, _ = checkpoint
     accuracy = [{"model": "resnet_tiny", "checkpoint": str(folder)}]
-    results.write_table(accuracy, results.ACCURACY, tmp_path / "accuracy.parquet")
+    results.write_table(accuracy, ACCURACY, tmp_path / "accuracy.parquet")
     predictions = [
-        {"model": "resnet_tiny", "image_index": i, "label": 0, "pred": p, "top5": [p], "prob": 0.5, "correct": False}
-        for i, p in [(7, 9), (3, 8), (5, 7)]
+        {"model": "resnet_tiny", "image_index": i, "label": 0, "pred": p, "top5": [p], "prob": 0.5, "correct": False} for i, p in [(7, 9), (3, 8), (5, 7)]
     ]
-    results.write_table(predictions, results.PREDICTIONS, tmp_path / "predictions.parquet")
+    results.write_table(predictions, PREDICTIONS, tmp_path / "predictions.parquet")
     image_index = np.array([3, 5, 7])
     assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index).tolist() == [8, 7, 9]
     assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(tmp_path / "other")), image_index) is None

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarcam.config import ConfigError, TrainConfig, load_config, trial_config
+from cifarcam.config import TrainConfig, load_config, trial_config
+from cifarcam.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,13 @@ def test_the_demo_terminal_shows_the_projects_lines_and_ray_logs_go_to_the_run(d
     terminal = (demo_run.parent / "terminal.txt").read_text()
     assert_quiet(terminal, demo_run)
     # the project's own lines: what was loaded, the search, the CAM stage, the report, warnings
-    for expected in ("data: synthetic: 4500 train", "search: trial ", "best trial per model", "cams resnet_tiny (gradcam): 500/500 images", f"report: {demo_run}"):
+    for expected in (
+        "data: synthetic: 4500 train",
+        "search: trial ",
+        "best trial per model",
+        "cams resnet_tiny (gradcam): 500/500 images",
+        f"report: {demo_run}",
+    ):
         assert expected in terminal, expected
     assert terminal.count("warning: no GPU in this Ray cluster") == 1  # once, though search and CAM stage both met it
     (logs,) = (demo_run / "logs").iterdir()

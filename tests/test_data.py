@@ -3,6 +3,7 @@ import pytest
 
 from cifarcam.config import DataConfig, SyntheticConfig
 from cifarcam.data import ImageSet, load_splits, stratified_split
+from cifarcam.errors import DataError
 from cifarcam.synthetic import make_synthetic
 
 
@@ -35,9 +36,9 @@ def test_synthetic_is_deterministic_and_masks_cover_the_object():
 
 
 def test_bad_images_are_rejected_with_the_source_named():
-    with pytest.raises(ValueError, match=r"src: images must be uint8 of shape \(N, H, W, 3\), got float32 \(2, 32, 32, 3\)"):
+    with pytest.raises(DataError, match=r"src: images must be uint8 of shape \(N, H, W, 3\), got float32 \(2, 32, 32, 3\)"):
         ImageSet(np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int64), ("a",)).validate("src")
-    with pytest.raises(ValueError, match=r"src: the dataset is empty"):
+    with pytest.raises(DataError, match=r"src: the dataset is empty"):
         ImageSet(np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), ("a",)).validate("src")
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\), got \[0, 3\]"):
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 1\), got \[0, 3\]"):
         ImageSet(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 3]), ("a",)).validate("src")

@@ -70,9 +70,7 @@ def _optimizer_groups(model: nn.Module, world: int, rank: int) -> list[dict]:
 
 
 def _worker(rank: int, folder: str, case: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30)
-    )
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
     try:
         if case == "evaluate":
             result = _fit_with_uneven_validation(rank, folder, VAL_SIZES)

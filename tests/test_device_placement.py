@@ -17,10 +17,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from cifarcam.cam import METHODS, MultiLayerCam
+from cifarcam.cam import MultiLayerCam, fast_methods
+from cifarcam.config import TrainConfig
 from cifarcam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map
 from cifarcam.heatmap_metrics import constant_maps, heatmap_stats, localisation
-from cifarcam.config import TrainConfig
 from cifarcam.loader import DeviceLoader
 from cifarcam.models import FAMILIES, ModelSpec, build_model, cam_layers
 from cifarcam.optim import build_optimizer, build_scheduler
@@ -93,7 +93,7 @@ def test_the_cam_fast_path_stays_on_the_device(family):
     layers = [layer.name for layer in cam_layers(build_model(spec), spec)]
     images, labels = _data(8)
     x, y = next(iter(DeviceLoader(images, labels, 8, device=META, train=False)))
-    fast = [name for name, (function, _) in METHODS.items() if function is not None]
+    fast = fast_methods()
     edge_map(x)  # its Sobel kernels are copied to a device once per process, not per batch
     with HostDeviceTraffic() as traffic, MultiLayerCam(model, layers, FAMILIES[family].channels_last_output) as cams:
         out = cams(x, {"pred": None, "label": y}, fast, 32)

@@ -94,7 +94,7 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes(worker_killed_r
 
 def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(worker_killed_run):
     run, _, _, log = worker_killed_run
-    (lr, status, epochs_run, error, best), = duckdb.sql(
+    ((lr, status, epochs_run, error, best),) = duckdb.sql(
         f"select lr, status, epochs_run, error, best_checkpoint from '{run}/trials.parquet' where lr > 1000"
     ).fetchall()
     assert (lr, status, epochs_run) == (100000.0, "diverged", 1)
@@ -156,6 +156,6 @@ def test_killed_cam_job_reruns_to_a_complete_table_without_duplicates(demo_run, 
             from read_parquet('{run}/cams/**/*.parquet', hive_partitioning = true) group by all"""
     ).fetchall()
     models = duckdb.sql(f"select count(*) from '{run}/accuracy.parquet'").fetchall()[0][0]
-    layers = {(m, l) for m, l, *_ in counts}
+    layers = {(model, layer) for model, layer, *_ in counts}
     assert len(counts) == len(layers) * 2 and len({m for m, *_ in counts}) == models == 2  # 2 methods, 1 target
     assert all(n == images == test_images for *_, n, images in counts)

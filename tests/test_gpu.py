@@ -126,7 +126,7 @@ def test_gpu_pipeline_parquet_is_complete_and_consistent(gpu_run):
     assert disagreements == [(0,)]
     bad = duckdb.sql(f"select count(*) from {cams} where len(heatmap) != 1024 or (list_max(heatmap) != 255 and not degenerate)").fetchall()
     assert bad == [(0,)]
-    (auc, random_auc), = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where target = 'pred'").fetchall()
+    ((auc, random_auc),) = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where target = 'pred'").fetchall()
     assert 0 <= auc <= 1 and 0 <= random_auc <= 1
 
 

@@ -110,11 +110,17 @@ def _png(shape=(32, 32, 3)) -> bytes:
 
 
 def case_missing_dataset_dir(tmp_path, data):
-    return "name: x\ndata: {source: parquet, path: /nonexistent-data}\n", "error: data.path /nonexistent-data: not a folder; expected train.parquet and test.parquet in it"
+    return (
+        "name: x\ndata: {source: parquet, path: /nonexistent-data}\n",
+        "error: data.path /nonexistent-data: not a folder; expected train.parquet and test.parquet in it",
+    )
 
 
 def case_dataset_not_cached_offline(tmp_path, data):
-    return "name: x\ndata: {source: cifar100, download: false, cache_dir: /nonexistent-cache}\n", "error: cifar100: not in /nonexistent-cache and data.download is false;"
+    return (
+        "name: x\ndata: {source: cifar100, download: false, cache_dir: /nonexistent-cache}\n",
+        "error: cifar100: not in /nonexistent-cache and data.download is false;",
+    )
 
 
 def case_truncated_archive(tmp_path, data):
@@ -140,7 +146,10 @@ def case_malicious_pickle(tmp_path, data):
 
 def case_parquet_wrong_columns(tmp_path, data):
     folder = _parquet_dir(tmp_path / "pq", pa.table({"img": [_png()], "y": [0]}))
-    return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: missing column(s) ['image', 'label']; expected image: binary"
+    return (
+        f"name: x\ndata: {{source: parquet, path: {folder}}}\n",
+        f"error: {folder / 'train.parquet'}: missing column(s) ['image', 'label']; expected image: binary",
+    )
 
 
 def _cifar_with_bad_train(tmp_path, data, name, damage):
@@ -194,7 +203,9 @@ CASES = {
     "negative lr in the grid": _text("name: x\nsearch: {grid: {lr: [0.1, -0.1]}}\n", "error: search.lr=lr: must be > 0, got -0.1"),
     "zero epochs": _text("name: x\ntrain: {epochs: 0}\n", "error: train.epochs: must be > 0, got 0"),
     "negative batch size": _text("name: x\ntrain: {batch_size: -8}\n", "error: train.batch_size: must be > 0, got -8"),
-    "batch larger than the dataset": _text("name: x\n" + OK_DATA + "train: {batch_size: 100000}\n", "error: train.batch_size: 100000 is larger than the training split (180 images)"),
+    "batch larger than the dataset": _text(
+        "name: x\n" + OK_DATA + "train: {batch_size: 100000}\n", "error: train.batch_size: 100000 is larger than the training split (180 images)"
+    ),
     "yaml syntax error": _text("name: x\ntrain: {lr: 0.1\n", "error: "),
     "unknown key (typo)": _text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n", "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
     "wrong value type": _text("name: x\ntrain: {epochs: many}\n", "error: train.epochs: expected an integer, got 'many'"),
@@ -229,9 +240,13 @@ def test_an_object_store_uri_is_refused_before_ray(job, option, tmp_path, monkey
     config = ["--config", str(write_config(tmp_path))] if option == "--out" else []
     proc = in_process(capsys, job, *config, option, "s3://bucket/run")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        f"error: argument {option}: s3://bucket/run: object-store URIs are not supported; expected a folder on a filesystem every node sees "
-        "(an NFS or Lustre path, a Kubernetes PVC, or a bucket mounted with mountpoint-s3 or s3fs)"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"error: argument {option}: s3://bucket/run: object-store URIs are not supported; expected a folder on a filesystem every node sees "
+            "(an NFS or Lustre path, a Kubernetes PVC, or a bucket mounted with mountpoint-s3 or s3fs)"
+        )
     )
     assert not (tmp_path / "s3:").exists()
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cifarcam.data import CIFAR_MEAN, CIFAR_STD
+from cifarcam.errors import ConfigError
 from cifarcam.loader import DeviceLoader
 
 
@@ -61,7 +62,7 @@ def test_augmentation_is_a_padded_crop_or_its_mirror():
 
 def test_batch_larger_than_the_shard_is_rejected():
     images, labels = _images(16)
-    with pytest.raises(ValueError, match=r"batch_size 64 is larger than this worker's share of the data \(16 images / 2 workers = 8\)"):
+    with pytest.raises(ConfigError, match=r"batch_size 64 is larger than this worker's share of the data \(16 images / 2 workers = 8\)"):
         DeviceLoader(images, labels, 64, world_size=2)
 
 

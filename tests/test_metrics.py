@@ -85,4 +85,4 @@ def test_chunked_forward_passes_give_the_same_curves(monkeypatch):
     whole = deletion_insertion(model, x, maps, classes, 16, fill)
     monkeypatch.setattr(faithfulness, "FORWARD_CHUNK", 7)  # 85 inputs per curve: 13 chunks
     chunked = deletion_insertion(model, x, maps, classes, 16, fill)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked, strict=False))

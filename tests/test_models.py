@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from cifarcam.config import ConfigError
+from cifarcam.errors import ConfigError, DataError
 from cifarcam.models import FAMILIES, PAPER_FAMILIES, ModelSpec, build_model, cam_layers, count_params
 
 
@@ -48,5 +48,5 @@ def test_unknown_model_suggests_the_closest_name():
 
 
 def test_pretrained_offline_gives_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match=r"train\.pretrained: cannot load ImageNet weights for resnet18 from .*missing\.pth"):
+    with pytest.raises(DataError, match=r"train\.pretrained: cannot load ImageNet weights for resnet18 from .*missing\.pth"):
         build_model(ModelSpec("resnet18", 10), pretrained=str(tmp_path / "missing.pth"))

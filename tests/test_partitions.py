@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cifarcam import partitions
 from cifarcam.cam import METHODS
 from cifarcam.checkpoint import save_checkpoint
-from cifarcam.config import ConfigError
+from cifarcam.errors import ConfigError
 from cifarcam.models import ModelSpec, build_model
-from cifarcam import partitions
 from cifarcam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, read_marker, regroup
 
 KEYS = ("model", "layer", "method")
-NAMES = [(m, "layer3", method) for m, method in zip(["resnet_tiny"] * len(METHODS), METHODS)] + [
+NAMES = [("resnet_tiny", "layer3", method) for method in METHODS] + [
     ("mobilenetv3_small", "blocks.2", "gradcam++"),
     ("my+model", "stages.1.blocks.0", "grad cam"),
     ("swin", "layers.2", "50%=x/y"),
@@ -35,7 +35,7 @@ def source(tmp_path_factory) -> Source:
 
 
 def _rows(names: list[tuple[str, str, str]], per_partition: int = 3) -> pa.Table:
-    rows = [{"model": m, "layer": l, "method": k, "image_index": i} for m, l, k in names for i in range(per_partition)]
+    rows = [{"model": m, "layer": layer, "method": k, "image_index": i} for m, layer, k in names for i in range(per_partition)]
     return pa.Table.from_pylist(rows)
 
 
@@ -71,7 +71,9 @@ def test_maps_of_another_checkpoint_are_refused(tmp_path, source):
     spec = ModelSpec("resnet_tiny", 10)
     torch.manual_seed(1)
     other = Source.of(save_checkpoint(tmp_path / "other", build_model(spec), spec, {}))
-    with pytest.raises(ConfigError, match=rf"computed from checkpoint {source.checkpoint} \(weights sha256 {source.weights_sha256[:12]}\), not {other.checkpoint}"):
+    with pytest.raises(
+        ConfigError, match=rf"computed from checkpoint {source.checkpoint} \(weights sha256 {source.weights_sha256[:12]}\), not {other.checkpoint}"
+    ):
         is_complete(folder, other)
 
 

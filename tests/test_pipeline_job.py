@@ -5,6 +5,7 @@ import sys
 
 import duckdb
 import numpy as np
+
 from cifarcam.config import load_config
 from cifarcam.data import load_splits
 from cifarcam.models import FAMILIES
@@ -40,8 +41,7 @@ def _best_models_first_layer(demo_run, columns: str) -> tuple[np.ndarray, str, s
     model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc limit 1").fetchall()[0][0]
     layer = FAMILIES[model].cam_layers[0]
     rows = duckdb.sql(
-        f"select {columns} from {CAMS.format(out=demo_run)} "
-        f"where model = '{model}' and layer = '{layer}' and target = 'label' and correct and not degenerate"
+        f"select {columns} from {CAMS.format(out=demo_run)} where model = '{model}' and layer = '{layer}' and target = 'label' and correct and not degenerate"
     ).fetchall()
     return masks, model, layer, rows
 
@@ -92,7 +92,7 @@ def test_low_resolution_layers_are_flagged_and_faithfulness_has_a_baseline(demo_
     cams = CAMS.format(out=demo_run)
     flags = duckdb.sql(f"select distinct layer_h, low_res_layer from {cams} order by layer_h").fetchall()
     assert flags == [(4, False), (8, False), (16, False)]  # the CIFAR stem keeps 4x4 at the end
-    (auc, random_auc), = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where correct").fetchall()
+    ((auc, random_auc),) = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where correct").fetchall()
     assert auc < random_auc
 
 

@@ -34,7 +34,9 @@ def test_device_hours_follow_the_measured_throughput():
 
 
 def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
-    proc = run_job("jobs.search", "--config", str(PAPER), "--dry-run", "--images-per-s", "10000", "--num-cpus", "16", "--out", str(tmp_path / "run"), timeout=120)
+    proc = run_job(
+        "jobs.search", "--config", str(PAPER), "--dry-run", "--images-per-s", "10000", "--num-cpus", "16", "--out", str(tmp_path / "run"), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "42 trials:" and "model=resnet34, optimizer=adamw, scheduler=cosine, lr ~ loguniform(0.0003, 0.03)" in lines[1]

@@ -34,14 +34,35 @@ def test_the_search_job_runs_through_ray_job_submit(ray_head, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path, "submitted", SMALL_SEARCH)
     proc = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-         "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "jobs.search", "--config", str(config), "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(ROOT / ".venv" / "bin" / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ".",
+            "--runtime-env",
+            "cluster/runtime_env.yaml",
+            "--",
+            "python",
+            "-m",
+            "jobs.search",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "succeeded" in proc.stdout.lower()
     assert_quiet(proc.stdout, out)  # `ray job submit` streams the job's log: the project's lines
     assert "search: trial " in proc.stdout
-    (n, completed), = duckdb.sql(f"select count(*), count(*) filter (where status = 'completed') from '{out}/trials.parquet'").fetchall()
+    ((n, completed),) = duckdb.sql(f"select count(*), count(*) filter (where status = 'completed') from '{out}/trials.parquet'").fetchall()
     assert n == 2 and completed == 1
     assert duckdb.sql(f"select count(*) from '{out}/predictions.parquet'").fetchall() == [(300,)]

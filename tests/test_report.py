@@ -35,7 +35,15 @@ def test_report_has_every_section_and_its_figures(demo_run):
     for title in SECTIONS:
         assert f"## {title}" in text, title
     models = [m for (m,) in duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by model").fetchall()]
-    expected = {f"cams_{m}.png" for m in models} | {"degenerate_by_size.png", "faithfulness.png", "sanity.png", "confusions.png", "per_class_accuracy.png", "learning_curves.png", "search.png"}
+    expected = {f"cams_{m}.png" for m in models} | {
+        "degenerate_by_size.png",
+        "faithfulness.png",
+        "sanity.png",
+        "confusions.png",
+        "per_class_accuracy.png",
+        "learning_curves.png",
+        "search.png",
+    }
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))
     assert expected <= linked
     for name in expected:
@@ -69,9 +77,12 @@ def test_the_reports_words_follow_its_numbers(demo_run):
     text = (demo_run / "report" / "report.md").read_text()
     faithfulness = text.split("## Faithfulness against trivial maps")[1].split("\n## ")[0]
     con = connect(demo_run)
-    rows = run_sql(con, """select model, layer, method,
+    rows = run_sql(
+        con,
+        """select model, layer, method,
         avg(least(deletion_auc_random, deletion_auc_centre, deletion_auc_edge) - deletion_auc) as worst_deletion_margin
-        from cams where faithfulness_sample and deletion_auc is not null group by all""")
+        from cams where faithfulness_sample and deletion_auc is not null group by all""",
+    )
     assert len(rows)
     for r in rows.itertuples(index=False):
         name = f"{r.model} {r.layer} {r.method}"
@@ -118,15 +129,20 @@ def test_query_job_prints_and_writes(demo_run, tmp_path):
         assert model in proc.stdout
     out = tmp_path / "acc.csv"
     proc = run_job("jobs.query", str(demo_run), "select count(*) as n from cams", "--csv", str(out), timeout=120)
-    assert proc.returncode == 0 and out.read_text().splitlines()[1] == str(duckdb.sql(f"select count(*) from read_parquet('{demo_run}/cams/**/*.parquet')").fetchall()[0][0])
+    assert proc.returncode == 0 and out.read_text().splitlines()[1] == str(
+        duckdb.sql(f"select count(*) from read_parquet('{demo_run}/cams/**/*.parquet')").fetchall()[0][0]
+    )
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
         (["/nonexistent-run", "select 1"], "error: /nonexistent-run: no such run folder"),
-        (["{tmp}", "select 1"], "error: {tmp}: not a finished run (missing trials.parquet, epochs.parquet, accuracy.parquet, predictions.parquet); run jobs.search first"),
-        (["{demo}", "selct * from trials"], "error: SQL: Parser Error: syntax error at or near \"selct\""),
+        (
+            ["{tmp}", "select 1"],
+            "error: {tmp}: not a finished run (missing trials.parquet, epochs.parquet, accuracy.parquet, predictions.parquet); run jobs.search first",
+        ),
+        (["{demo}", "selct * from trials"], 'error: SQL: Parser Error: syntax error at or near "selct"'),
         (["{demo}", "select * from nosuchtable"], "error: SQL: Catalog Error: Table with name nosuchtable does not exist!"),
     ],
 )

@@ -134,7 +134,10 @@ def test_the_gallery_shows_the_sampled_maps_of_the_parquet(page, demo_run):
     expected = dict(per_model)
     assert {m: sum(c["model"] == m for c in cards) for m in expected} == expected
     assert len(cards) == sum(expected.values()) and all(c["visible"] for c in cards)
-    rows = {(m, l, k, i): (ok, label) for m, l, k, i, ok, label in duckdb.sql(f"select model, layer, method, image_index, correct, label from {cams} where target = 'pred'").fetchall()}
+    rows = {
+        (m, layer, k, i): (ok, label)
+        for m, layer, k, i, ok, label in duckdb.sql(f"select model, layer, method, image_index, correct, label from {cams} where target = 'pred'").fetchall()
+    }
     class_of_label = {}
     for c in cards:
         correct, label = rows[(c["model"], c["layer"], c["method"], int(c["image"]))]

@@ -4,6 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
+from cifarcam.errors import DataError
 from cifarcam.safe_pickle import UnsafePickleError, safe_load
 
 
@@ -28,5 +29,5 @@ def test_numpy_arrays_lists_and_strings_load():
 
 def test_truncated_pickle_gives_a_clear_error():
     blob = pickle.dumps({"data": np.zeros((10, 10), np.uint8)})
-    with pytest.raises(ValueError, match=r"cut\.pkl: corrupt or truncated pickle"):
+    with pytest.raises(DataError, match=r"cut\.pkl: corrupt or truncated pickle"):
         safe_load(blob[: len(blob) // 2], "cut.pkl")

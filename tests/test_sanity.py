@@ -7,6 +7,7 @@ import torch
 from scipy.stats import spearmanr
 
 from cifarcam import cam
+from cifarcam.cam import CamMethod
 from cifarcam.models import ModelSpec, build_model
 from cifarcam.sanity import FAIL_SPEARMAN, cascade, randomisation_rows, spearman
 
@@ -37,7 +38,7 @@ def test_the_cascade_covers_the_blocks_between_cam_layers():
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, 5, (6, 40)).astype(float), rng.integers(0, 5, (6, 40)).astype(float)
-    expected = [spearmanr(x, y).statistic for x, y in zip(a, b)]
+    expected = [spearmanr(x, y).statistic for x, y in zip(a, b, strict=False)]
     assert np.allclose(spearman(a, b), expected)
     assert np.isnan(spearman(np.ones((1, 4)), b[:1, :4]))[0]
 
@@ -45,13 +46,13 @@ def test_spearman_matches_scipy_with_ties():
 def test_a_map_blind_to_the_weights_above_fails_and_gradcam_passes(monkeypatch):
     """An activation-only map ignores every layer above its own: randomising them leaves it
     unchanged (the check fails). Grad-CAM's gradients come from those layers: it changes."""
-    monkeypatch.setitem(cam.METHODS, "activations", (lambda a, g: a.sum(1), "none"))
+    monkeypatch.setitem(cam.METHODS, "activations", CamMethod("activations", reference="none", fast=lambda a, g: a.sum(1)))
     torch.manual_seed(0)
     model = build_model(ModelSpec("resnet_tiny", 10)).eval()
     x = torch.randn(16, 3, 32, 32)
     rows = randomisation_rows(model, x, ["layer2", "layer3"], ["gradcam", "activations"], False, 32)
     check = {(r["layer"], r["method"]): r["spearman"] for r in rows if r["check"]}
-    assert set(check) == {(l, m) for l in ("layer2", "layer3") for m in ("gradcam", "activations")}
+    assert set(check) == {(layer, m) for layer in ("layer2", "layer3") for m in ("gradcam", "activations")}
     assert check[("layer2", "activations")] == pytest.approx(1.0) and check[("layer3", "activations")] == pytest.approx(1.0)
     assert check[("layer2", "activations")] >= FAIL_SPEARMAN  # what the report flags
     # Grad-CAM changes (an untrained model's maps still share its activations' structure: not to 0)

@@ -71,7 +71,7 @@ def test_mlflow_holds_every_trials_parameters_epochs_and_the_best_test_accuracy(
         epochs = duckdb.sql(f"select epoch, val_top1 from '{out}/epochs.parquet' where trial_id = ? order by epoch", params=[trial_id]).fetchall()
         logged = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)]
         assert [s for s, _ in logged] == [e for e, _ in epochs] and all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(logged, epochs))
-    (best, top1), = duckdb.sql(f"select trial_id, test_top1 from '{out}/accuracy.parquet'").fetchall()
+    ((best, top1),) = duckdb.sql(f"select trial_id, test_top1 from '{out}/accuracy.parquet'").fetchall()
     assert abs(runs[best].data.metrics["test_top1"] - top1) < 1e-6 and runs[best].data.tags["cifarcam.best_of_family"] == "resnet_tiny"
     assert not any("test_top1" in r.data.metrics for t, r in runs.items() if t != best)
 
@@ -103,11 +103,9 @@ def test_epochs_agree_with_trials_and_ran_on_two_ddp_workers(search_run):
 
 def test_accuracy_and_predictions_agree(search_run):
     out, _ = search_run
-    (model, test_top1, params, ckpt), = duckdb.sql(f"select model, test_top1, params, checkpoint from '{out}/accuracy.parquet'").fetchall()
+    ((model, test_top1, params, ckpt),) = duckdb.sql(f"select model, test_top1, params, checkpoint from '{out}/accuracy.parquet'").fetchall()
     assert model == "resnet_tiny" and params > 100_000 and test_top1 > 0.5
-    (n, acc, distinct), = duckdb.sql(
-        f"select count(*), avg(correct::int), count(distinct image_index) from '{out}/predictions.parquet'"
-    ).fetchall()
+    ((n, acc, distinct),) = duckdb.sql(f"select count(*), avg(correct::int), count(distinct image_index) from '{out}/predictions.parquet'").fetchall()
     assert n == distinct == 300 and acc == pytest.approx(test_top1)
     assert duckdb.sql(f"select count(*) from '{out}/predictions.parquet' where (pred = label) != correct or top5[1] != pred").fetchall() == [(0,)]
     assert {p.name for p in Path(ckpt).iterdir()} >= {"model.pt", "meta.json", "train_state.pt"}
@@ -130,7 +128,6 @@ def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, t
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: --out {out}: already holds search 'small'; pass --resume to continue it, or choose another --out"
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
-
 
 
 HOPELESS_SEARCH = """

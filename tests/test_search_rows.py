@@ -1,10 +1,35 @@
 """Tune results -> table rows, without a cluster."""
 
-from cifarcam.search import best_per_model
+import dataclasses
+
+from cifarcam.best_trials import best_per_model
+from cifarcam.search_tables import TrialRow
+
+_ROW = TrialRow(
+    trial_id="",
+    model="resnet_tiny",
+    optimizer="adamw",
+    scheduler="cosine",
+    lr=0.1,
+    weight_decay=0.0,
+    batch_size=64,
+    hyperparameters="{}",
+    status="completed",
+    error=None,
+    epochs_run=2,
+    epochs_planned=2,
+    stopped_by_asha=False,
+    metric="val_loss",
+    best_metric=None,
+    best_val_top1=None,
+    best_epoch=2,
+    best_checkpoint=None,
+    time_s=1.0,
+)
 
 
-def _trial(trial_id: str, val_loss: float, val_top1: float) -> dict:
-    return {"trial_id": trial_id, "model": "resnet_tiny", "best_checkpoint": f"/ckpt/{trial_id}", "status": "completed", "best_metric": val_loss, "best_val_top1": val_top1}
+def _trial(trial_id: str, val_loss: float, val_top1: float) -> TrialRow:
+    return dataclasses.replace(_ROW, trial_id=trial_id, best_checkpoint=f"/ckpt/{trial_id}", best_metric=val_loss, best_val_top1=val_top1)
 
 
 def test_the_best_trial_follows_the_configured_metric_and_mode():
@@ -17,13 +42,14 @@ def test_the_best_trial_follows_the_configured_metric_and_mode():
 # ---------------------------------------------------------------------------------------------
 # ASHA judges a resumed trial at the rung of its epoch
 
+
 def _asha_decisions(reports: list[tuple[str, int, float]]) -> list[str]:
     """Feed (trial, epoch, val_top1) reports, each tagged with the training_iteration Tune would
     give it, to the search's ASHA scheduler; return its decisions."""
     from types import SimpleNamespace
 
     from cifarcam.config import ExperimentConfig, SearchConfig, TrainConfig
-    from cifarcam.search import early_stopper
+    from cifarcam.tuner import early_stopper
 
     cfg = ExperimentConfig(train=TrainConfig(epochs=4), search=SearchConfig(grace_period=1, reduction_factor=2))
     asha = early_stopper(cfg)
@@ -54,30 +80,43 @@ def test_a_resumed_trial_is_judged_at_the_rung_of_its_epoch():
 # ---------------------------------------------------------------------------------------------
 # A trial that reported nothing to Tune is read from its checkpoints
 
+
 def test_a_trial_without_reports_falls_back_to_its_checkpoints(tmp_path):
     """Its driver died after the last epoch; the restarted driver found nothing left to run and
     reported nothing. The trial is still completed, with its epochs and best checkpoint."""
     from types import SimpleNamespace
 
-
     from cifarcam.checkpoint import save_checkpoint
     from cifarcam.config import ExperimentConfig, SearchConfig, TrainConfig
     from cifarcam.models import ModelSpec, build_model
-    from cifarcam.search import trial_rows
+    from cifarcam.tune_rows import trial_rows
 
     spec = ModelSpec("resnet_tiny", 10)
     model = build_model(spec)
     history = []
     trial_dir = tmp_path / "train" / "trial_abcde_00000"
     for epoch, top1 in ((1, 0.5), (2, 0.7), (3, 0.6)):
-        history.append({"epoch": epoch, "train_loss": 1.0, "val_loss": 1.0, "val_top1": top1, "val_top5": 0.9,
-                        "images_per_s": 100.0, "lr": 0.1, "epoch_time_s": 2.0, "diverged": False, "workers": 1, "nodes": 1})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": 1.0,
+                "val_loss": 1.0,
+                "val_top1": top1,
+                "val_top5": 0.9,
+                "images_per_s": 100.0,
+                "lr": 0.1,
+                "epoch_time_s": 2.0,
+                "diverged": False,
+                "workers": 1,
+                "nodes": 1,
+            }
+        )
         if epoch != 1:  # Train kept the best two
             save_checkpoint(trial_dir / f"checkpoint_{epoch:06d}", model, spec, {"history": list(history)}, epoch=epoch)
     cfg = ExperimentConfig(train=TrainConfig(model="resnet_tiny", epochs=3), search=SearchConfig(early_stopping="none"))
     silent = SimpleNamespace(metrics={}, metrics_dataframe=None, config={}, error=None, path=str(tmp_path / "tune" / "x" / "trial_abcde_00000"))
 
     (trial,), epochs = trial_rows([silent], cfg, tmp_path / "train")
-    assert (trial["trial_id"], trial["status"], trial["epochs_run"], trial["best_epoch"]) == ("abcde_00000", "completed", 3, 2)
-    assert trial["best_checkpoint"] == str(trial_dir / "checkpoint_000002")
-    assert [(e["epoch"], e["checkpoint_path"]) for e in epochs] == [(1, None), (2, str(trial_dir / "checkpoint_000002")), (3, str(trial_dir / "checkpoint_000003"))]
+    assert (trial.trial_id, trial.status, trial.epochs_run, trial.best_epoch) == ("abcde_00000", "completed", 3, 2)
+    assert trial.best_checkpoint == str(trial_dir / "checkpoint_000002")
+    assert [(e.epoch, e.checkpoint_path) for e in epochs] == [(1, None), (2, str(trial_dir / "checkpoint_000002")), (3, str(trial_dir / "checkpoint_000003"))]

@@ -160,7 +160,7 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     assert duckdb.sql(f"select distinct workers, nodes from '{run}/epochs.parquet'").fetchall() == [(2, 2)]
     head_log = (logs / "attempt-1" / "ray-head.log").read_text()
     assert "10.77.0.1" in head_log and "Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
-    (n, distinct), = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
+    ((n, distinct),) = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
     assert n == distinct == 300
     assert (run / "report" / "report.md").is_file()
     driver_log = (logs / f"{job}_0_log.out").read_text()
@@ -179,9 +179,28 @@ def test_array_runs_one_sweep_per_config(slurm, tmp_path):
         path.write_text(f"name: {name}\ndata: {{source: parquet, path: /nonexistent-{name}}}\n")
         configs.append(str(path))
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.slurm", "--nodes", "1", "--cpus-per-task", "1", "--time", "15", "--logs", str(tmp_path / "logs"),
-         "--array", *configs, "--", "--out", str(tmp_path / "runs")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cluster.slurm",
+            "--nodes",
+            "1",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "15",
+            "--logs",
+            str(tmp_path / "logs"),
+            "--array",
+            *configs,
+            "--",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     jobs = re.findall(r"submitted job (\d+_\d) .*--config (\S+) --out (\S+);", proc.stdout)
@@ -191,21 +210,49 @@ def test_array_runs_one_sweep_per_config(slurm, tmp_path):
         assert f"error: data.path /nonexistent-{name}: not a folder" in err
 
 
+def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """cluster.slurm with these arguments, where no SLURM runs: only its checks can answer."""
+    cmd = [sys.executable, "-m", "cluster.slurm", "--logs", str(tmp_path / "logs"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--nodes", "2"], "error: expected `--` followed by the jobs.pipeline arguments"),
-        (["--", "--config", "{typo}"], "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
-        (["--", "--config", "{good}", "--address", "10.0.0.1:6379"], "error: --address: set by cluster.slurm"),
-        (["--", "--config", "{good}", "--out", "/proc/run"], "error: --out /proc/run: cannot create the results folder"),
-        (["--", "--config", "{good}", "--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
+        (["--config", "{typo}"], "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
+        (["--", "--config", "{typo}"], "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),  # the older form
+        (["--config", "{good}", "--address", "10.0.0.1:6379"], "error: --address: set by cluster.slurm"),
+        (["--config", "{good}", "--num-cpus=4"], "error: --num-cpus: set by cluster.slurm"),
+        (["--array", "{good}", "--config", "{good}"], "error: --array: each config is one array task"),
+        (["--config", "{good}", "--out", "/proc/run"], "error: --out /proc/run: cannot create the results folder"),
+        (["--config", "{good}", "--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
+        (["--nodes", "0", "--config", "{good}"], "python -m cluster.slurm: error: argument --nodes: expected a positive integer, got 0"),
     ],
 )
 def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n")
     args = [a.format(typo=typo, good=write_config(tmp_path)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "cluster.slurm", "--logs", str(tmp_path / "logs"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = _launcher(tmp_path, *args)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(expected), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "submitted" not in proc.stdout
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_missing_pipeline_option_is_argparse_s_error_with_the_usage(tmp_path):
+    proc = _launcher(tmp_path, "--nodes", "2")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m cluster.slurm"), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "python -m cluster.slurm: error: the following arguments are required: --config"
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_launcher_passes_pipeline_options_on_as_given(tmp_path):
+    """No list of pipeline options here: whatever jobs.pipeline accepts reaches the driver."""
+    from cluster.slurm import pipeline_runs
+
+    a, b = write_config(tmp_path, "a"), write_config(tmp_path, "b")
+    own, runs = pipeline_runs(["--nodes", "2", "--config", str(a), "--methods", "gradcam", "--out", str(tmp_path / "run"), "--resume", "--detach"])
+    assert (own.nodes, own.detach) == (2, True)
+    assert runs == [["--methods", "gradcam", "--resume", "--config", str(a), "--out", str(tmp_path / "run")]]
+    own, runs = pipeline_runs(["--array", str(a), str(b), "--out", str(tmp_path / "runs"), "--layers=layer2"])
+    assert runs == [["--layers=layer2", "--config", str(c), "--out", str(tmp_path / "runs" / n)] for c, n in ((a, "a"), (b, "b"))]

@@ -14,6 +14,7 @@ import pytest
 from cifarcam import sources
 from cifarcam.config import DataConfig
 from cifarcam.data import load_splits
+from cifarcam.errors import DataError
 
 FINE_LABELS_TEST20 = [49, 33, 72, 51, 71, 92, 15, 14, 23, 0, 71, 75, 81, 69, 40, 43, 92, 97, 70, 53]
 
@@ -56,21 +57,21 @@ def test_truncated_archive_gives_a_clear_error(cifar100_test20, tmp_path):
     archive = _tarball(cifar100_test20, tmp_path / "cifar-100-python.tar.gz")
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"cut\.tar\.gz: truncated or corrupt archive"):
+    with pytest.raises(DataError, match=r"cut\.tar\.gz: truncated or corrupt archive"):
         sources.read_cifar_split("cifar100", cut, "test")
 
 
 def test_checksum_mismatch_is_reported(tmp_path):
     bad = tmp_path / "cifar-100-python.tar.gz"
     bad.write_bytes(b"not the archive")
-    with pytest.raises(ValueError, match=r"checksum mismatch \(md5 [0-9a-f]{32}, expected eb9058c3a382ffc7106e4002c42a8d85\)"):
+    with pytest.raises(DataError, match=r"checksum mismatch \(md5 [0-9a-f]{32}, expected eb9058c3a382ffc7106e4002c42a8d85\)"):
         sources.verify_md5(bad, sources.CIFAR_RELEASES["cifar100"].md5)
 
 
 def test_missing_dataset_says_where_to_put_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cifar100: not in .* put cifar-100-python\.tar\.gz"):
+    with pytest.raises(DataError, match=r"cifar100: not in .* put cifar-100-python\.tar\.gz"):
         sources.read_cifar("cifar100", None, str(tmp_path / "cache"), download=False)
-    with pytest.raises(FileNotFoundError, match=r"data\.path .*nowhere: not found"):
+    with pytest.raises(DataError, match=r"data\.path .*nowhere: not found"):
         sources.read_cifar("cifar100", str(tmp_path / "nowhere"), str(tmp_path), download=False)
 
 
@@ -81,7 +82,7 @@ def test_wrong_shape_in_a_cifar_file_is_reported(cifar100_test20, tmp_path):
     raw = _raw(cifar100_test20 / "test")
     raw["data"] = raw["data"][:, :1000]
     (folder / "test").write_bytes(pickle.dumps(raw, protocol=2))
-    with pytest.raises(ValueError, match=r"data must be uint8 of shape \(N, 3072\), got uint8 \(20, 1000\)"):
+    with pytest.raises(DataError, match=r"data must be uint8 of shape \(N, 3072\), got uint8 \(20, 1000\)"):
         sources.read_cifar_split("cifar100", tmp_path, "test")
 
 
@@ -96,7 +97,7 @@ def test_malicious_meta_file_is_refused(cifar100_test20, tmp_path):
     folder.mkdir()
     shutil.copy(cifar100_test20 / "test", folder / "test")
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": Evil()}))
-    with pytest.raises(ValueError, match=r"meta: not a CIFAR pickle \(refused global posix\.system\)"):
+    with pytest.raises(DataError, match=r"meta: not a CIFAR pickle \(refused global posix\.system\)"):
         sources.read_cifar_split("cifar100", tmp_path, "test")
 
 
@@ -114,13 +115,13 @@ def test_cifar10_parquet_is_the_real_dataset(cifar10_parquet):
 
 def test_parquet_with_wrong_columns_is_rejected(tmp_path):
     pq.write_table(pa.table({"img": [b"x"], "label": [0]}), tmp_path / "train.parquet")
-    with pytest.raises(ValueError, match=r"train\.parquet: missing column\(s\) \['image'\]; expected image: binary"):
+    with pytest.raises(DataError, match=r"train\.parquet: missing column\(s\) \['image'\]; expected image: binary"):
         sources.read_parquet_split(tmp_path / "train.parquet")
 
 
 def test_parquet_with_undecodable_image_is_rejected(tmp_path):
     pq.write_table(pa.table({"image": [b"not a jpeg"], "label": [0]}), tmp_path / "t.parquet")
-    with pytest.raises(ValueError, match=r"t\.parquet: row 0 is not a decodable image"):
+    with pytest.raises(DataError, match=r"t\.parquet: row 0 is not a decodable image"):
         sources.read_parquet_split(tmp_path / "t.parquet")
 
 
@@ -133,13 +134,13 @@ def test_parquet_images_of_the_wrong_shape_are_rejected(tmp_path):
         return buf.getvalue()
 
     pq.write_table(pa.table({"image": [png((32, 32)), png((16, 16))], "label": [0, 1]}), tmp_path / "t.parquet")
-    with pytest.raises(ValueError, match=r"images must all have one shape"):
+    with pytest.raises(DataError, match=r"images must all have one shape"):
         sources.read_parquet_split(tmp_path / "t.parquet")
 
 
 def test_empty_parquet_dataset_is_rejected(tmp_path):
     pq.write_table(pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())}), tmp_path / "t.parquet")
-    with pytest.raises(ValueError, match=r"t\.parquet: the dataset is empty"):
+    with pytest.raises(DataError, match=r"t\.parquet: the dataset is empty"):
         sources.read_parquet_split(tmp_path / "t.parquet")
 
 
@@ -158,7 +159,7 @@ def test_download_verifies_the_checksum_and_happens_once(cifar100_test20, tmp_pa
     assert sources.read_cifar_split("cifar100", first, "test").labels.tolist() == FINE_LABELS_TEST20
 
     bad = replace(release, md5="0" * 32)
-    with pytest.raises(ValueError, match=r"checksum mismatch"):
+    with pytest.raises(DataError, match=r"checksum mismatch"):
         sources.download_archive(bad, cache)
 
 
@@ -166,7 +167,7 @@ def test_download_failure_says_where_to_put_the_files(tmp_path):
     from dataclasses import replace
 
     release = replace(sources.CIFAR_RELEASES["cifar10"], url=(tmp_path / "missing.tar.gz").as_uri())
-    with pytest.raises(FileNotFoundError, match=r"cannot download .* offline, put missing\.tar\.gz \(or the extracted cifar-10-batches-py/ folder\) in"):
+    with pytest.raises(DataError, match=r"cannot download .* offline, put missing\.tar\.gz \(or the extracted cifar-10-batches-py/ folder\) in"):
         sources.download_archive(release, tmp_path / "cache")
 
 
@@ -200,5 +201,5 @@ def test_parquet_masks_and_boxes_become_object_masks(tmp_path):
 def test_bad_masks_and_boxes_are_named(tmp_path, column, value, expected):
     value = _png(np.zeros((8, 8), np.uint8)) if value == "small" else value
     pq.write_table(pa.table({"image": [_png(np.zeros((32, 32, 3), np.uint8))], "label": [0], column: [value]}), tmp_path / "b.parquet")
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(DataError, match=expected):
         sources.read_parquet_split(tmp_path / "b.parquet")

@@ -1,0 +1,80 @@
+"""What the CAM stage is asked for (``jobs.cam``'s options), checked before any cluster time:
+methods, layers, targets, batch size, and the faithfulness and sanity samples.
+
+Errors name the command-line option: the registries they check against (``cam.METHODS``, the
+model's modules) leave the wording to this module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from cifarcam import results
+from cifarcam.cam import METHODS, find_method, method_key
+from cifarcam.errors import ConfigError, did_you_mean
+from cifarcam.faithfulness import FaithfulnessSettings
+from cifarcam.models import CamLayer, ModelSpec, build_model, cam_layers, measure_layers
+
+TARGET_KINDS = ("pred", "label")
+
+
+def _method_name(name: str) -> str:
+    found = find_method(name)
+    if found is None:
+        hint = did_you_mean(method_key(name), METHODS) or f"expected one of {', '.join(METHODS)}"
+        raise ConfigError(f"--methods: unknown CAM method {name!r}; {hint}")
+    return found.name
+
+
+@dataclass(frozen=True)
+class CamSettings:
+    methods: tuple[str, ...] = ("gradcam",)  # any spelling on the way in; registry keys once built
+    layers: tuple[str, ...] | None = None  # None: every CAM layer the family names
+    targets: tuple[str, ...] = TARGET_KINDS
+    batch_size: int = 128
+    faithfulness_steps: int = 16  # deletion / insertion steps; 0 turns faithfulness off
+    faithfulness_images: int = 128  # the seeded sample it is measured on
+    sanity_images: int = 64  # the randomisation sanity check's sample; 0 turns it off
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(_method_name(m) for m in self.methods))
+        for t in self.targets:
+            if t not in TARGET_KINDS:
+                raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--cam-batch-size: must be > 0, got {self.batch_size}")
+        for name in ("faithfulness_steps", "faithfulness_images", "sanity_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def faithfulness(self) -> FaithfulnessSettings:
+        return FaithfulnessSettings(steps=self.faithfulness_steps, images=self.faithfulness_images)
+
+    def comparable(self) -> dict:
+        """What must match for existing partitions to be reused (also each file's metadata)."""
+        faithfulness = self.faithfulness.metadata() if self.faithfulness.enabled else None
+        return {"columns": results.CAMS_VERSION, "targets": list(self.targets), "faithfulness": faithfulness}
+
+
+def resolve_layers(spec: ModelSpec, requested: tuple[str, ...] | None, where: str) -> list[CamLayer]:
+    """The ``--layers`` of one model with their feature-map sizes (default: the family's CAM
+    layers); any named module may be explained. ``where`` names the model in errors."""
+    model = build_model(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jobs.cam warns once per layer, on the terminal
+        known = cam_layers(model, spec)
+    if requested is None:
+        return known
+    names = dict(model.named_modules())
+    for name in requested:
+        if name not in names:
+            cam_names = [layer.name for layer in known]
+            hint = did_you_mean(name, cam_names + list(names)) or f"{spec.family} has CAM layers {cam_names}"
+            raise ConfigError(f"--layers: {where} has no layer {name!r}; {hint}")
+    by_name = {layer.name: layer for layer in known}
+    others = [name for name in requested if name not in by_name]
+    if others:  # measured as the family's CAM layers are, in one forward pass
+        by_name |= {layer.name: layer for layer in measure_layers(model, spec, others)}
+    return [by_name[name] for name in requested]
