@@ -187,7 +187,10 @@ class MultiLayerCam:
                     cam = METHODS[method].fast(a, g).clamp(min=0)
                     raw_peak[(kind, layer, method)] = _spread(cam)
                     maps[(kind, layer, method)] = normalise_maps(cam, size)
-        del acts, grads  # the graph (kept alive when no method is fast) is not needed past here
+        # The forward graph (kept alive when no method is fast) is not needed past here: without
+        # it the fallback's many forwards (ScoreCAM, AblationCAM) do not share memory with it.
+        logits = logits.detach()
+        del acts, grads
         self.activations.clear()
         for method in (m for m in methods if not METHODS[m].is_fast):
             for kind in kinds:
@@ -196,7 +199,8 @@ class MultiLayerCam:
                     heat = F.interpolate(heat[:, None], size=(size, size), mode="bilinear")[:, 0]
                     maps[(kind, layer, method)] = heat
                     raw_peak[(kind, layer, method)] = _spread(heat)
-        return CamBatch(logits.detach(), maps, raw_peak)
+        self.activations.clear()  # the hooks saw the fallback's forwards too
+        return CamBatch(logits, maps, raw_peak)
 
 
 def _spread(cams: Tensor) -> Tensor:

@@ -99,7 +99,9 @@ def _write_maps(
     import ray
 
     from cifarcam.cam_progress import ImageCounter, run_with_progress
-    from cifarcam.ray_logs import native_stderr_in_log
+    from cifarcam.ray_logs import mark_work_started, native_stderr_in_log
+
+    mark_work_started()
 
     # Several blocks, so that every actor gets work (no shuffle needed).
     table = images_table(test, stored_predictions(run_dir, p.model, test.index), settings.faithfulness)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -68,6 +69,7 @@ class MLflowTrials(Callback):
         self.client: Any = None
         self.experiment_id = ""
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self.failed = False
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment: the client and the cache stay behind.
@@ -88,19 +90,32 @@ class MLflowTrials(Callback):
             self.runs[trial.trial_id] = run_id
         return self.runs[trial.trial_id]
 
+    def _log(self, write: Callable[[], None]) -> None:
+        """Tune does not catch a callback's exception: one MLflow hiccup (a server restart, a
+        network error) would end the whole search. It is reported once and MLflow left alone."""
+        if self.failed:
+            return
+        try:
+            write()
+        except Exception as err:
+            self.failed = True
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            logging.getLogger("cifarcam").error("MLflow logging stopped for this search: %s", first[:300])
+            print(f"warning: --mlflow {self.tracking_uri}: logging stopped ({first[:300]}); the search goes on", file=sys.stderr)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.update_run(self._run(trial), status="RUNNING")  # again RUNNING when resumed
+        self._log(lambda: self.client.update_run(self._run(trial), status="RUNNING"))  # again RUNNING when resumed
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "epoch" in result:
             values = {name: result.get(name) for name in SCALARS}
-            self.client.log_batch(self._run(trial), metrics=_metrics(values, step=int(result["epoch"])))
+            self._log(lambda: self.client.log_batch(self._run(trial), metrics=_metrics(values, step=int(result["epoch"]))))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_terminated(self._run(trial), status="FINISHED")
+        self._log(lambda: self.client.set_terminated(self._run(trial), status="FINISHED"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_terminated(self._run(trial), status="FAILED")
+        self._log(lambda: self.client.set_terminated(self._run(trial), status="FAILED"))
 
 
 def log_test_accuracy(tracking_uri: str, experiment: str, accuracy_rows: list[AccuracyRow]) -> None:

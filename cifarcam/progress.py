@@ -95,6 +95,10 @@ class SearchProgress(Callback):
             self.progress.stop()
 
 
+# Runs started before the rename pickled their callback under this name; they still resume.
+RichProgress = SearchProgress
+
+
 def _name(trial: Any) -> str:
     return f"{trial.trial_id} ({trial.config.get('model', '')})".replace(" ()", "")
 

@@ -24,6 +24,7 @@ driver's children and would inherit a redirect made before ``ray.init``.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import sys
@@ -36,6 +37,7 @@ VERBOSE_ENV = "CIFARCAM_VERBOSE"
 LOGS_FOLDER = "logs"
 _WORKER_HANDLER = "ray_print_logs"  # the name Ray's driver registers its worker-output printer under
 _active: RayLogRouting | None = None  # this process's routing, once a job has asked for it
+_work_started = False  # set when a stage starts its work: its logs are kept whatever follows
 
 
 def verbose_from_env() -> bool:
@@ -126,9 +128,17 @@ class RayLogRouting:
         logging.getLogger("ray").info("Ray's own logs (raylet, GCS, core workers): %s/%s/logs on each node", temp, session)
 
 
+def mark_work_started() -> None:
+    """A stage starts its work (the search's trials, the CAM stage): from here on, the job's logs
+    are kept even when it ends on a user error."""
+    global _work_started
+    _work_started = True
+
+
 def discard_active() -> None:
-    """:meth:`RayLogRouting.discard` for this process's routing, if there is one."""
-    if _active is not None:
+    """:meth:`RayLogRouting.discard` for this process's routing, if there is one and no stage
+    has started its work."""
+    if _active is not None and not _work_started:
         _active.discard()
 
 
@@ -149,9 +159,18 @@ def native_stderr_in_log() -> Iterator[None]:
     saved = os.dup(2)
     with open(_active.folder / "driver-stderr.log", "ab") as log:
         os.dup2(log.fileno(), 2)
+    # A crash (segfault, CUDA abort) still reaches the real stderr, with Python's stacks.
+    terminal = os.fdopen(os.dup(saved), "w")
+    was_enabled = faulthandler.is_enabled()
+    faulthandler.enable(file=terminal)
     try:
         yield
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+        if was_enabled:
+            faulthandler.enable(file=sys.stderr)
+        else:
+            faulthandler.disable()
+        terminal.close()

@@ -21,6 +21,7 @@ from cifarcam.data import Splits
 from cifarcam.errors import ConfigError, NoUsableTrial, UserError
 from cifarcam.planning import count_trials, plan_resources
 from cifarcam.progress import SearchProgress
+from cifarcam.ray_logs import mark_work_started
 from cifarcam.search_tables import ACCURACY, EPOCHS, PREDICTIONS, TRIALS, AccuracyRow, TrialRow
 from cifarcam.tensorboard_log import TensorBoardEpochs
 from cifarcam.tune_rows import trial_rows
@@ -72,7 +73,9 @@ def run_search(
         from cifarcam.mlflow_log import MLflowTrials
 
         callbacks.append(MLflowTrials(mlflow_uri, cfg.name, cfg.train))
-    grid = make_tuner(cfg, splits, out_dir, resume, callbacks).fit()
+    tuner = make_tuner(cfg, splits, out_dir, resume, callbacks)
+    mark_work_started()
+    grid = tuner.fit()
     trials, epochs = trial_rows(grid, cfg, out_dir / "train")
     results.write_table(trials, TRIALS, out_dir / "trials.parquet")
     results.write_table(epochs, EPOCHS, out_dir / "epochs.parquet")

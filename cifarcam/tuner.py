@@ -67,7 +67,12 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, inputs=inputs), {"memory": 64 << 20})
     experiment = out_dir / "tune" / cfg.name
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
-        return ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # Tune restores the callbacks pickled by the first run (their consoles and clients dropped)
+        # and ignores new ones; this job's own (its terminal, its --mlflow) replace them. Ray has no
+        # public setter for this (2.60): its TunerInternal hands out the run config it will use.
+        tuner._local_tuner.get_run_config().callbacks = callbacks
+        return tuner
     return ray.tune.Tuner(
         trainable,
         param_space=param_space(cfg.search),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from cifarcam.errors import ConfigError, UserError
+from cifarcam.ray_logs import mark_work_started
 from jobs.common import add_ray_options, connect_ray, console, run, run_folder, warn
 
 if TYPE_CHECKING:  # the heavy imports stay inside the functions: --help must be quick
@@ -176,6 +177,7 @@ def sanity_checks(run_dir: Path, plans: "list[ModelPlan]", test: "ImageSet", set
     if not work:
         return []
     connect()
+    mark_work_started()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint)
     results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0) for p, layers, _, methods in work])
