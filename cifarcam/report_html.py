@@ -52,6 +52,16 @@ SCRIPT = """
 const selects = Array.from(document.querySelectorAll('#filters select'));
 const cards = Array.from(document.querySelectorAll('.card'));
 const count = document.getElementById('count');
+const model = selects.find(s => s.name === 'model');
+const layer = selects.find(s => s.name === 'layer');
+// Layer names are the model's own: with a model chosen, its layers alone are offered.
+function offerLayers() {
+  for (const option of layer.options) {
+    option.hidden = option.value !== '' && model.value !== '' && !option.dataset.models.split(' ').includes(model.value);
+  }
+  if (layer.selectedOptions[0].hidden) layer.value = '';
+}
+model.addEventListener('change', offerLayers);
 function applyFilters() {
   let shown = 0;
   for (const card of cards) {
@@ -128,8 +138,10 @@ def _section(n: int, section: Section, folder: Path) -> str:
     return "\n".join(parts + ["</section>"])
 
 
-def _select(name: str, values: Sequence[str]) -> str:
-    options = "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in values)
+def _select(name: str, values: Sequence[str], models_of: dict[str, list[str]] | None = None) -> str:
+    """A filter; ``models_of`` (for layers) tags each option with the models that have it."""
+    tags = {v: f' data-models="{html.escape(" ".join(models_of[v]))}"' if models_of else "" for v in values}
+    options = "".join(f'<option value="{html.escape(v)}"{tags[v]}>{html.escape(v)}</option>' for v in values)
     return f'<label>{name} <select name="{name}"><option value="">all</option>{options}</select></label>'
 
 
@@ -143,6 +155,7 @@ def _gallery(cards: Sequence[Card], class_order: Sequence[str]) -> str:
         "class": [name for name in class_order if name in {c.true_class for c in cards}],
         "outcome": [o for o in ("correct", "mistaken") if o in {c.outcome for c in cards}],
     }
+    models_of = {layer: list(dict.fromkeys(c.model for c in cards if c.layer == layer)) for layer in values["layer"]}
     items = []
     for c in cards:
         attrs = {"model": c.model, "layer": c.layer, "method": c.method, "class": c.true_class, "outcome": c.outcome, "image": str(c.image_index)}
@@ -156,7 +169,7 @@ def _gallery(cards: Sequence[Card], class_order: Sequence[str]) -> str:
             f"<p>Each model's maps of the same {GALLERY_PER_OUTCOME} correctly classified and {GALLERY_PER_OUTCOME} misclassified test images"
             " (at most; taken in turn from each true class), at every CAM layer and method. Caption: model · layer · method, then true"
             " class → predicted class.</p>",
-            '<form id="filters">' + "".join(_select(name, values[name]) for name in FILTERS) + "</form>",
+            '<form id="filters">' + "".join(_select(name, values[name], models_of if name == "layer" else None) for name in FILTERS) + "</form>",
             f'<p id="count">{len(cards)} of {len(cards)} maps shown</p>',
             '<div class="cards">',
             *items,

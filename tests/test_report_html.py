@@ -183,3 +183,35 @@ def test_the_report_job_writes_and_names_report_html(demo_run, tmp_path):
     lines = proc.stdout.splitlines()
     assert f"report: {run / 'report' / 'report.md'}" in lines and f"report: {html}" in lines
     assert html.stat().st_size > 100_000 and "maps shown" in html.read_text()
+
+
+def test_choosing_a_model_offers_its_own_layers_only(page, demo_run):
+    """Layer names belong to a model (layer4 is resnet's, blocks.5 mobilenet's): once a model is
+    chosen, the layer select offers that model's layers, and a layer of another model is dropped."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    cams = f"read_parquet('{demo_run}/cams/**/*.parquet', hive_partitioning = true)"
+    layers_of = {}
+    for model, layer in duckdb.sql(f"select distinct model, layer from {cams}").fetchall():
+        layers_of.setdefault(model, set()).add(layer)
+    assert len(layers_of) == 2 and not set.intersection(*layers_of.values())  # the demo's two families share no layer name
+    (first, first_layers), (second, second_layers) = sorted(layers_of.items())
+
+    def offered() -> set[str]:
+        return set(
+            page.execute_script(
+                "return Array.from(document.querySelectorAll('select[name=layer] option')).filter(o => !o.hidden && o.value).map(o => o.value);"
+            )
+        )
+
+    visible, _ = _choose(page)
+    assert offered() == first_layers | second_layers
+    visible, _ = _choose(page, model=first, layer=sorted(first_layers)[0])
+    assert offered() == first_layers and visible
+    Select(page.find_element(By.CSS_SELECTOR, 'select[name="model"]')).select_by_value(second)
+    assert offered() == second_layers
+    assert page.find_element(By.CSS_SELECTOR, 'select[name="layer"]').get_attribute("value") == ""  # the other model's layer was dropped
+    cards = _cards(page)
+    assert {c["model"] for c in cards if c["visible"]} == {second} and sum(c["visible"] for c in cards) == sum(c["model"] == second for c in cards)
+    _choose(page)
