@@ -59,7 +59,7 @@ class RayLogRouting:
         self.folder = folder
         self.driver_handler = logging.FileHandler(folder / "ray-driver.log", encoding="utf-8")
         self.driver_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- %(message)s"))
-        self.workers: TextIO = open(folder / "ray-workers.log", "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (lives as long as the job)
+        self.workers: TextIO = open(folder / "ray-workers.log", "a", encoding="utf-8", buffering=1)  # open as long as the job
         self._lock = threading.Lock()
         # Tune's reporter prints with print(); the legacy one is silent at verbose=0.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -82,9 +82,9 @@ class RayLogRouting:
 
     def route_worker_output(self) -> None:
         """Replace the driver's printer of worker output (``ray.init(log_to_driver=True)``) by one
-        that appends to ``ray-workers.log``. Uses Ray's internal dispatcher: if a Ray release
-        renames it, worker output is dropped from the terminal instead (``log_to_driver`` is the
-        public switch), never shown twice."""
+        that appends to ``ray-workers.log``. Uses Ray's internal dispatcher (``log_to_driver`` is
+        the only public switch, and it drops the output): if a Ray release renames it, worker
+        output stays on the terminal as before, and nothing is lost."""
         try:
             from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:
