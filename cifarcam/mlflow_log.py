@@ -42,13 +42,13 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def check_tracking(tracking_uri: str, experiment: str) -> str:
-    """The experiment's id, created if new: reaching the tracking server fails here, before any
-    cluster time is spent, not after the first epoch."""
+def open_experiment(tracking_uri: str, experiment: str) -> tuple[Any, str]:
+    """A client and the experiment's id, created if new. Jobs call it before Ray starts, so that
+    an unreachable tracking store fails before any cluster time is spent, not after an epoch."""
     try:
         client = _client(tracking_uri)
         found = client.get_experiment_by_name(experiment)
-        return found.experiment_id if found else client.create_experiment(experiment)
+        return client, found.experiment_id if found else client.create_experiment(experiment)
     except ConfigError:
         raise
     except Exception as err:  # mlflow raises its own, requests' and SQLAlchemy's errors here
@@ -76,8 +76,7 @@ class MLflowTrials(Callback):
         return {**self.__dict__, "client": None, "runs": {}}
 
     def setup(self, **info: Any) -> None:
-        self.client = _client(self.tracking_uri)
-        self.experiment_id = check_tracking(self.tracking_uri, self.experiment)
+        self.client, self.experiment_id = open_experiment(self.tracking_uri, self.experiment)
 
     def _run(self, trial: Any) -> str:
         if trial.trial_id not in self.runs:
@@ -120,8 +119,7 @@ class MLflowTrials(Callback):
 
 def log_test_accuracy(tracking_uri: str, experiment: str, accuracy_rows: list[AccuracyRow]) -> None:
     """Each family's best trial: its best checkpoint's test accuracy, on that trial's run."""
-    client = _client(tracking_uri)
-    experiment_id = check_tracking(tracking_uri, experiment)
+    client, experiment_id = open_experiment(tracking_uri, experiment)
     for row in accuracy_rows:
         run_id = find_run(client, experiment_id, row.trial_id)
         if run_id is None:  # a trial from before --mlflow was given: nothing to attach it to

@@ -71,9 +71,9 @@ def prepare(args: argparse.Namespace):
     check_resumable(cfg, out, args.resume)
     check_writable(out)
     if args.mlflow:
-        from cifarcam.mlflow_log import check_tracking
+        from cifarcam.mlflow_log import open_experiment
 
-        check_tracking(args.mlflow, cfg.name)
+        open_experiment(args.mlflow, cfg.name)
     with console.status(f"loading {cfg.data.source} data"):
         splits = load_splits(cfg.data)
     check_batch_fits(cfg, len(splits.train))
