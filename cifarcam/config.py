@@ -98,6 +98,9 @@ class ScalingConfig:
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
     gpus_per_worker: float = 1.0  # fractions let small trials share a GPU
     cpus_per_worker: float = 1.0
+    # How long a trial may wait for its workers to be placed before the search ends with a line
+    # that says what it waits for (cifarcam.placement_watch); --resume continues it.
+    start_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(sc.workers_per_trial > 0, f"scaling.workers_per_trial: must be > 0, got {sc.workers_per_trial}")
     _require(sc.cpus_per_worker > 0, f"scaling.cpus_per_worker: must be > 0, got {sc.cpus_per_worker}")
     _require(sc.gpus_per_worker > 0, f"scaling.gpus_per_worker: must be > 0, got {sc.gpus_per_worker}")
+    _require(sc.start_timeout_s > 0, f"scaling.start_timeout_s: must be > 0 seconds, got {sc.start_timeout_s:g}")
     # Ray may place two ranks of one trial on the same GPU when each holds a fraction, and NCCL
     # refuses a process group with a duplicate GPU. Fractions are for single-worker trials.
     _require(

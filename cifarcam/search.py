@@ -19,6 +19,7 @@ from cifarcam.best_trials import evaluate_best
 from cifarcam.config import ExperimentConfig, dump_config
 from cifarcam.data import Splits
 from cifarcam.errors import ConfigError, NoUsableTrial, UserError
+from cifarcam.placement_watch import PlacementWatch, SearchStalled, worker_bundle
 from cifarcam.planning import count_trials, plan_resources
 from cifarcam.progress import SearchProgress
 from cifarcam.ray_logs import mark_work_started
@@ -66,7 +67,8 @@ def run_search(
     check_resumable(cfg, out_dir, resume)
     res = plan_resources(cfg, ray.cluster_resources())
     results.write_provenance(out_dir, config_yaml)
-    callbacks = [TensorBoardEpochs(out_dir / "tensorboard")]
+    watch = PlacementWatch(worker_bundle(res.cpus_per_worker, res.gpus_per_worker), res.workers, cfg.scaling.start_timeout_s, cfg.train.model)
+    callbacks = [TensorBoardEpochs(out_dir / "tensorboard"), watch]
     if console is not None:
         callbacks.append(SearchProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode, console))
     if mlflow_uri:
@@ -75,7 +77,14 @@ def run_search(
         callbacks.append(MLflowTrials(mlflow_uri, cfg.name, cfg.train))
     tuner = make_tuner(cfg, splits, out_dir, resume, callbacks)
     mark_work_started()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except Exception:
+        if watch.verdict:  # the watch ended the run from a thread Tune's signal handler does not serve
+            raise SearchStalled(watch.verdict) from None
+        raise
+    if watch.verdict:  # Tune saved the experiment: --resume runs the waiting trial and those after it
+        raise SearchStalled(watch.verdict)
     trials, epochs = trial_rows(grid, cfg, out_dir / "train")
     results.write_table(trials, TRIALS, out_dir / "trials.parquet")
     results.write_table(epochs, EPOCHS, out_dir / "epochs.parquet")

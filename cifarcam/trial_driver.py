@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ import ray.train.torch
 import ray.tune
 
 from cifarcam.config import SearchConfig, TrainConfig, trial_config
+from cifarcam.placement_watch import TRAIN_START_TIMEOUT_ENV, train_start_timeout, worker_bundle
 from cifarcam.planning import TrialResources
 from cifarcam.train_worker import WorkerInputs, train_worker
 
@@ -27,6 +29,7 @@ class SearchInputs:
     class_names: list[str]
     dataset: str
     storage_path: str  # <run>/train: one Train run folder per trial
+    start_timeout_s: float = 600.0  # scaling.start_timeout_s: the driver's PlacementWatch decides at this age
 
 
 def trial_folder_name(trial: Any) -> str:
@@ -40,7 +43,10 @@ def run_trial(config: dict[str, Any], inputs: SearchInputs) -> None:
 
     cfg = trial_config(inputs.base, config)
     res, search = inputs.resources, inputs.search
-    resources = {"CPU": res.cpus_per_worker} | ({"GPU": res.gpus_per_worker} if res.use_gpu else {})
+    resources = worker_bundle(res.cpus_per_worker, res.gpus_per_worker)
+    # Train's controller reads this from the trial's environment when the trainer starts. Above the
+    # watch's limit: Train's retry (remove the waiting group, ask again) never runs before it.
+    os.environ[TRAIN_START_TIMEOUT_ENV] = f"{train_start_timeout(inputs.start_timeout_s):g}"
     worker_inputs = WorkerInputs(cfg, inputs.num_classes, inputs.class_names, inputs.dataset, inputs.data)
     trainer = ray.train.torch.TorchTrainer(
         train_worker,

@@ -61,6 +61,7 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
         class_names=list(splits.class_names),
         dataset=cfg.data.source,
         storage_path=str(out_dir / "train"),
+        start_timeout_s=cfg.scaling.start_timeout_s,
     )
     # The trial driver only waits on its TorchTrainer, so it holds no CPU (the workers hold the
     # real resources); Tune needs a non-empty bundle, hence a token 64 MiB of memory.
