@@ -34,58 +34,64 @@ def test_cams_agree_with_predictions(demo_run):
     assert disagreements == [(0,)]
 
 
-def _best_models_first_layer(demo_run, columns: str) -> tuple[np.ndarray, str, str, list[tuple]]:
-    """The regenerated object masks, the demo's best model, its first CAM layer, and ``columns``
-    of that layer's informative label maps of correctly classified images."""
+# The model and layer these tests read are pinned, not "the best one": which demo model scores
+# best differs between machines (issue 19: 34.4 / 30.0 % test top-1 on one machine, 34.8 / 34.0 on
+# another; CPU builds pick different vectorised kernels, so training is bit-reproducible on one
+# machine only), and the tests must read the same layer everywhere.
+PINNED_MODEL, PINNED_LAYER = "resnet_tiny", FAMILIES["resnet_tiny"].cam_layers[0]
+
+
+def _pinned_layers_maps(demo_run, columns: str) -> tuple[np.ndarray, list[tuple]]:
+    """The regenerated object masks, and ``columns`` of the pinned layer's informative label maps
+    of correctly classified images."""
     masks = load_splits(load_config(demo_run / "config.yaml").data).test.masks
-    model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc limit 1").fetchall()[0][0]
-    layer = FAMILIES[model].cam_layers[0]
     rows = duckdb.sql(
-        f"select {columns} from {CAMS.format(out=demo_run)} where model = '{model}' and layer = '{layer}' and target = 'label' and correct and not degenerate"
+        f"select {columns} from {CAMS.format(out=demo_run)} where model = '{PINNED_MODEL}' and layer = '{PINNED_LAYER}' "
+        "and target = 'label' and correct and not degenerate order by image_index"
     ).fetchall()
-    return masks, model, layer, rows
+    return masks, rows
 
 
 def test_stored_heatmaps_point_at_the_objects(demo_run):
     """Recompute each peak from the stored uint8 heatmap (row-major 32x32) and look it up in the
     regenerated synthetic masks: a transposed or flipped storage would miss the objects."""
-    masks, model, layer, rows = _best_models_first_layer(demo_run, "image_index, heatmap, peak_y, peak_x")
+    masks, rows = _pinned_layers_maps(demo_run, "image_index, heatmap, peak_y, peak_x, peak_in_object")
+    n = np.arange(len(rows))
     maps = np.array([r[1] for r in rows], dtype=np.uint8).reshape(-1, 32, 32)
-    index = np.array([r[0] for r in rows])
+    on = masks[np.array([r[0] for r in rows])]
     peaks = maps.reshape(len(rows), -1).argmax(1)
-    on_object = masks[index].reshape(len(rows), -1)[np.arange(len(rows)), peaks].mean()
-    transposed = masks[index].transpose(0, 2, 1).reshape(len(rows), -1)[np.arange(len(rows)), peaks].mean()
-    flipped = masks[index][:, :, ::-1].reshape(len(rows), -1)[np.arange(len(rows)), peaks].mean()
-    print(f"{model} {layer}: stored peak on the object {on_object:.3f}, transposed {transposed:.3f}, flipped {flipped:.3f}")
+    on_object = on.reshape(len(rows), -1)[n, peaks].mean()
+    transposed = on.transpose(0, 2, 1).reshape(len(rows), -1)[n, peaks].mean()
+    flipped = on[:, :, ::-1].reshape(len(rows), -1)[n, peaks].mean()
+    print(f"{PINNED_MODEL} {PINNED_LAYER}: stored peak on the object {on_object:.3f}, transposed {transposed:.3f}, flipped {flipped:.3f}")
     # The demo's hard shapes and short training leave about half the peaks exactly on the object
     # (0.49 measured); a transposed or flipped storage falls to chance, several times lower.
     assert on_object >= 0.3 and on_object > 2 * transposed and on_object > 2 * flipped
-    # the stored peak columns point at a maximal pixel of the stored map
-    stored_at_peak = maps.reshape(len(rows), -1)[np.arange(len(rows)), [py * 32 + px for _, _, py, px in rows]]
-    assert (stored_at_peak == 255).all()
-    # the stored peak_in_object is this lookup (rows of constant maps have none)
-    stored_hits = duckdb.sql(
-        f"select avg(peak_in_object::int) from {CAMS.format(out=demo_run)} where model = '{model}' and layer = '{layer}' and target = 'label' and correct and not degenerate"
-    ).fetchall()[0][0]
-    assert abs(stored_hits - on_object) < 1e-9
+    # The stored peak columns point at a maximal pixel of the stored map. They come from the float
+    # map, whose argmax may be any of the pixels that quantise to 255 (1 of 172 images in one run),
+    # so the stored peak_in_object is compared with the stored peak, like with like.
+    stored_peaks = np.array([py * 32 + px for _, _, py, px, _ in rows])
+    assert (maps.reshape(len(rows), -1)[n, stored_peaks] == 255).all()
+    assert (on.reshape(len(rows), -1)[n, stored_peaks] > 0).tolist() == [hit for *_, hit in rows]
 
 
 def test_the_demo_maps_point_at_the_hard_shapes_far_above_chance(demo_run):
-    """The demo trains on the hard set (the class is the shape alone). Its best model's layer2
-    (16x16) Grad-CAM must point at the object (within 2 px) far more often than a random point
-    would, and put more of its mass there than a uniform map. Measured on one demo run: pointing
-    0.764 (random point about 0.2), mass on the object 3.3x chance, 35 % test accuracy."""
+    """The demo trains on the hard set (the class is the shape alone). Its ResNet's layer2 (16x16)
+    Grad-CAM must point at the object (within 2 px) far more often than a random point would, and
+    put more of its mass there than a uniform map. Measured: pointing 0.764 and 0.605 on two
+    machines (a random point about 0.2), mass on the object about 3x chance. The bounds are the
+    claim itself (twice chance), not one run's figures."""
     import torch
     import torch.nn.functional as F
 
-    masks, model, layer, rows = _best_models_first_layer(demo_run, "image_index, pointing_hit, mass_on_object / object_area")
+    masks, rows = _pinned_layers_maps(demo_run, "image_index, pointing_hit, mass_on_object / object_area")
     index = np.array([r[0] for r in rows])
     near = F.max_pool2d(torch.from_numpy(masks[index]).float()[:, None], 5, stride=1, padding=2)[:, 0]
     chance = near.flatten(1).mean(1).mean().item()  # a random point's pointing-game rate
     hit = np.mean([r[1] for r in rows])
     gain = np.mean([r[2] for r in rows])
-    print(f"{model} {layer}: pointing game {hit:.3f} (random point {chance:.3f}), mass on the object {gain:.2f}x chance, {len(rows)} images")
-    assert len(rows) >= 50 and hit >= 0.45 and hit > 2 * chance and gain > 2
+    print(f"{PINNED_MODEL} {PINNED_LAYER}: pointing game {hit:.3f} (random point {chance:.3f}), mass on the object {gain:.2f}x chance, {len(rows)} images")
+    assert len(rows) >= 50 and hit > 2 * chance and gain > 2
 
 
 def test_low_resolution_layers_are_flagged_and_faithfulness_has_a_baseline(demo_run):
