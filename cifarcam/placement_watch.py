@@ -6,16 +6,21 @@ removes the group and asks again, forever. When the cluster never frees what the
 reservation that Ray itself left behind, another job, a node that never joins), the search prints
 nothing and holds its head's resources until someone notices (issue 19).
 
-``PlacementWatch`` is a Tune callback on the search's driver. It reads Ray's placement-group table
-every few seconds; once a worker group of this search has waited ``timeout_s`` without a break,
+``PlacementWatch`` is a Tune callback on the search's driver. It reads the cluster's placement
+groups every few seconds (Ray's state API, served by the dashboard that every cifarcam head runs);
+once a worker group of this search's own job has waited ``timeout_s`` without a break,
 it ends the run as Ctrl-C does (SIGUSR1: Tune stops its trials and saves the experiment, so
 ``--resume`` continues it) and leaves one line that says which trial waits, for what, and what the
 cluster holds. Train's own start timeout is set above ours (``train_start_timeout``), so Train's
 retry, the path on which the hang was seen, never runs before the watch decides.
+
+What it cannot see: workers whose group is placed but whose processes start slowly (an image pull,
+a ``runtime_env`` install) wait in Ray Train's actor start-up, not in a placement group.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -26,6 +31,8 @@ from typing import Any
 from ray.tune import Callback
 
 from cifarcam.errors import JobFailed
+
+logger = logging.getLogger(__name__)
 
 # Read by Ray Train's controller; Train propagates it from the trial's process to the controller.
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -38,9 +45,15 @@ class SearchStalled(JobFailed):
     """A trial's workers could not be placed within ``scaling.start_timeout_s``."""
 
 
+def poll_interval(start_timeout_s: float) -> float:
+    """Seconds between readings: a few readings within the timeout, and no more than one per 5 s."""
+    return min(5.0, start_timeout_s / 4)
+
+
 def train_start_timeout(start_timeout_s: float) -> float:
-    """Ray Train's own wait for a worker group: twice ours, so that the watch decides first."""
-    return 2 * start_timeout_s
+    """Ray Train's own wait for a worker group: well past the moment the watch decides (a group is
+    first seen up to one poll after it was created, and judged up to one poll after the timeout)."""
+    return 2 * start_timeout_s + 30
 
 
 def worker_bundle(cpus_per_worker: float, gpus_per_worker: float) -> dict[str, float]:
@@ -65,19 +78,33 @@ def _total(groups: list[dict[str, Any]]) -> dict[str, float]:
     return total
 
 
-def waiting_worker_groups(table: dict[str, dict[str, Any]], bundle: dict[str, float], workers: int) -> list[str]:
-    """Ids of the placement groups that wait to be placed and are shaped like this search's
-    worker groups (Tune's own per-trial groups reserve only memory, and never match)."""
+def read_placement_groups() -> dict[str, dict[str, Any]]:
+    """Every placement group of the cluster: ``{id: {"state", "job", "bundles": {index: resources}}}``."""
+    from ray.util.state import list_placement_groups
+
+    table = {}
+    # 10,000: the most the state API serves at once
+    for group in list_placement_groups(detail=True, limit=10_000, timeout=10, raise_on_missing_output=False):
+        bundles = {i: {k: float(v) for k, v in (b.get("unit_resources") or {}).items()} for i, b in enumerate(group.bundles or [])}
+        table[group.placement_group_id] = {"state": group.state, "job": group.creator_job_id, "bundles": bundles}
+    return table
+
+
+def waiting_worker_groups(table: dict[str, dict[str, Any]], bundle: dict[str, float], workers: int, job: str) -> list[str]:
+    """Ids of the placement groups of this search's job (another search on the cluster is not
+    ours to judge) that wait to be placed and are shaped like its worker groups (Tune's own
+    per-trial groups reserve only memory, and never match)."""
     return [
         pg_id
         for pg_id, group in table.items()
-        if group["state"] in WAITING_STATES and len(group["bundles"]) == workers and all(b == bundle for b in group["bundles"].values())
+        if group["job"] == job and group["state"] in WAITING_STATES and len(group["bundles"]) == workers and all(b == bundle for b in group["bundles"].values())
     ]
 
 
 def cluster_summary(table: dict[str, dict[str, Any]], total: dict[str, float], free: dict[str, float]) -> str:
-    """What the cluster holds, in one clause: its resources, what is free, what groups reserve."""
-    created = [g for g in table.values() if g["state"] == "CREATED"]
+    """What the cluster holds, in one clause: its resources, what is free, and what placement groups
+    reserve (groups that hold only Ray's bookkeeping resources, such as Tune's, are left out)."""
+    created = [g for g in table.values() if g["state"] == "CREATED" and describe(_total([g])) != "nothing"]
     reserved = f"{describe(_total(created))} reserved by {len(created)} placement group{'s' if len(created) != 1 else ''}"
     return f"the cluster has {describe(total)}, {describe(free)} free, {reserved}"
 
@@ -91,19 +118,23 @@ class PlacementWatch(Callback):
         workers: int,
         timeout_s: float,
         model: str = "",
-        poll_s: float = 5.0,
+        job: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.bundle, self.workers, self.timeout_s, self.poll_s, self.clock = bundle, workers, timeout_s, poll_s, clock
+        self.bundle, self.workers, self.timeout_s, self.clock = bundle, workers, timeout_s, clock
+        self.poll_s = poll_interval(timeout_s)
+        self.job = job  # the search's Ray job id (hex): its groups are the ones judged
         self.model = model  # the config's model, for trials whose search space does not pick one
         self.waiting_since: float | None = None  # since when a worker group has waited, without a break
         self.last_poll = float("-inf")
         self.starting: dict[str, str] = {}  # trial id -> name, for trials that reported nothing since they started
         self.verdict: str | None = None
+        self.read_failed = False
 
     def __getstate__(self) -> dict:
-        # Tune pickles its callbacks with the experiment; a resumed search gets a fresh watch.
-        return {**self.__dict__, "clock": time.monotonic}
+        # Tune pickles its callbacks with the experiment. A resumed search gets this job's own watch
+        # (tuner.make_tuner); readings of another process's clock would mean nothing anyway.
+        return {**self.__dict__, "clock": time.monotonic, "waiting_since": None, "last_poll": float("-inf")}
 
     # -- Tune's callbacks ---------------------------------------------------------------------
 
@@ -126,9 +157,14 @@ class PlacementWatch(Callback):
             return
         self.last_poll = now
         import ray
-        from ray.util import placement_group_table
 
-        table = placement_group_table()
+        try:
+            table = read_placement_groups()
+        except Exception as err:  # a slow or restarting dashboard: skip one reading, never end the search
+            if not self.read_failed:  # once: the next readings are likely to fail the same way
+                logger.warning("placement watch: could not read the placement groups (%s); it goes on trying every %g s", err, self.poll_s)
+            self.read_failed = True
+            return
         if self.observe(table, now):
             self.verdict = self.message(table, ray.cluster_resources(), ray.available_resources())
             self.stop_search()
@@ -138,7 +174,7 @@ class PlacementWatch(Callback):
     def observe(self, table: dict[str, dict[str, Any]], now: float) -> bool:
         """Record one reading of the placement-group table; True once a worker group has waited
         ``timeout_s`` without a reading that found none waiting."""
-        if not waiting_worker_groups(table, self.bundle, self.workers):
+        if not waiting_worker_groups(table, self.bundle, self.workers, self.job):
             self.waiting_since = None
             return False
         if self.waiting_since is None:
@@ -146,7 +182,8 @@ class PlacementWatch(Callback):
         return now - self.waiting_since >= self.timeout_s
 
     def message(self, table: dict[str, dict[str, Any]], total: dict[str, float], free: dict[str, float]) -> str:
-        who = f"trial {', '.join(sorted(self.starting.values()))}" if self.starting else "a trial (restarting its workers)"
+        names = sorted(self.starting.values())
+        who = f"trial {names[0]}" if len(names) == 1 else f"one of trials {', '.join(names)}" if names else "a trial (restarting its workers)"
         per_worker = describe(self.bundle)
         return (
             f"search: {who} could not place its {self.workers} worker{'s' if self.workers != 1 else ''} ({per_worker} each) "

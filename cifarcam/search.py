@@ -67,7 +67,8 @@ def run_search(
     check_resumable(cfg, out_dir, resume)
     res = plan_resources(cfg, ray.cluster_resources())
     results.write_provenance(out_dir, config_yaml)
-    watch = PlacementWatch(worker_bundle(res.cpus_per_worker, res.gpus_per_worker), res.workers, cfg.scaling.start_timeout_s, cfg.train.model)
+    job = ray.get_runtime_context().get_job_id()
+    watch = PlacementWatch(worker_bundle(res.cpus_per_worker, res.gpus_per_worker), res.workers, cfg.scaling.start_timeout_s, cfg.train.model, job)
     callbacks = [TensorBoardEpochs(out_dir / "tensorboard"), watch]
     if console is not None:
         callbacks.append(SearchProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode, console))

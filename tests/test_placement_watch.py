@@ -1,6 +1,6 @@
-"""The watch's decision on Ray's placement-group table (entries shaped as
-``ray.util.placement_group_table()`` returns them). The real thing, a search that cannot place its
-trial on a real cluster, is in test_search_job.py."""
+"""The watch's decision on the cluster's placement groups (as read_placement_groups returns them from
+Ray's state API). The real thing, a search that cannot place its trial on a real cluster, is in
+test_search_job.py."""
 
 from __future__ import annotations
 
@@ -10,21 +10,21 @@ import pytest
 
 from cifarcam.config import load_config
 from cifarcam.errors import ConfigError
-from cifarcam.placement_watch import PlacementWatch, SearchStalled, cluster_summary, describe, train_start_timeout, worker_bundle
+from cifarcam.placement_watch import PlacementWatch, SearchStalled, cluster_summary, describe, poll_interval, train_start_timeout, worker_bundle
 
 
-def group(state: str, *bundles: dict[str, float]) -> dict:
-    return {"name": "", "state": state, "strategy": "PACK", "bundles": dict(enumerate(bundles))}
+def group(state: str, *bundles: dict[str, float], job: str = "02000000") -> dict:
+    return {"state": state, "job": job, "bundles": dict(enumerate(bundles))}
 
 
 WORKER = {"CPU": 1.0}
 TRIAL_GROUP = group("PENDING", WORKER, WORKER)  # Ray Train's group for a trial of 2 workers
 TUNE_GROUP = group("CREATED", {"memory": 64.0 * 2**20})  # Tune's own group per trial: never a worker group
-LEAK = group("CREATED", WORKER)
+LEAK = group("CREATED", WORKER, job="01000000")  # what another job left behind
 
 
 def watch(timeout_s: float = 30) -> PlacementWatch:
-    w = PlacementWatch(worker_bundle(1, 0), workers=2, timeout_s=timeout_s)
+    w = PlacementWatch(worker_bundle(1, 0), workers=2, timeout_s=timeout_s, job="02000000")
     w.on_trial_start(0, [], SimpleNamespace(trial_id="a_00002", config={"model": "resnet_tiny"}))
     return w
 
@@ -38,7 +38,7 @@ def test_a_worker_group_waiting_past_the_timeout_ends_the_search():
 
 
 def test_a_search_space_without_a_model_names_the_configs():
-    w = PlacementWatch(worker_bundle(1, 0), workers=2, timeout_s=30, model="resnet_tiny")
+    w = PlacementWatch(worker_bundle(1, 0), workers=2, timeout_s=30, model="resnet_tiny", job="02000000")
     w.on_trial_start(0, [], SimpleNamespace(trial_id="b_00000", config={"lr": 0.1}))
     assert w.message({}, {}, {}).startswith("search: trial b_00000 (resnet_tiny) could not place its 2 workers")
 
@@ -60,7 +60,14 @@ def test_groups_of_other_shapes_are_not_this_searchs_workers():
         "one": group("PENDING", WORKER),
     }
     assert not w.observe(others, now=0) and not w.observe(others, now=1000)
-    assert PlacementWatch(worker_bundle(1, 1), 2, 30).observe({"gpu": others["gpu"]}, now=0) is False  # counting starts
+    assert PlacementWatch(worker_bundle(1, 1), 2, 30, job="02000000").observe({"gpu": others["gpu"]}, now=0) is False  # counting starts
+
+
+def test_another_jobs_waiting_group_is_not_this_searchs():
+    """Two searches on one cluster: the one that waits must not stop the one that trains."""
+    w = watch()
+    theirs = {"w": group("PENDING", WORKER, WORKER, job="03000000")}
+    assert not w.observe(theirs, now=0) and not w.observe(theirs, now=1000)
 
 
 def test_the_line_names_the_trial_what_it_waits_for_and_what_the_cluster_holds():
@@ -69,11 +76,14 @@ def test_the_line_names_the_trial_what_it_waits_for_and_what_the_cluster_holds()
     line = w.message(table, total={"CPU": 2.0, "memory": 8e9, "node:127.0.0.1": 1.0, "CPU_group_0_9494d4": 1.0, "CPU_group_9494d4": 1.0}, free={"CPU": 1.0})
     assert line == (
         "search: trial a_00002 (resnet_tiny) could not place its 2 workers (1 CPU each) within scaling.start_timeout_s = 20 s; "
-        "the cluster has 2 CPU, 1 CPU free, 1 CPU reserved by 2 placement groups; the search stopped and kept its finished "
+        "the cluster has 2 CPU, 1 CPU free, 1 CPU reserved by 1 placement group; the search stopped and kept its finished "
         "trials and checkpoints: free those resources (`ray status` shows who holds them), then run again with --resume"
     )
     w.on_trial_result(0, [], SimpleNamespace(trial_id="a_00002"), {})  # a trial that trains waits for nothing
     assert "a trial (restarting its workers)" in w.message(table, {}, {})
+    for trial_id in ("a_00003", "a_00001"):
+        w.on_trial_start(0, [], SimpleNamespace(trial_id=trial_id, config={"model": "resnet_tiny"}))
+    assert w.message(table, {}, {}).startswith("search: one of trials a_00001 (resnet_tiny), a_00003 (resnet_tiny) could not place")
 
 
 def test_off_the_main_thread_the_watch_ends_the_run_by_raising():
@@ -88,8 +98,11 @@ def test_off_the_main_thread_the_watch_ends_the_run_by_raising():
     assert str(raised[0]) == "search: stalled"
 
 
-def test_trains_own_timeout_is_above_the_watchs():
-    assert train_start_timeout(600) > 600 and describe({"CPU": 2.0, "GPU": 0.0, "object_store_memory": 1e9}) == "2 CPU"
+@pytest.mark.parametrize("timeout_s", [1, 20, 600])
+def test_trains_own_timeout_comes_after_the_watchs_latest_decision(timeout_s):
+    # a group is first read up to one poll after Train created it, and judged up to one poll late
+    assert train_start_timeout(timeout_s) > timeout_s + 2 * poll_interval(timeout_s)
+    assert describe({"CPU": 2.0, "GPU": 0.0, "object_store_memory": 1e9}) == "2 CPU"
     assert cluster_summary({}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0}) == "the cluster has 4 CPU, 1 GPU, 4 CPU free, nothing reserved by 0 placement groups"
 
 
