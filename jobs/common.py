@@ -109,6 +109,9 @@ def _init(address: str | None, num_cpus: int | None) -> None:
     # The dashboard (on loopback) is not optional: Ray Train's PlacementGroupCleaner asks the
     # state API it serves whether a trial's controller still lives, and without it a trial that
     # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever.
+    # A one-node cluster has no node that can be drained: Ray Train's preemption watcher (one more
+    # actor process started per trial, seconds each on a busy laptop) would watch nothing.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": always a new cluster, never one another job left running on this machine.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 

@@ -16,7 +16,8 @@ CAMS = "read_parquet('{run}/cams/**/*.parquet', hive_partitioning = true)"
 def test_two_jobs_on_one_run_lose_nothing_and_a_rerun_recomputes_nothing(demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "sanity", "report", ".staging"))
-    common = ["jobs.cam", "--run", str(run), "--num-cpus", "2", "--targets", "pred", "--faithfulness-steps", "0"]
+    # the smallest real work per job: one target, no faithfulness curves, a small sanity sample
+    common = ["jobs.cam", "--run", str(run), "--num-cpus", "2", "--targets", "pred", "--faithfulness-steps", "0", "--sanity-images", "16"]
     with BackgroundJob(tmp_path / "a.log", *common, "--methods", "gradcam++") as first:
         time.sleep(5)  # the second starts while the first computes: it must not touch the first's files
         with BackgroundJob(tmp_path / "b.log", *common, "--methods", "xgradcam") as second:
