@@ -31,6 +31,7 @@ from typing import Any
 from ray.tune import Callback
 
 from cifarcam.errors import JobFailed
+from cifarcam.progress import trial_name
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class PlacementWatch(Callback):
     # -- Tune's callbacks ---------------------------------------------------------------------
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.starting[trial.trial_id] = f"{trial.trial_id} ({trial.config.get('model', self.model)})".replace(" ()", "")
+        self.starting[trial.trial_id] = trial_name(trial, self.model)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.starting.pop(trial.trial_id, None)

@@ -71,9 +71,9 @@ class SearchProgress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(self.metric)
         if value is not None and (self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0])):
-            self.best = (float(value), _name(trial))
+            self.best = (float(value), trial_name(trial))
         shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else f"no {self.metric}"
-        self._say(f"trial {_name(trial)} epoch {result.get('epoch', '?')}: {shown} | {self.finished}/{self.total} trials done, {self._status()}")
+        self._say(f"trial {trial_name(trial)} epoch {result.get('epoch', '?')}: {shown} | {self.finished}/{self.total} trials done, {self._status()}")
         self._refresh()
 
     def _end(self, trial: Any) -> None:
@@ -83,12 +83,12 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial)
-        self._say(f"trial {_name(trial)} ended | {self.finished}/{self.total} trials done")
+        self._say(f"trial {trial_name(trial)} ended | {self.finished}/{self.total} trials done")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial)
         # Shown on a terminal too: a failed trial is a warning the user must see.
-        self.console.print(f"warning: trial {_name(trial)} failed: {_last_error_line(trial)}", highlight=False, markup=False)
+        self.console.print(f"warning: trial {trial_name(trial)} failed: {_last_error_line(trial)}", highlight=False, markup=False)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.progress is not None:
@@ -99,8 +99,9 @@ class SearchProgress(Callback):
 RichProgress = SearchProgress
 
 
-def _name(trial: Any) -> str:
-    return f"{trial.trial_id} ({trial.config.get('model', '')})".replace(" ()", "")
+def trial_name(trial: Any, default_model: str = "") -> str:
+    """``<trial id> (<model>)``: the model the trial's config picked, else ``default_model``."""
+    return f"{trial.trial_id} ({trial.config.get('model', default_model)})".replace(" ()", "")
 
 
 def _last_error_line(trial: Any) -> str:
