@@ -79,13 +79,15 @@ def _total(groups: list[dict[str, Any]]) -> dict[str, float]:
     return total
 
 
-def read_placement_groups() -> dict[str, dict[str, Any]]:
-    """Every placement group of the cluster: ``{id: {"state", "job", "bundles": {index: resources}}}``."""
+def read_placement_groups(job: str | None = None) -> dict[str, dict[str, Any]]:
+    """The placement groups of ``job`` (of the whole cluster without one), as
+    ``{id: {"state", "job", "bundles": {index: resources}}}``."""
     from ray.util.state import list_placement_groups
 
     table = {}
+    filters = [("creator_job_id", "=", job)] if job else None  # filtered by the server: every poll reads only ours
     # 10,000: the most the state API serves at once
-    for group in list_placement_groups(detail=True, limit=10_000, timeout=10, raise_on_missing_output=False):
+    for group in list_placement_groups(filters=filters, detail=True, limit=10_000, timeout=10, raise_on_missing_output=False):
         bundles = {i: {k: float(v) for k, v in (b.get("unit_resources") or {}).items()} for i, b in enumerate(group.bundles or [])}
         table[group.placement_group_id] = {"state": group.state, "job": group.creator_job_id, "bundles": bundles}
     return table
@@ -160,14 +162,15 @@ class PlacementWatch(Callback):
         import ray
 
         try:
-            table = read_placement_groups()
+            table = read_placement_groups(self.job)
         except Exception as err:  # a slow or restarting dashboard: skip one reading, never end the search
             if not self.read_failed:  # once: the next readings are likely to fail the same way
                 logger.warning("placement watch: could not read the placement groups (%s); it goes on trying every %g s", err, self.poll_s)
             self.read_failed = True
             return
         if self.observe(table, now):
-            self.verdict = self.message(table, ray.cluster_resources(), ray.available_resources())
+            # the whole cluster's groups, once: what holds the resources is likely another job's
+            self.verdict = self.message(read_placement_groups(), ray.cluster_resources(), ray.available_resources())
             self.stop_search()
 
     # -- the decision -------------------------------------------------------------------------

@@ -106,12 +106,13 @@ def _init(address: str | None, num_cpus: int | None) -> None:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ClusterUnreachable(f"--address {address}: no Ray cluster answers there ({first})") from None
         return
-    # The dashboard (on loopback) is not optional: Ray Train's PlacementGroupCleaner asks the
-    # state API it serves whether a trial's controller still lives, and without it a trial that
-    # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever.
     # A one-node cluster has no node that can be drained: Ray Train's preemption watcher (one more
     # actor process started per trial, seconds each on a busy laptop) would watch nothing.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The dashboard (on loopback) is not optional: Ray Train's PlacementGroupCleaner asks the
+    # state API it serves whether a trial's controller still lives, and without it a trial that
+    # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever; the
+    # search's placement watch reads the placement groups there too.
     # address="local": always a new cluster, never one another job left running on this machine.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
