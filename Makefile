@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # cores. tests/conftest.py's demo run passes the same options.
 DEMO_CAM := --faithfulness-images 64
 
-.PHONY: demo test lint bench gpu-check clean
+.PHONY: demo test lint bench gpu-check device-kit device-rehearsal clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,10 +32,20 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_throughput.py
 
-# On a GPU machine: the GPU tests, then the measured table (results/gpu-check/gpu_check.md).
-# Without CUDA it runs a small CPU mode (under 2 minutes) that says nothing about a GPU.
+# On a GPU machine with this .venv: both parts of the GPU check (the GPU tests, then the measured
+# tables results/gpu-check/{tests,measure}.md). Without CUDA it runs the small CPU mode.
 gpu-check: $(VENV)/.installed
-	$(PY) benchmarks/gpu_check.py --out results/gpu-check
+	$(PY) benchmarks/gpu_check.py --part all --out results/gpu-check
+
+# For the device tool's offline GPU machine: .device-kit/ (the packages it lacks, for cp312, and a
+# CIFAR-10 subset), at most 56 MiB. The README's "GPU check" gives the two commands to run there.
+device-kit: $(VENV)/.installed
+	$(PY) benchmarks/device_kit.py --out .device-kit
+
+# Both parts of the GPU check with --cpu in a fresh environment holding only the device's
+# packages and a kit built for this Python, offline. CI runs it (tests/test_device_kit.py).
+device-rehearsal: $(VENV)/.installed
+	$(PY) benchmarks/device_rehearsal.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .device-kit .device-rehearsal

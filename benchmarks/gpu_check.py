@@ -1,58 +1,60 @@
-"""The GPU check: the GPU tests, then the figures a GPU must show, in one run (`make gpu-check`).
+"""The GPU check, in two parts of at most 6 minutes each on one H200, runnable offline.
 
-    python benchmarks/gpu_check.py [--out results/gpu-check] [--cpu] [--data ../shared/data/cifar10-jpeg]
+    python benchmarks/gpu_check.py --part tests|measure|all [--kit .device-kit] [--cpu] [--out DIR] [--data DIR]
 
-On a CUDA GPU (sized to finish within 8 minutes on one H100/H200):
-  1. `pytest -m gpu` (training with bf16 + channels_last + compile, evaluate/predict, the CAM fast
-     path against pytorch-grad-cam, Ray Train on NCCL, the pipeline end to end);
-  2. training: images/s and MFU of resnet50 (CIFAR stem, bf16, channels_last) at batch 256 and
-     512, with and without torch.compile; FLOPs counted by torch.utils.flop_counter;
-  3. the ratio to a torchvision DataLoader + PIL-transform loop at the same precision;
-  4. the CAM fast path on the 10,000 test images against the per-image pytorch-grad-cam loop,
-     batched pytorch-grad-cam and the forward + activation-only backward limit; the CAM actor's
-     work with faithfulness on and off;
-  5. the Ray Data stage against the same work in a plain loop;
-  6. one paper-config epoch (resnet50, ImageNet stem, 32 px, batch 64, 45,000 images), its peak
-     memory, and the combined images/s of 1, 2, 4 and 8 such trials sharing the GPU.
-Without CUDA (or with --cpu) it runs the same code in a small CPU mode in under 2 minutes, which
-CI runs so that the script cannot rot; its figures say nothing about a GPU.
+--part tests    `pytest -m gpu` (tests/test_gpu.py): training with bf16 + channels_last + compile
+                learns, evaluate agrees with predict, the CAM fast path equals pytorch-grad-cam on
+                CUDA, and jobs.pipeline end to end on a local Ray (trials on the GPU, row counts,
+                CAM rows against predictions).
+--part measure  training images/s and MFU (resnet50, bf16); fit() against a DataLoader + PIL loop;
+                the CAM fast path against pytorch-grad-cam and its limit on 10,000 test images; the
+                Ray Data stage against a plain loop; one paper-config epoch, the GPU memory a trial
+                holds, and the combined images/s of 1, 4 and 8 trials sharing the GPU.
+--part all      both (a GPU machine with the time; `make gpu-check`).
 
-Writes gpu_check.json and gpu_check.md (the table for the README) to --out.
+Each section (benchmarks/gpu_sections.py, or pytest) runs as a child in its own session, with a
+timeout inside the part's budget. When it ends or overruns, whatever is left of its session (the
+pipeline's Ray included) is killed, so nothing holds the GPU into the next section. After every
+section the part writes <part>.json and <part>.md to --out, and this process prints unbuffered.
+The exit status is 1 when a correctness check fails (a GPU test, the stage's row count) or a
+section crashes or runs out of time; performance goals are reported as met or unmet, never fatal.
+
+--kit DIR   first install DIR's wheels offline (pip --no-index; `make device-kit` builds it) and
+            read DIR's data: what the device tool's GPU machine needs, which downloads nothing.
+--cpu       the same code at small sizes on the CPU, the GPU tests included (the rehearsal);
+            its figures say nothing about a GPU.
+
+This parent imports neither torch nor the project: it holds no CUDA context, so each section has
+the GPU to itself, and the kit can be installed before anything needs it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cam_throughput import cam_rates, stage_vs_loop, timed  # noqa: E402
-from train_throughput import PEAK_BF16_TFLOPS, baseline_images_per_s, flops_per_image, ours_images_per_s  # noqa: E402
+from device_kit import install  # noqa: E402
 
-from cifarcam.config import DataConfig, TrainConfig  # noqa: E402
-from cifarcam.data import load_splits  # noqa: E402
-from cifarcam.loader import DeviceLoader, to_model_input  # noqa: E402
-from cifarcam.models import ModelSpec, build_model  # noqa: E402
-from cifarcam.optim import build_optimizer, build_scheduler  # noqa: E402
-from cifarcam.train import train_epoch  # noqa: E402
-
-GPU_TESTS_TIMEOUT_S = 300
-PACKING_TIMEOUT_S = 120
+PARTS = {
+    "tests": ("environment", "gpu_tests"),
+    "measure": ("environment", "training", "cam", "stage", "paper_epoch", "packing", "baseline"),
+}
+# A part's budget: the issue's 6 minutes on the GPU with margin (the kit's install and the
+# machine's start are outside it); the rehearsal's CPU sizes on 2 cores need longer.
+PART_BUDGET_S = {"gpu": 320, "cpu": 900}
+SECTION_TIMEOUT_S = {"environment": 60, "gpu_tests": 300, "training": 110, "cam": 60, "stage": 75, "paper_epoch": 45, "packing": 75, "baseline": 40}
+CPU_TIMEOUT_SCALE = 4
 GOALS = {
     "mfu": ("MFU of the bf16 resnet50 training step at batch >= 256", 0.35),
     "train_vs_pil": ("training / DataLoader + PIL baseline (same precision)", 5.0),
@@ -62,324 +64,238 @@ GOALS = {
 }
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """What each measurement runs on: the GPU sizes, or the small CPU mode."""
-
-    train_model: str
-    train_batches: tuple[int, ...]
-    compile_options: tuple[bool, ...]
-    train_steps: int
-    baseline_workers: int
-    cam_model: str
-    cam_images: int
-    cam_per_image: int
-    cam_batch: int
-    stage_images: int
-    paper_model: str
-    paper_images: int
-    packing: tuple[int, ...]
-    packing_steps: int
-
-
-GPU_SIZES = Sizes("resnet50", (256, 512), (False, True), 60, 12, "resnet50", 10_000, 256, 256, 10_000, "resnet50", 45_000, (1, 2, 4, 8), 150)
-CPU_SIZES = Sizes("resnet_tiny", (64,), (False,), 8, 2, "resnet_tiny", 256, 16, 128, 512, "resnet_tiny", 2_000, (), 0)
-
-
-def run_gpu_tests(data: str) -> dict:
-    env = {**os.environ, "CIFARCAM_DATA": str(Path(data).resolve().parent)}  # the tests' data: the same folder
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    try:
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=GPU_TESTS_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"GPU tests: timed out after {GPU_TESTS_TIMEOUT_S} s")
-        return {"returncode": 124, "summary": f"timed out after {GPU_TESTS_TIMEOUT_S} s"}
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
-    print(f"GPU tests: {summary}")
-    if proc.returncode:
-        print(proc.stdout[-6000:])
-    return {"returncode": proc.returncode, "summary": summary}
-
-
-def training(sizes: Sizes, device: torch.device, images: np.ndarray, labels: np.ndarray, peak_tflops: float | None) -> list[dict]:
-    """fit()'s images/s and MFU for each batch size and compile setting."""
-    spec = ModelSpec(sizes.train_model, 10, "cifar", 32)
-    model = build_model(spec).to(device).to(memory_format=torch.channels_last)
-    flops = flops_per_image(model, device, bf16=True)
-    rows = []
-    for batch in sizes.train_batches:
-        for compiled in sizes.compile_options:
-            torch.manual_seed(0)
-            model = build_model(spec).to(device).to(memory_format=torch.channels_last)
-            cfg = TrainConfig(model=sizes.train_model, epochs=1, batch_size=batch, lr=1e-3, scheduler="none", bf16=True, compile=compiled)
-            rate = ours_images_per_s(model, cfg, images, labels, device, sizes.train_steps)
-            achieved = rate * flops / 1e12
-            precision = "bf16" if device.type == "cuda" else "fp32"  # fit() autocasts on CUDA only
-            rows.append(
-                {
-                    "model": sizes.train_model,
-                    "precision": precision,
-                    "batch": batch,
-                    "compile": compiled,
-                    "images_per_s": rate,
-                    "tflops": achieved,
-                    "mfu": achieved / peak_tflops if peak_tflops else None,
-                }
-            )
-            print(
-                f"train {sizes.train_model} batch {batch} compile={compiled}: {rate:.0f} images/s, {achieved:.1f} TFLOP/s"
-                + (f", MFU {100 * achieved / peak_tflops:.1f}%" if peak_tflops else "")
-            )
-            torch._dynamo.reset()
-    return rows
-
-
-def against_pil_baseline(sizes: Sizes, device: torch.device, images: np.ndarray, labels: np.ndarray) -> dict:
-    batch = sizes.train_batches[0]
-    cfg = TrainConfig(model=sizes.train_model, epochs=1, batch_size=batch, lr=1e-3, scheduler="none", bf16=True)
-    spec = ModelSpec(sizes.train_model, 10, "cifar", 32)
-    torch.manual_seed(0)
-    base = baseline_images_per_s(build_model(spec).to(device), cfg, images, labels, device, sizes.train_steps, sizes.baseline_workers)
-    torch.manual_seed(0)
-    ours = ours_images_per_s(build_model(spec).to(device).to(memory_format=torch.channels_last), cfg, images, labels, device, sizes.train_steps)
-    print(f"train vs DataLoader + PIL ({sizes.baseline_workers} workers), batch {batch}: {ours:.0f} / {base:.0f} images/s = {ours / base:.2f}x")
-    return {"batch": batch, "baseline_images_per_s": base, "ours_images_per_s": ours, "ratio": ours / base, "baseline_workers": sizes.baseline_workers}
-
-
-def cam(sizes: Sizes, device: torch.device, test) -> dict:
-    """The fast path against pytorch-grad-cam and the limit; the actor with faithfulness on/off."""
-    from cifarcam.cam_actor import CamActor, images_table
-    from cifarcam.cam_settings import CamSettings, resolve_layers
-    from cifarcam.checkpoint import save_checkpoint
-
-    spec = ModelSpec(sizes.cam_model, 10)
-    torch.manual_seed(0)
-    model = build_model(spec).to(device).eval()
-    pixels = torch.from_numpy(test.images[: sizes.cam_images]).to(device)
-    batches = [to_model_input(pixels[i : i + sizes.cam_batch]) for i in range(0, len(pixels), sizes.cam_batch)]
-    rates = cam_rates(model, "layer3", batches, sizes.cam_per_image, device)
-    subset = test.subset(np.arange(min(sizes.cam_images, len(test))))
-    actor_rates = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(save_checkpoint(Path(tmp), model, spec, {}))
-        layers = resolve_layers(spec, ("layer3",), spec.family)
-        for steps in (0, 16):  # off, and the default (16 steps on the default 128-image sample)
-            settings = CamSettings(methods=("gradcam",), layers=("layer3",), targets=("pred",), batch_size=sizes.cam_batch, faithfulness_steps=steps)
-            table = images_table(subset, faithfulness=settings.faithfulness)
-            actor = CamActor(ckpt, "check", settings, layers)
-            actor(table.slice(0, sizes.cam_batch))  # warm-up
-            seconds = timed(lambda actor=actor, table=table: [actor(table.slice(i, sizes.cam_batch)) for i in range(0, len(subset), sizes.cam_batch)], device)
-            actor_rates[f"actor_faithfulness_{steps}_steps"] = len(subset) / seconds
-    figures = {f"{k}_images_per_s": v for k, v in {**rates, **actor_rates}.items()}
-    figures |= {
-        "images": len(subset),
-        "vs_per_image": rates["ours"] / rates["a_per_image"],
-        "vs_batched": rates["ours"] / rates["b_batched"],
-        "limit_over_ours": rates["d_forward_activation_backward"] / rates["ours"],
-    }
-    for k, v in figures.items():
-        print(f"cam {k}: {v:.2f}" if isinstance(v, float) else f"cam {k}: {v}")
-    return figures
-
-
-def paper_epoch(sizes: Sizes, device: torch.device, images: np.ndarray, labels: np.ndarray) -> dict:
-    """One epoch of the paper's setting: the ImageNet stem at 32 px, batch 64, 45,000 images."""
-    cfg = TrainConfig(model=sizes.paper_model, stem="imagenet", epochs=1, batch_size=64, lr=1e-3, scheduler="none", bf16=True)
-    n = min(sizes.paper_images, len(labels))
-    torch.manual_seed(0)
-    model = build_model(ModelSpec(sizes.paper_model, 100, "imagenet", 32)).to(device).to(memory_format=torch.channels_last)
-    loader = DeviceLoader(images[:n], labels[:n], 64, device=device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(loader))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    warm = DeviceLoader(images[:640], labels[:640], 64, device=device)
-    train_epoch(model, model, warm, optimizer, scheduler, cfg)  # cuDNN autotuning, allocator
-    seconds = timed(lambda: train_epoch(model, model, loader, optimizer, scheduler, cfg), device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    figures = {
-        "model": sizes.paper_model,
-        "images": n,
-        "epoch_s": seconds,
-        "images_per_s": len(loader) * 64 / seconds,
-        "peak_memory_gib": peak / 2**30 if peak else None,
-    }
-    if peak:
-        total = torch.cuda.get_device_properties(device).total_memory
-        figures["trials_that_fit_in_memory"] = int(0.9 * total // peak)
-    print(
-        f"paper epoch ({sizes.paper_model}, ImageNet stem, 32 px, batch 64, {n} images): {seconds:.1f} s" + (f", peak {peak / 2**30:.2f} GiB" if peak else "")
-    )
-    return figures
-
-
-def _packed_trial(rank: int, sizes: Sizes, images: np.ndarray, labels: np.ndarray, barrier, results) -> None:
-    """One of k trials sharing the GPU: warm up, wait for the others, then time the same steps."""
-    device = torch.device("cuda")
-    cfg = TrainConfig(model=sizes.paper_model, stem="imagenet", epochs=1, batch_size=64, lr=1e-3, scheduler="none", bf16=True)
-    torch.manual_seed(rank)
-    model = build_model(ModelSpec(sizes.paper_model, 100, "imagenet", 32)).to(device).to(memory_format=torch.channels_last)
-    loader = DeviceLoader(images, labels, 64, device=device, seed=rank)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, 2 * len(loader))
-    train_epoch(model, model, loader, optimizer, scheduler, cfg)
-    torch.cuda.synchronize()
-    barrier.wait(timeout=PACKING_TIMEOUT_S)
-    seconds = timed(lambda: train_epoch(model, model, loader, optimizer, scheduler, cfg), device)
-    results.put(len(loader) * 64 / seconds)
-
-
-def packing(sizes: Sizes, images: np.ndarray, labels: np.ndarray) -> list[dict]:
-    """Combined images/s of k paper-config trials on one GPU, as fractional GPUs would pack them.
-
-    Each child gets only the images it trains on (spawn pickles its arguments), runs as a daemon
-    and is stopped here whatever happens, so that a child that dies cannot hang the check."""
-    import queue
-
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    n = sizes.packing_steps * 64
-    rows = []
-    for k in sizes.packing:
-        barrier, results = context.Barrier(k), context.Queue()
-        procs = [context.Process(target=_packed_trial, args=(r, sizes, images[:n], labels[:n], barrier, results), daemon=True) for r in range(k)]
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
         try:
-            for proc in procs:
-                proc.start()
-            rates = [results.get(timeout=PACKING_TIMEOUT_S) for _ in procs]
-        except queue.Empty:
-            codes = [proc.exitcode for proc in procs]
-            print(f"packing: {k} trials did not finish within {PACKING_TIMEOUT_S} s (exit codes {codes}); stopping here")
-            rows.append({"trials": k, "combined_images_per_s": None, "per_trial_images_per_s": None, "failed": f"exit codes {codes}"})
-            break
-        finally:
-            for proc in procs:
-                if proc.is_alive():
-                    proc.terminate()
-                proc.join()
-        rows.append({"trials": k, "combined_images_per_s": sum(rates), "per_trial_images_per_s": sum(rates) / k})
-        print(f"packing: {k} trial(s) on one GPU: {sum(rates):.0f} images/s combined, {sum(rates) / k:.0f} each")
-    base = rows[0]["combined_images_per_s"] if rows else None
-    for row in rows:
-        row["speedup_over_one"] = row["combined_images_per_s"] / base if base and row["combined_images_per_s"] else None
-    return rows
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            members.append(int(entry.name))
+    return members
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every process left in session ``sid``; how many there were."""
+    members = _session_members(sid)
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(members)
+
+
+def run_child(command: list[str], timeout: float, env: dict) -> tuple[str, int | None]:
+    """Run ``command`` in a session of its own; then kill whatever it left there."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+        status = "ok" if proc.returncode == 0 else "crashed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        status = "timed out"
+    left = kill_session(proc.pid)
+    proc.wait()
+    if left:
+        print(f"  killed {left} process(es) the section left behind")
+    return status, proc.returncode
+
+
+def gpu_tests(timeout: float, env: dict, data: Path, scratch: Path) -> dict:
+    junit = scratch / "gpu_tests.xml"
+    test_env = {**env, "CIFARCAM_DATA": str(data.parent)}
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", "--junitxml", str(junit), "tests/test_gpu.py"]
+    status, code = run_child(command, timeout, test_env)
+    if not junit.exists():
+        return {"status": status, "returncode": code, "failed_checks": [f"GPU tests: {status}, no report"]}
+    cases = ElementTree.parse(junit).getroot().iter("testcase")
+    outcomes = {}
+    for case in cases:
+        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+        outcomes[f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}"] = outcome
+    failed = [name for name, outcome in outcomes.items() if outcome in ("failure", "error")]
+    status = "ok" if status == "ok" else ("failed" if status == "crashed" else status)
+    counts = {k: list(outcomes.values()).count(k) for k in ("passed", "failure", "error", "skipped")}
+    print(f"GPU tests: {counts}")
+    return {
+        "status": status,
+        "returncode": code,
+        "figures": {"counts": counts, "outcomes": outcomes},
+        "failed_checks": [f"GPU test failed: {name}" for name in failed] or ([f"GPU tests: {status}"] if status != "ok" else []),
+    }
+
+
+def section(name: str, timeout: float, env: dict, data: Path, scratch: Path) -> dict:
+    fragment = scratch / f"{name}.json"
+    status, code = run_child([sys.executable, "benchmarks/gpu_sections.py", name, "--data", str(data), "--fragment", str(fragment)], timeout, env)
+    if status != "ok" or not fragment.exists():
+        return {"status": status, "returncode": code, "failed_checks": [f"{name}: {status} (exit status {code})"]}
+    return {"status": "ok", **json.loads(fragment.read_text())}
+
+
+def run_part(part: str, mode: str, env: dict, data: Path, out: Path) -> bool:
+    figures: dict = {"part": part, "mode": mode, "sections": {}}
+    started = time.monotonic()
+    deadline = started + PART_BUDGET_S[mode]
+    scale = CPU_TIMEOUT_SCALE if mode == "cpu" else 1
+    print(f"== part {part} ({mode} mode): budget {PART_BUDGET_S[mode]} s", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in PARTS[part]:
+            timeout = min(SECTION_TIMEOUT_S[name] * scale, deadline - time.monotonic())
+            began = time.monotonic()
+            print(f"-- {name} (at most {timeout:.0f} s)", flush=True)
+            if timeout < 5:
+                result = {"status": "skipped", "failed_checks": [f"{name}: no time left in the part's {PART_BUDGET_S[mode]} s"]}
+            elif name == "gpu_tests":
+                result = gpu_tests(timeout, env, data, Path(scratch))
+            else:
+                result = section(name, timeout, env, data, Path(scratch))
+            result["seconds"] = time.monotonic() - began
+            print(f"-- {name}: {result['status']} in {result['seconds']:.0f} s", flush=True)
+            figures["sections"][name] = result
+            figures["seconds"] = time.monotonic() - started
+            figures["goals"] = goals(figures["sections"])
+            (out / f"{part}.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+            (out / f"{part}.md").write_text(markdown(figures))
+    failed = [check for result in figures["sections"].values() for check in result.get("failed_checks", [])]
+    print((out / f"{part}.md").read_text())
+    for check in failed:
+        print(f"FAILED: {check}")
+    print(f"part {part}: {'failed' if failed else 'passed'} in {figures['seconds']:.0f} s; wrote {out / f'{part}.json'} and {out / f'{part}.md'}")
+    return not failed
+
+
+def _figures(sections: dict, name: str) -> dict | None:
+    return sections.get(name, {}).get("figures")
+
+
+def goals(sections: dict) -> dict:
+    training, baseline, cam, stage = (_figures(sections, n) for n in ("training", "baseline", "cam", "stage"))
+    return {
+        "mfu": max((r["mfu"] for r in training["runs"] if r["mfu"] is not None and r["batch"] >= 256), default=None) if training else None,
+        "train_vs_pil": baseline["ratio"] if baseline else None,
+        "cam_vs_per_image": cam["vs_per_image"] if cam else None,
+        "cam_vs_batched": cam["vs_batched"] if cam else None,
+        "stage_over_loop": stage["stage_over_loop"] if stage else None,
+    }
 
 
 def markdown(figures: dict) -> str:
-    env = figures["environment"]
-    lines = [f"GPU check on {env['device_name']} ({env['mode']} mode), torch {env['torch']}, {env['date']}.", ""]
-    if figures.get("gpu_tests"):
-        lines += [f"GPU tests: {figures['gpu_tests']['summary']}", ""]
-    lines += ["| training | batch | compile | images/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
-    for r in figures["training"]:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        lines.append(
-            f"| {r['model']} (CIFAR stem, {r['precision']}, channels_last) | {r['batch']} | {r['compile']} | {r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} |"
-        )
-    b = figures["baseline"]
-    c = figures["cam"]
-    s = figures["stage"]
-    p = figures["paper_epoch"]
-    lines += [
+    sections = figures["sections"]
+    env = _figures(sections, "environment") or {}
+    lines = [
+        f"GPU check, part {figures['part']}, on {env.get('device_name', '?')} ({figures['mode']} mode), torch {env.get('torch', '?')}, "
+        f"CUDA {env.get('cuda')}, Python {env.get('python', '?')}, {env.get('date', '?')}.",
         "",
-        "| measurement | figure |",
-        "|---|---|",
-        f"| training vs DataLoader + PIL ({b['baseline_workers']} workers, same precision), batch {b['batch']} | {b['ours_images_per_s']:.0f} / {b['baseline_images_per_s']:.0f} images/s = {b['ratio']:.2f}x |",
-        f"| CAM fast path, {c['images']} test images | {c['ours_images_per_s']:.0f} images/s |",
-        f"| vs per-image pytorch-grad-cam / batched / activation-only limit | {c['vs_per_image']:.1f}x / {c['vs_batched']:.2f}x / limit at {c['limit_over_ours']:.2f}x ours |",
-        f"| CAM actor, faithfulness off / on (16 steps, 128-image sample) | {c['actor_faithfulness_0_steps_images_per_s']:.0f} / {c['actor_faithfulness_16_steps_images_per_s']:.0f} images/s |",
-        f"| Ray Data stage / plain loop, {s['stage_images']} images | {s['stage_s']:.1f} s / {s['plain_loop_s']:.1f} s = {s['stage_over_loop']:.2f} |",
-        f"| paper-config epoch ({p['model']}, ImageNet stem, 32 px, batch 64, {p['images']} images) | {p['epoch_s']:.1f} s, {p['images_per_s']:.0f} images/s"
-        + (f", peak {p['peak_memory_gib']:.2f} GiB, {p['trials_that_fit_in_memory']} fit in memory" if p.get("peak_memory_gib") else "")
-        + " |",
+        "| section | status | seconds |",
+        "|---|---|---|",
     ]
-    for r in figures["packing"]:
+    lines += [f"| {name} | {result['status']} | {result['seconds']:.0f} |" for name, result in sections.items()]
+    tests = _figures(sections, "gpu_tests")
+    if tests:
+        lines += ["", "| GPU test | outcome |", "|---|---|"] + [f"| {name} | {outcome} |" for name, outcome in tests["outcomes"].items()]
+    training = _figures(sections, "training")
+    if training:
+        lines += ["", "| training | batch | compile | images/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+        for r in training["runs"]:
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            lines.append(
+                f"| {r['model']} (CIFAR stem, {r['precision']}, channels_last) | {r['batch']} | {r['compile']} | {r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} |"
+            )
+    rows = _measurement_rows(sections)
+    if rows:
+        lines += ["", "| measurement | figure |", "|---|---|", *rows]
+    if figures["part"] == "measure":
+        lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+        for key, (text, target) in GOALS.items():
+            value = figures["goals"].get(key)
+            if value is None or figures["mode"] == "cpu":
+                met = "n/a"
+            else:
+                met = "yes" if (value <= target if key == "stage_over_loop" else value >= target) else "no"
+            shown = "n/a" if value is None else (f"{100 * value:.1f}%" if key == "mfu" else f"{value:.2f}")
+            target_shown = f"{100 * target:.0f}%" if key == "mfu" else f"{target:g}"
+            lines.append(f"| {text} | {target_shown} | {shown} | {met} |")
+    if figures["mode"] == "cpu":
+        lines += ["", "CPU mode: small sizes on the CPU, to prove the check and its kit; the goals are for a GPU and are not judged here."]
+    return "\n".join(lines) + "\n"
+
+
+def _measurement_rows(sections: dict) -> list[str]:
+    rows = []
+    b, c, s, p, k = (_figures(sections, n) for n in ("baseline", "cam", "stage", "paper_epoch", "packing"))
+    if b:
+        rows.append(
+            f"| training vs DataLoader + PIL ({b['baseline_workers']} workers, same precision), batch {b['batch']} | "
+            f"{b['ours_images_per_s']:.0f} / {b['baseline_images_per_s']:.0f} images/s = {b['ratio']:.2f}x |"
+        )
+    if c:
+        rows += [
+            f"| CAM fast path, {c['images']} test images | {c['ours_images_per_s']:.0f} images/s |",
+            f"| vs per-image pytorch-grad-cam / batched / activation-only limit | {c['vs_per_image']:.1f}x / {c['vs_batched']:.2f}x / limit at {c['limit_over_ours']:.2f}x ours |",
+            f"| CAM actor, faithfulness off / on (16 steps, 128-image sample) | {c['actor_faithfulness_0_steps_images_per_s']:.0f} / {c['actor_faithfulness_16_steps_images_per_s']:.0f} images/s |",
+        ]
+    if s:
+        rows.append(
+            f"| Ray Data stage / plain loop, {s['stage_images']} images ({s['rows_written']} rows) | {s['stage_s']:.1f} s / {s['plain_loop_s']:.1f} s = "
+            f"{s['stage_over_loop']:.2f}; {s['stage_over_loop_without_fixed']:.2f} without its fixed {s['stage_fixed_s']:.1f} s (the stage on one batch) |"
+        )
+    if p:
+        held = (
+            f", {p['process_footprint_gib']:.2f} GiB held on the GPU, {p['trials_that_fit_in_memory']} fit in memory" if p.get("process_footprint_gib") else ""
+        )
+        rows.append(
+            f"| paper-config epoch ({p['model']}, ImageNet stem, 32 px, batch 64, {p['images']} images) | {p['epoch_s']:.1f} s, {p['images_per_s']:.0f} images/s{held} |"
+        )
+    for r in (k or {}).get("rows", []):
         shown = (
             f"{r['combined_images_per_s']:.0f} images/s combined ({r['speedup_over_one']:.2f}x one)"
             if r["combined_images_per_s"]
             else f"failed ({r['failed']})"
         )
-        lines.append(f"| {r['trials']} paper trial(s) sharing the GPU | {shown} |")
-    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
-    for key, (text, target) in GOALS.items():
-        value = figures["goals"].get(key)
-        if value is None or env["mode"] == "cpu":
-            met = "n/a"
-        else:
-            met = "yes" if (value <= target if key == "stage_over_loop" else value >= target) else "no"
-        shown = "n/a" if value is None else (f"{100 * value:.1f}%" if key == "mfu" else f"{value:.2f}")
-        lines.append(f"| {text} | {100 * target:.0f}% |" if key == "mfu" else f"| {text} | {target:g} |")
-        lines[-1] += f" {shown} | {met} |"
-    if env["mode"] == "cpu":
-        lines += ["", "CPU mode: small sizes on the CPU, to keep the script working; the goals are for a GPU and are not judged here."]
-    return "\n".join(lines) + "\n"
+        rows.append(f"| {r['trials']} paper trial(s) sharing the GPU | {shown} |")
+    return rows
+
+
+def _has_gpu() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-check", help="folder for gpu_check.json and gpu_check.md")
-    p.add_argument("--cpu", action="store_true", help="the small CPU mode even where CUDA exists")
-    p.add_argument("--skip-tests", action="store_true", help="measure only (the GPU tests already passed)")
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg"), help="CIFAR-10 Parquet folder")
+    p.add_argument("--part", choices=("tests", "measure", "all"), default="all")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-check", help="folder for <part>.json and <part>.md")
+    p.add_argument("--cpu", action="store_true", help="the small CPU mode even where CUDA exists (the rehearsal)")
+    p.add_argument("--kit", type=Path, help="install this device kit's wheels offline first, and read its data")
+    p.add_argument("--data", type=Path, help="CIFAR-10 Parquet folder (default: the kit's, else ../shared/data/cifar10-jpeg)")
     args = p.parse_args()
-    if args.cpu:  # hide the GPUs from this process and the local Ray it starts (CAM actors included)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    sizes = GPU_SIZES if gpu else CPU_SIZES
-    torch.backends.cudnn.benchmark = True
-    started = time.perf_counter()
-
-    name = torch.cuda.get_device_name() if gpu else platform.processor() or "CPU"
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if gpu else None
-    figures: dict = {
-        "environment": {
-            "mode": "gpu" if gpu else "cpu",
-            "device_name": name,
-            "peak_bf16_tflops": peak,
-            "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-        },
-        "sizes": dataclasses.asdict(sizes),
-    }
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    if args.cpu:  # hide the GPUs from every section, the local Ray it starts included
+        env |= {"CUDA_VISIBLE_DEVICES": "", "CIFARCAM_CHECK_DEVICE": "cpu"}
+    mode = "cpu" if args.cpu or not _has_gpu() else "gpu"
+    if args.kit:
+        site = Path(tempfile.mkdtemp(prefix="cifarcam-kit-"))
+        began = time.monotonic()
+        install(args.kit, site)
+        print(f"kit: installed {args.kit}'s wheels offline (pip --no-index) into {site} in {time.monotonic() - began:.0f} s", flush=True)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), env.get("PYTHONPATH")]))
+        env["PATH"] = os.pathsep.join([str(site / "bin"), env["PATH"]])  # the `ray` command, for the tests that call it
+    data = args.data or (args.kit / "data" / "cifar10-jpeg" if args.kit else ROOT.parent / "shared" / "data" / "cifar10-jpeg")
     args.out.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:  # after every section: a check cut short still leaves what it measured
-        figures["seconds"] = time.perf_counter() - started
-        (args.out / "gpu_check.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
-
-    figures["gpu_tests"] = run_gpu_tests(args.data) if gpu and not args.skip_tests else None
-    save()
-    splits = load_splits(DataConfig(source="parquet", path=args.data, val_fraction=0.02))  # 49,000 training images
-    images, labels = splits.train.images, splits.train.labels
-    figures["training"] = training(sizes, device, images, labels, peak)
-    save()
-    figures["baseline"] = against_pil_baseline(sizes, device, images, labels)
-    save()
-    figures["cam"] = cam(sizes, device, splits.test)
-    save()
-    spec = ModelSpec(sizes.cam_model, 10)
-    torch.manual_seed(0)
-    figures["stage"] = stage_vs_loop(splits.test, spec, build_model(spec).to(device).eval(), "layer3", sizes.cam_batch, sizes.stage_images)
-    save()
-    figures["paper_epoch"] = paper_epoch(sizes, device, images, labels)
-    save()
-    figures["packing"] = packing(sizes, images, labels) if gpu else []
-    best_mfu = max((r["mfu"] for r in figures["training"] if r["mfu"] is not None and r["batch"] >= 256), default=None)
-    figures["goals"] = {
-        "mfu": best_mfu,
-        "train_vs_pil": figures["baseline"]["ratio"],
-        "cam_vs_per_image": figures["cam"]["vs_per_image"],
-        "cam_vs_batched": figures["cam"]["vs_batched"],
-        "stage_over_loop": figures["stage"]["stage_over_loop"],
-    }
-    save()
-    (args.out / "gpu_check.md").write_text(markdown(figures))
-    print(markdown(figures))
-    print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'} in {figures['seconds']:.0f} s")
-    if figures["gpu_tests"] and figures["gpu_tests"]["returncode"]:
-        sys.exit(1)
+    parts = ("tests", "measure") if args.part == "all" else (args.part,)
+    passed = [run_part(part, mode, env, data.resolve(), args.out) for part in parts]
+    sys.exit(0 if all(passed) else 1)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,10 @@ def blurred(x: Tensor, sigma: float) -> Tensor:
 
 def seeded_noise(image_index: np.ndarray, seed: int, size: int) -> Tensor:
     """(N, size, size) uniform noise, a function of each image's index and the seed alone: the same
-    whichever actor, block order or device draws it (a CPU generator per image)."""
+    whichever actor, block order or device draws it (a CPU generator per image). A batch may hold
+    none of the sampled images: then (0, size, size)."""
+    if len(image_index) == 0:
+        return torch.empty(0, size, size)
     return torch.stack([torch.rand(size, size, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in image_index])
 
 

@@ -49,7 +49,18 @@ def run_job(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     full_env.pop("RAY_ADDRESS", None)  # a local Ray per job unless the test names a cluster
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # A session of its own: a job that overruns is killed with everything it started (its local
+    # Ray's processes included), so that nothing it left holds CPUs or a GPU for the next test.
+    with subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise subprocess.TimeoutExpired(proc.args, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 SMALL_SEARCH = """

@@ -100,6 +100,28 @@ def test_low_resolution_layers_warn_and_are_flagged(tmp_path, test_set):
     assert all(r["degenerate"] for r in rows if r["layer"] == "layer4")  # a 1x1 map says nothing about where
 
 
+def test_a_batch_without_a_sampled_image_has_null_aucs_and_the_same_schema(checkpoint, test_set):
+    """On the full test set about one CAM batch in five holds no image of the faithfulness sample
+    (128 of 10,000 at batch 128): such a batch, a batch of one image and the sampled batch must
+    give the same columns, with null AUCs where nothing was sampled."""
+    folder, spec = checkpoint
+    layers = cam_layers(build_model(spec), spec)
+    settings = CamSettings(methods=("gradcam",), targets=("pred", "label"), faithfulness_steps=2, faithfulness_images=3)
+    table = images_table(test_set, faithfulness=settings.faithfulness)
+    sampled = np.flatnonzero(table["faithfulness"].to_numpy(zero_copy_only=False))
+    unsampled = np.setdiff1d(np.arange(len(test_set)), sampled)
+    actor = CamActor(str(folder), "run", settings, layers)
+    with_sample = actor(table.take(np.concatenate([sampled, unsampled[:2]])))
+    without = actor(table.take(unsampled[:4]))
+    one_image = actor(table.take(unsampled[:1]))
+    assert without.schema == with_sample.schema == one_image.schema
+    assert without.num_rows == 4 * len(layers) * 2 and one_image.num_rows == len(layers) * 2
+    aucs = [c for c in without.column_names if "_auc" in c]
+    assert len(aucs) == 8 and all(without[c].null_count == without.num_rows for c in aucs)
+    assert not any(without["faithfulness_sample"].to_pylist())
+    assert with_sample["deletion_auc_random"].null_count < with_sample.num_rows
+
+
 def test_a_constant_map_has_no_statistics(tmp_path, test_set):
     """The final layer of the paper's ImageNet stem at 32 px is 1x1: its map is constant. Its peak,
     entropy, concentration, object overlap and faithfulness are null, not "all mass on pixel (0, 0)"."""
