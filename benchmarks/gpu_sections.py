@@ -58,7 +58,7 @@ class Sizes:
     packing_steps: int
 
 
-GPU_SIZES = Sizes("resnet50", ((256, False), (512, False), (512, True)), 40, 12, "resnet50", 10_000, 256, 256, 10_000, "resnet50", 45_000, (1, 4, 8), 100)
+GPU_SIZES = Sizes("resnet50", ((256, False), (512, False), (512, True)), 40, 12, "resnet50", 10_000, 256, 256, 10_000, "resnet50", 45_000, (1, 4, 8), 60)
 CPU_SIZES = Sizes("resnet_tiny", ((64, False),), 8, 2, "resnet_tiny", 256, 16, 128, 512, "resnet_tiny", 2_000, (), 0)
 
 
@@ -70,12 +70,18 @@ def repeated(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray
 
 
 class Context:
-    def __init__(self, data: str) -> None:
+    def __init__(self, data: str, fragment: Path) -> None:
         self.gpu = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.gpu else "cpu")
         self.sizes = GPU_SIZES if self.gpu else CPU_SIZES
         self.data = data
-        torch.backends.cudnn.benchmark = True  # as the paper epoch and fit() run
+        self.fragment = fragment
+        # cuDNN's autotuning stays at PyTorch's default (off) in every section: the search's
+        # trials and the CAM actors run so, and what is measured is what they do.
+
+    def partial(self, figures: dict) -> None:
+        """What the section has so far, for the check to keep if the section is then killed."""
+        self.fragment.write_text(json.dumps({"figures": figures, "failed_checks": [], "partial": True}, default=str))
 
     def splits(self):
         return load_splits(DataConfig(source="parquet", path=self.data, val_fraction=0.02))
@@ -113,7 +119,15 @@ def training(ctx: Context) -> dict:
         torch.manual_seed(0)
         model = build_model(spec).to(device).to(memory_format=torch.channels_last)
         cfg = TrainConfig(model=sizes.train_model, epochs=1, batch_size=batch, lr=1e-3, scheduler="none", bf16=True, compile=compiled)
-        rate = ours_images_per_s(model, cfg, images, labels, device, sizes.train_steps)
+        try:
+            rate = ours_images_per_s(model, cfg, images, labels, device, sizes.train_steps)
+        except Exception as err:  # torch.compile on a new machine: keep the eager rows, say why
+            print(f"train {sizes.train_model} batch {batch} compile={compiled}: failed: {type(err).__name__}: {err}")
+            rows.append({"model": sizes.train_model, "batch": batch, "compile": compiled, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            ctx.partial({"runs": rows})
+            continue
+        finally:
+            torch._dynamo.reset()
         achieved = rate * flops / 1e12
         precision = "bf16" if ctx.gpu else "fp32"  # fit() autocasts on CUDA only
         rows.append(
@@ -131,7 +145,7 @@ def training(ctx: Context) -> dict:
             f"train {sizes.train_model} batch {batch} compile={compiled}: {rate:.0f} images/s, {achieved:.1f} TFLOP/s"
             + (f", MFU {100 * achieved / peak:.1f}%" if peak else "")
         )
-        torch._dynamo.reset()
+        ctx.partial({"runs": rows})
     return {"runs": rows}
 
 
@@ -237,8 +251,9 @@ def paper_epoch(ctx: Context) -> dict:
 
 
 def _packed_trial(rank: int, sizes: Sizes, images: np.ndarray, labels: np.ndarray, barrier, results) -> None:
-    """One of k trials sharing the GPU: warm up, wait for the others, then time the same steps."""
-    torch.backends.cudnn.benchmark = True  # a spawned process starts with the default: set it as fit() runs
+    """One of k trials sharing the GPU: warm up, wait for the others, then time the same steps.
+    Reports (start, end, images) on the machine's clock, so that the combined rate is taken over
+    the window from the first start to the last end: a trial that ends early frees the GPU."""
     device = torch.device("cuda")
     cfg = TrainConfig(model=sizes.paper_model, stem="imagenet", epochs=1, batch_size=64, lr=1e-3, scheduler="none", bf16=True)
     torch.manual_seed(rank)
@@ -249,8 +264,10 @@ def _packed_trial(rank: int, sizes: Sizes, images: np.ndarray, labels: np.ndarra
     train_epoch(model, model, loader, optimizer, scheduler, cfg)
     torch.cuda.synchronize()
     barrier.wait(timeout=PACKING_TIMEOUT_S)
-    seconds = timed(lambda: train_epoch(model, model, loader, optimizer, scheduler, cfg), device)
-    results.put(len(loader) * 64 / seconds)
+    start = time.time()
+    train_epoch(model, model, loader, optimizer, scheduler, cfg)
+    torch.cuda.synchronize()
+    results.put((start, time.time(), len(loader) * 64))
 
 
 def packing(ctx: Context) -> dict:
@@ -273,7 +290,7 @@ def packing(ctx: Context) -> dict:
         try:
             for proc in procs:
                 proc.start()
-            rates = [results.get(timeout=PACKING_TIMEOUT_S) for _ in procs]
+            spans = [results.get(timeout=PACKING_TIMEOUT_S) for _ in procs]
         except queue.Empty:
             codes = [proc.exitcode for proc in procs]
             print(f"packing: {k} trials did not finish within {PACKING_TIMEOUT_S} s (exit codes {codes}); stopping here")
@@ -284,8 +301,10 @@ def packing(ctx: Context) -> dict:
                 if proc.is_alive():
                     proc.terminate()
                 proc.join()
-        rows.append({"trials": k, "combined_images_per_s": sum(rates), "per_trial_images_per_s": sum(rates) / k})
-        print(f"packing: {k} trial(s) on one GPU: {sum(rates):.0f} images/s combined, {sum(rates) / k:.0f} each")
+        combined = sum(n for _, _, n in spans) / (max(end for _, end, _ in spans) - min(start for start, _, _ in spans))
+        rows.append({"trials": k, "combined_images_per_s": combined, "per_trial_images_per_s": combined / k})
+        print(f"packing: {k} trial(s) on one GPU: {combined:.0f} images/s combined, {combined / k:.0f} each")
+        ctx.partial({"rows": rows})
     base = rows[0]["combined_images_per_s"] if rows else None
     for row in rows:
         row["speedup_over_one"] = row["combined_images_per_s"] / base if base and row["combined_images_per_s"] else None
@@ -310,7 +329,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="CIFAR-10 Parquet folder")
     p.add_argument("--fragment", type=Path, required=True, help="where to write this section's JSON")
     args = p.parse_args()
-    figures = SECTIONS[args.section](Context(args.data))
+    figures = SECTIONS[args.section](Context(args.data, args.fragment))
     args.fragment.write_text(json.dumps({"figures": figures, "failed_checks": failed_checks(args.section, figures)}, default=str))
 
 

@@ -41,7 +41,8 @@ class EpochMetrics:
 
 
 def _sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    # one rank (a single-GPU trial) has nothing to sum: no collective, whatever the backend
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
     return values
