@@ -52,8 +52,10 @@ PARTS = {
 }
 # A part's budget: the 6 minutes on the GPU with margin (the kit's install and the
 # machine's start are outside it); the rehearsal's CPU sizes on 2 cores need longer.
-PART_BUDGET_S = {"gpu": 320, "cpu": 900}
-SECTION_TIMEOUT_S = {"environment": 60, "gpu_tests": 300, "training": 110, "cam": 60, "stage": 75, "paper_epoch": 45, "packing": 75, "baseline": 40}
+PART_BUDGET_S = {"gpu": 335, "cpu": 900}
+# Measured on one H200 (README): gpu_tests 257 s with its pipeline cut off at 200 s, training 74,
+# baseline 17, cam 34, stage 63, paper_epoch 31; packing ran out of its 75 s before 8 trials.
+SECTION_TIMEOUT_S = {"environment": 60, "gpu_tests": 320, "training": 110, "cam": 60, "stage": 75, "paper_epoch": 45, "packing": 90, "baseline": 40}
 CPU_TIMEOUT_SCALE = 4
 GOALS = {
     "mfu": ("MFU of the bf16 resnet50 training step at batch >= 256", 0.35),
@@ -134,7 +136,7 @@ def gpu_tests(timeout: float, env: dict, data: Path, scratch: Path) -> dict:
     test_env = {**env, "CIFARCAM_DATA": str(data.parent)}
     # Each test's own limit (pytest-timeout) stays inside the section's, so that a slow test fails
     # alone and pytest still writes its report; test_gpu.py sizes its pipeline's limit likewise.
-    per_test = int(max(timeout - 60, 30))
+    per_test = int(max(timeout - 40, 30))
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", "-o", f"timeout={per_test}"]
     command += ["--junitxml", str(junit), "tests/test_gpu.py"]
     status, code = run_child(command, timeout, test_env)
@@ -290,8 +292,8 @@ def _measurement_rows(sections: dict) -> list[str]:
     for r in (k or {}).get("rows", []):
         shown = (
             f"{r['combined_images_per_s']:.0f} images/s combined ({r['speedup_over_one']:.2f}x one)"
-            if r["combined_images_per_s"]
-            else f"failed ({r['failed']})"
+            if r.get("combined_images_per_s")
+            else f"failed ({r.get('failed')})"
         )
         rows.append(f"| {r['trials']} paper trial(s) sharing the GPU | {shown} |")
     return rows
