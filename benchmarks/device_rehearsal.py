@@ -66,7 +66,8 @@ def _cuda_build_extras() -> set[str]:
 
 
 def link_preinstalled(site: Path) -> list[str]:
-    """Hard-link, file by file, each device package that this Python has into ``site``."""
+    """Link, file by file, each device package that this Python has into ``site`` (hard links:
+    no copy of torch's gigabytes, and each file's path stays inside ``site``)."""
     wanted = {_normal(n) for n in DEVICE_PACKAGES} | {n for n in _cuda_build_extras() if n.startswith(("nvidia-", "triton", "cuda-"))}
     linked = []
     for dist in metadata.distributions():
@@ -80,7 +81,10 @@ def link_preinstalled(site: Path) -> list[str]:
             target = site / file
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
-                os.link(source, target)
+                try:
+                    os.link(source, target)
+                except OSError:  # another filesystem than .venv's: a symbolic link does as well
+                    target.symlink_to(source)
         linked.append(name)
     return sorted(linked)
 
