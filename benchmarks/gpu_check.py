@@ -66,23 +66,24 @@ GOALS = {
 }
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, session id), from /proc."""
+def live_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process but this one and zombies, from /proc."""
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
+                state, ppid, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]  # after "pid (comm)"
+            except (OSError, ValueError):
                 continue  # gone meanwhile
-            table[int(entry.name)] = (int(fields[1]), int(fields[3]))  # after "pid (comm)": state, ppid, pgrp, session
+            if state != "Z":
+                table[int(entry.name)] = (int(ppid), int(session))
     return table
 
 
 def sessions_under(pid: int) -> set[int]:
     """The sessions of ``pid`` and of every process below it: a test that starts a job in a
     session of its own (tests/helpers.run_job) puts that job, and its Ray, there."""
-    table, found, frontier = _processes(), {pid}, [pid]
+    table, found, frontier = live_processes(), {pid}, [pid]
     while frontier:
         parent = frontier.pop()
         children = [p for p, (ppid, _) in table.items() if ppid == parent and p not in found]
@@ -94,23 +95,16 @@ def sessions_under(pid: int) -> set[int]:
 def kill_sessions(sessions: set[int], wait_s: float = 10) -> int:
     """SIGKILL every process in ``sessions`` and wait until they are gone (their GPU memory with
     them); how many there were."""
-    members = [p for p, (_, sid) in _processes().items() if sid in sessions]
+    members = {p for p, (_, sid) in live_processes().items() if sid in sessions}
     for pid in members:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in members):
+    while time.monotonic() < deadline and members & live_processes().keys():
         time.sleep(0.1)
     return len(members)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
 
 
 def run_child(command: list[str], timeout: float, env: dict) -> tuple[str, int | None]:
