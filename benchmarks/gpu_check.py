@@ -312,17 +312,18 @@ def main() -> None:
     if args.cpu:  # hide the GPUs from every section, the local Ray it starts included
         env |= {"CUDA_VISIBLE_DEVICES": "", "CIFARCAM_CHECK_DEVICE": "cpu"}
     mode = "cpu" if args.cpu or not _has_gpu() else "gpu"
-    if args.kit:
-        site = Path(tempfile.mkdtemp(prefix="cifarcam-kit-"))
-        began = time.monotonic()
-        install(args.kit, site)
-        print(f"kit: installed {args.kit}'s wheels offline (pip --no-index) into {site} in {time.monotonic() - began:.0f} s", flush=True)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), env.get("PYTHONPATH")]))
-        env["PATH"] = os.pathsep.join([str(site / "bin"), env["PATH"]])  # the `ray` command, for the tests that call it
-    data = args.data or (args.kit / "data" / "cifar10-jpeg" if args.kit else ROOT.parent / "shared" / "data" / "cifar10-jpeg")
-    args.out.mkdir(parents=True, exist_ok=True)
-    parts = ("tests", "measure") if args.part == "all" else (args.part,)
-    passed = [run_part(part, mode, env, data.resolve(), args.out) for part in parts]
+    with tempfile.TemporaryDirectory(prefix="cifarcam-kit-") as scratch:  # 200 MB installed: gone when the check ends
+        if args.kit:
+            site = Path(scratch)
+            began = time.monotonic()
+            install(args.kit, site)
+            print(f"kit: installed {args.kit}'s wheels offline (pip --no-index) into {site} in {time.monotonic() - began:.0f} s", flush=True)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), str(ROOT), env.get("PYTHONPATH")]))
+            env["PATH"] = os.pathsep.join([str(site / "bin"), env["PATH"]])  # the `ray` command, for the tests that call it
+        data = args.data or (args.kit / "data" / "cifar10-jpeg" if args.kit else ROOT.parent / "shared" / "data" / "cifar10-jpeg")
+        args.out.mkdir(parents=True, exist_ok=True)
+        parts = ("tests", "measure") if args.part == "all" else (args.part,)
+        passed = [run_part(part, mode, env, data.resolve(), args.out) for part in parts]
     sys.exit(0 if all(passed) else 1)
 
 

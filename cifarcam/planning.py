@@ -25,25 +25,43 @@ class TrialResources:
     cpus_per_worker: float
     gpus_per_worker: float
     max_concurrent_trials: int
+    note: str | None = None  # why ``workers`` is not scaling.workers_per_trial, for the terminal
 
 
 def plan_resources(cfg: ExperimentConfig, cluster: dict[str, float]) -> TrialResources:
-    """How many trials fit the cluster at once; fail fast when even one does not."""
+    """How many trials fit the cluster at once; fail fast when even one does not.
+
+    The one-GPU rule: when ``scaling.use_gpu`` is unset (use GPUs if there are any) and the cluster
+    has GPUs, but fewer than one trial's workers need, a trial runs as many workers as the GPUs
+    hold, each still on whole GPUs, and ``note`` says so. So a config written for two GPUs (the
+    demo) runs unchanged on a one-GPU workstation, never as two NCCL ranks on one GPU. Each worker
+    keeps its ``batch_size``: the global batch shrinks with the workers, as in any DDP job that runs
+    on fewer devices. ``use_gpu: true`` insists on the configured workers (and fails fast here)."""
     sc = cfg.scaling
     gpus = cluster.get("GPU", 0.0)
     use_gpu = gpus > 0 if sc.use_gpu is None else sc.use_gpu
-    cpu_need = sc.workers_per_trial * sc.cpus_per_worker
+    workers, note = sc.workers_per_trial, None
+    gpu_fit = math.floor(gpus / sc.gpus_per_worker + 1e-9)
+    if use_gpu and sc.use_gpu is None and 1 <= gpu_fit < workers:
+        note = (
+            f"scaling: the cluster has {gpus:g} GPU{'s' if gpus != 1 else ''}, fewer than a trial's {workers} workers x "
+            f"{sc.gpus_per_worker:g} GPU, so each trial runs {gpu_fit} DDP worker{'s' if gpu_fit != 1 else ''} "
+            f"instead (each keeps its batch_size, so the global batch is {gpu_fit}/{workers} of the configured one); "
+            f"set scaling.use_gpu: true to require {workers}"
+        )
+        workers = gpu_fit
+    cpu_need = workers * sc.cpus_per_worker
     fits = [math.floor(cluster.get("CPU", 0.0) / cpu_need + 1e-9)]
     if use_gpu:
-        fits.append(math.floor(gpus / (sc.workers_per_trial * sc.gpus_per_worker) + 1e-9))
+        fits.append(math.floor(gpus / (workers * sc.gpus_per_worker) + 1e-9))
     if min(fits) < 1:
         have = f"{cluster.get('CPU', 0):g} CPUs and {gpus:g} GPUs"
-        need = f"{cpu_need:g} CPUs" + (f" and {sc.workers_per_trial * sc.gpus_per_worker:g} GPUs" if use_gpu else "")
-        raise ConfigError(f"scaling: one trial needs {need} ({sc.workers_per_trial} workers) but the cluster has {have}")
+        need = f"{cpu_need:g} CPUs" + (f" and {workers * sc.gpus_per_worker:g} GPUs" if use_gpu else "")
+        raise ConfigError(f"scaling: one trial needs {need} ({workers} workers) but the cluster has {have}")
     concurrent = min(fits)
     if cfg.search.max_concurrent_trials:
         concurrent = min(concurrent, cfg.search.max_concurrent_trials)
-    return TrialResources(use_gpu, sc.workers_per_trial, sc.cpus_per_worker, sc.gpus_per_worker if use_gpu else 0.0, concurrent)
+    return TrialResources(use_gpu, workers, sc.cpus_per_worker, sc.gpus_per_worker if use_gpu else 0.0, concurrent, note)
 
 
 def count_trials(search: SearchConfig) -> int:
@@ -137,6 +155,8 @@ class SearchPlan:
             return out + [f"per trial: does not fit this cluster ({self.misfit})"]
         per_trial = f"{r.workers} worker(s) x ({r.cpus_per_worker:g} CPU" + (f" + {r.gpus_per_worker:g} GPU" if r.use_gpu else "") + ")"
         out.insert(-1, f"per trial: {per_trial}; {r.max_concurrent_trials} trial(s) at once")
+        if r.note:
+            out.insert(-1, r.note)
         if self.trial_hours is not None:
             unit = "GPU" if r.use_gpu else "CPU"
             held = r.workers * (r.gpus_per_worker if r.use_gpu else r.cpus_per_worker)

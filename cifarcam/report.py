@@ -104,7 +104,7 @@ class RunReport(ReportRun):
         sc = self.cfg.scaling
         per_worker = sc.gpus_per_worker if sc.use_gpu else sc.cpus_per_worker
         unit = "GPU-h" if sc.use_gpu else "CPU-h" if sc.use_gpu is False else "device-h"
-        frame = with_paper_columns(q.accuracy(self.con, sc.workers_per_trial * per_worker, unit), self.cfg.data.source)
+        frame = with_paper_columns(q.accuracy(self.con, per_worker, sc.workers_per_trial, unit), self.cfg.data.source)
         text = (
             f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if sc.use_gpu else 'CPUs'} per worker x training wall time."
         )

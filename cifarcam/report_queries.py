@@ -34,15 +34,18 @@ def explained_target(con: Con) -> str:
     return "pred" if "pred" in cam_targets(con) else "label"
 
 
-def accuracy(con: Con, device_hours_per_train_hour: float, unit: str) -> pd.DataFrame:
-    """Table 2: the best trial per model; ``unit`` (GPU-h, CPU-h, device-h) names the cost column."""
+def accuracy(con: Con, device_per_worker: float, configured_workers: int, unit: str) -> pd.DataFrame:
+    """Table 2: the best trial per model; ``unit`` (GPU-h, CPU-h, device-h) names the cost column:
+    training wall time x the workers the trial ran (epochs.workers: the one-GPU rule may have run
+    fewer than configured) x ``device_per_worker``."""
     return run_sql(
         con,
         f"""select model, variant, round(params / 1e6, 2) as params_m, test_top1, test_top5, test_superclass_top1,
                    epochs, optimizer, scheduler, round(train_time_s, 1) as train_time_s,
-                   round(train_time_s * ? / 3600, 4) as "{unit}", round(images_per_s) as images_per_s
-            from accuracy order by test_top1 desc""",
-        [device_hours_per_train_hour],
+                   round(train_time_s * coalesce(w.workers, ?) * ? / 3600, 4) as "{unit}", round(images_per_s) as images_per_s
+            from accuracy a left join (select trial_id, max(workers) as workers from epochs group by trial_id) w using (trial_id)
+            order by test_top1 desc""",
+        [configured_workers, device_per_worker],
     )
 
 

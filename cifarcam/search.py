@@ -66,6 +66,8 @@ def run_search(
     config_yaml = dump_config(cfg)
     check_resumable(cfg, out_dir, resume)
     res = plan_resources(cfg, ray.cluster_resources())
+    if res.note and console is not None:  # the one-GPU rule changed the trial's workers: say so before it runs
+        console.print(f"warning: {res.note}", style="yellow", highlight=False, markup=False)
     results.write_provenance(out_dir, config_yaml)
     job = ray.get_runtime_context().get_job_id()
     watch = PlacementWatch(worker_bundle(res.cpus_per_worker, res.gpus_per_worker), res.workers, cfg.scaling.start_timeout_s, cfg.train.model, job)

@@ -27,6 +27,9 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all of this machine's)")
     parser.add_argument(
+        "--num-gpus", type=int, default=None, help="GPUs for a local Ray (default: all of this machine's); with --dry-run, the GPUs to plan for"
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         default=verbose_from_env(),
@@ -75,7 +78,7 @@ def connect_ray(args: argparse.Namespace, run_dir: Path | None = None) -> None:
     if run_dir is not None and not getattr(args, "verbose", False):
         routing = RayLogRouting(job_log_folder(run_dir, Path(sys.argv[0]).stem or "job"))
         routing.route_driver_loggers()
-    _init(args.address, args.num_cpus)
+    _init(args.address, args.num_cpus, getattr(args, "num_gpus", None))
     if routing is not None:
         routing.route_driver_loggers()
         routing.route_worker_output()
@@ -95,7 +98,7 @@ def warn(text: str) -> None:
         console.print(f"warning: {text}", style="yellow", highlight=False, markup=False)
 
 
-def _init(address: str | None, num_cpus: int | None) -> None:
+def _init(address: str | None, num_cpus: int | None, num_gpus: int | None = None) -> None:
     import ray
 
     if address:
@@ -114,7 +117,7 @@ def _init(address: str | None, num_cpus: int | None) -> None:
     # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever; the
     # search's placement watch reads the placement groups there too.
     # address="local": always a new cluster, never one another job left running on this machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def run(main: Callable[[], int]) -> None:

@@ -42,7 +42,8 @@ def cluster_resources(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
     # The CPUs this process may use (cgroups and affinity included), as a local Ray would count them.
-    return {"CPU": float(args.num_cpus or len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
+    gpus = torch.cuda.device_count() if args.num_gpus is None else args.num_gpus
+    return {"CPU": float(args.num_cpus or len(os.sched_getaffinity(0))), "GPU": float(gpus)}
 
 
 def dry_run(args: argparse.Namespace) -> None:
