@@ -43,8 +43,8 @@ FORWARD_CHUNK = 512  # images per forward pass while scoring curves
 class FaithfulnessSettings:
     """How faithfulness is measured; stored in each CAM Parquet file's metadata."""
 
-    steps: int = 16  # fractions of pixels removed / revealed; 0 turns faithfulness off
-    images: int = 128  # a seeded sample of the test set (the predicted class only)
+    steps: int  # fractions of pixels removed / revealed; 0 turns faithfulness off (default: CamSettings')
+    images: int  # a seeded sample of the test set (the predicted class only)
     seed: int = 0
     blur_sigma: float = 2.0  # in 32-px image pixels (scaled with input_size): removed pixels take the blurred image's values
     centre_sigma: float = 0.25  # of the image side, for the centre-prior baseline

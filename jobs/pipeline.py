@@ -23,10 +23,11 @@ def main() -> int:
     if args.dry_run:  # the search is what a dry run can plan; the CAM stage follows it
         search.dry_run(args)
         return 0
+    from cifarcam.cam_run import check_layers
     from cifarcam.config import load_config
 
     settings = cam.settings_from(args)  # checked before the search spends any cluster time
-    cam.check_layers(load_config(args.config), settings)
+    check_layers(load_config(args.config), settings)
     summary = search.search(args)
     args.run, args.checkpoint = summary.out_dir, None
     cam.cam(args, settings)

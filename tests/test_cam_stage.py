@@ -182,3 +182,43 @@ def test_two_checkpoints_of_one_family_are_refused(tmp_path, checkpoint):
     models = [ModelToExplain("resnet_tiny", str(folder)), ModelToExplain("resnet_tiny", str(other))]
     with pytest.raises(ConfigError, match=r"^--checkpoint: two checkpoints of resnet_tiny; one run's cams/ holds one checkpoint per model family$"):
         plan(tmp_path / "run", models, CamSettings())
+
+
+def test_the_command_line_derives_every_cam_default_from_the_settings():
+    from jobs import cam, pipeline
+
+    for p in (cam.parser(), pipeline.parser()):
+        args = p.parse_args(["--run", "r"] if p.prog.endswith("cam") else ["--config", "c.yaml"])
+        assert cam.settings_from(args) == CamSettings()
+    args = cam.parser().parse_args(["--run", "r", "--methods", "gradcam,LayerCAM", "--cam-batch-size", "7", "--gpus-per-actor", "0.5"])
+    assert cam.settings_from(args) == CamSettings(methods=("gradcam", "layercam"), batch_size=7, gpus_per_actor=0.5)
+
+
+@pytest.mark.parametrize(
+    "cluster, options, expected",
+    [
+        ({"CPU": 16, "GPU": 2}, {}, (2, 1.0)),
+        ({"CPU": 16, "GPU": 2}, {"gpus_per_actor": 0.5}, (4, 0.5)),
+        ({"CPU": 16, "GPU": 2}, {"gpus_per_actor": 0}, (15, 0.0)),  # CPU actors on a GPU cluster (this divided by zero)
+        ({"CPU": 16, "GPU": 2}, {"actors": 3, "gpus_per_actor": 0}, (3, 0.0)),
+        ({"CPU": 2}, {}, (1, 0.0)),  # one CPU stays free for Ray Data's writer
+    ],
+)
+def test_actor_layout_fits_the_cluster(cluster, options, expected):
+    from cifarcam.cam_run import actor_layout
+
+    layout = actor_layout(cluster, CamSettings(**options))
+    assert (layout.actors, layout.gpus_per_actor) == expected
+
+
+def test_actor_options_out_of_range_are_named():
+    from cifarcam.cam_run import actor_layout
+
+    with pytest.raises(ConfigError, match=r"^--actors 2: at most 1 CPU actors fit this 2-CPU cluster"):
+        actor_layout({"CPU": 2}, CamSettings(actors=2))
+    with pytest.raises(ConfigError, match=r"^--actors 1: at most 0 CPU actors fit this 1-CPU cluster"):
+        actor_layout({"CPU": 1}, CamSettings())
+    with pytest.raises(ConfigError, match=r"^--gpus-per-actor: expected a share of one GPU from 0 \(CPU actors\) to 1, got -1$"):
+        CamSettings(gpus_per_actor=-1)
+    with pytest.raises(ConfigError, match=r"^--actors: must be > 0, got 0$"):
+        CamSettings(actors=0)

@@ -100,7 +100,7 @@ def test_the_cam_fast_path_stays_on_the_device(family):
         heat = out.maps[("pred", layers[0], "gradcam")]
         stats = heatmap_stats(heat) | localisation(heat, torch.zeros(8, 32, 32, dtype=torch.bool, device=META))
         constant = constant_maps(out.raw_peak[("pred", layers[0], "gradcam")], 16, 16)
-        settings = FaithfulnessSettings(steps=4)
+        settings = FaithfulnessSettings(steps=4, images=128)
         curves = deletion_insertion(model, x, heat, y, 4, blurred(x, settings.blur_sigma))
         baselines = {"centre": centre_prior(8, 32, settings.centre_sigma, META), "edge": edge_map(x)}
     assert len(out.maps) == 2 * len(layers) * len(fast)

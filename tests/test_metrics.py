@@ -67,10 +67,10 @@ def test_baselines_know_nothing_of_the_model():
 
 
 def test_the_sample_is_seeded_and_sized():
-    settings = FaithfulnessSettings(images=10, seed=3)
+    settings = FaithfulnessSettings(steps=16, images=10, seed=3)
     first = sample(100, settings)
     assert first.sum() == 10 and (first == sample(100, settings)).all()
-    assert not (first == sample(100, FaithfulnessSettings(images=10, seed=4))).all()
+    assert not (first == sample(100, FaithfulnessSettings(steps=16, images=10, seed=4))).all()
     assert sample(5, settings).sum() == 5  # fewer images than the sample: all of them
 
 
