@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m jobs.pipeline --config configs/demo.yaml --out results/demo $(DEMO_CAM)
 
+# Two pytest-xdist workers: a serial run keeps 2 cores about a quarter busy (Ray's start-ups,
+# SLURM's scheduling, polls). Groups keep each expensive fixture on one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The formatter's and the linter's verdicts (configured in pyproject.toml); CI runs this first.
 lint: $(VENV)/.installed

@@ -87,6 +87,10 @@ def search(args: argparse.Namespace):
     from cifarcam.search import run_search
 
     cfg, out, splits = prepare(args)
+    if not args.address:  # a local Ray's size is known before it starts: a trial too large fails here
+        from cifarcam.planning import plan_resources
+
+        plan_resources(cfg, cluster_resources(args))
     connect_ray(args, out)
     summary = run_search(cfg, splits, out, resume=args.resume, console=console, mlflow_uri=args.mlflow)
     print_search_summary(summary, console)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared/data (or $CIFARCAM_DATA), never skipped."""
+"""Shared fixtures: the real data in ../shared/data (or $CIFARCAM_DATA), never skipped; and the
+groups that let pytest-xdist run the suite on two workers (`make test` does)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,14 @@ def demo_run(tmp_path_factory, shared_data):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (out.parent / "terminal.txt").write_text(proc.stdout + proc.stderr)  # what the user saw
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``) a module- or session-scoped fixture runs once per
+    worker that needs it. So every reader of the demo run is one group, and every other test is
+    grouped by its module (its module fixtures: the faulty search, the Ray head, SLURM): each
+    expensive fixture runs once. The groups still share the machine's cores, which is why every
+    Ray job in the suite tolerates a slow start (scaling.start_timeout_s, generous timeouts)."""
+    for item in items:
+        group = "demo" if "demo_run" in getattr(item, "fixturenames", ()) else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -115,7 +115,7 @@ scaling: {{use_gpu: USE_GPU, workers_per_trial: WORKERS, gpus_per_worker: GPUS_P
 # On one H200 the other tests take about 45 s (torch.compile included). This pipeline, at 6 epochs
 # and 1,000 test images, had finished its search and half its CAM stage at 170 s (resnet_tiny
 # reached 0.37 validation top-1 at epoch 3, 0.45 at 6), so it runs 3 epochs on 500 test images.
-PIPELINE_SIZES = (5000, 500, 3, 0.3) if ON_GPU else (1000, 200, 2, 0.15)
+PIPELINE_SIZES = (5000, 500, 3, 0.3) if ON_GPU else (1000, 100, 2, 0.15)
 # The pipeline's limit: within the GPU check's 320 s for all these tests, so that a slow pipeline
 # fails here (its session killed by run_job, its Ray with it) and the other tests keep their outcome.
 PIPELINE_TIMEOUT_S = 240 if ON_GPU else 1200
@@ -140,7 +140,7 @@ def gpu_run(tmp_path_factory, cifar10_parquet):
     for key, value in values.items():
         text = text.replace(key, str(value))
     out = folder / "run"
-    options = () if ON_GPU else ("--faithfulness-images", "16")  # 2 CPU cores
+    options = () if ON_GPU else ("--faithfulness-images", "8", "--sanity-images", "8")  # 2 CPU cores
     proc = run_job(
         "jobs.pipeline",
         "--config",

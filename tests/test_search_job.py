@@ -25,6 +25,9 @@ def ray_head():
     # (pytest's tmp paths plus Ray's session name can pass that, depending on the PID).
     state = Path(tempfile.mkdtemp(prefix="cfray-", dir="/tmp"))
     env = {**os.environ, "RAY_STATE_DIR": str(state), "RAY_VENV": str(ROOT / ".venv"), "RAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "token"}
+    # Above the ports a local Ray's dashboard tries (8265 and the next 50): other tests' local Rays
+    # may run at the same time (pytest-xdist).
+    env["RAY_DASHBOARD_PORT"] = "8399"
     env.pop("RAY_ADDRESS", None)
     try:
         up = subprocess.run(["bash", "cluster/ray-head-up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -67,7 +70,7 @@ def search_run(ray_head, tmp_path_factory):
     address, env = ray_head
     folder = tmp_path_factory.mktemp("search")
     out = folder / "run"
-    config = write_config(folder, "small", SMALL_SEARCH.replace("scaling:\n", "scaling:\n  start_timeout_s: 20\n"))
+    config = write_config(folder, "small", SMALL_SEARCH.replace("scaling:\n", "scaling:\n  start_timeout_s: 30\n"))
     job = ["jobs.search", "--config", str(config), "--out", str(out)]
     _leftover(env, "hold")
     try:
@@ -86,7 +89,7 @@ def test_a_search_that_cannot_place_a_trial_ends_in_one_line(search_run):
     errors = sorted({line for line in stalled.stdout.splitlines() if line.startswith("error: ")})
     assert len(errors) == 1, stalled.stdout[-4000:]
     assert re.fullmatch(
-        r"error: search: trial \w+ \(resnet_tiny\) could not place its 2 workers \(1 CPU each\) within scaling.start_timeout_s = 20 s; "
+        r"error: search: trial \w+ \(resnet_tiny\) could not place its 2 workers \(1 CPU each\) within scaling.start_timeout_s = 30 s; "
         r"the cluster has 2 CPU, 1 CPU free, 1 CPU reserved by 1 placement group; the search stopped .* then run again with --resume",
         errors[0],
     ), errors[0]

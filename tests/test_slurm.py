@@ -29,7 +29,7 @@ from helpers import ROOT, write_config
 STATE = Path("/tmp/cifarcam-slurm")
 SLURM_ENV = {**os.environ, "SLURM_STATE_DIR": str(STATE), "SLURM_NODES": "2", "SLURM_NETNS": "1"}
 LAUNCH = [sys.executable, "-m", "cluster.slurm", "--nodes", "2", "--cpus-per-task", "1", "--time", "15", "--object-store-memory", str(300 << 20)]
-PIPELINE = ["--layers", "layer2", "--targets", "pred", "--faithfulness-steps", "2"]
+PIPELINE = ["--layers", "layer2", "--targets", "pred", "--faithfulness-steps", "2", "--faithfulness-images", "16", "--sanity-images", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +114,6 @@ def test_each_node_finds_its_own_address_although_its_name_resolves_to_loopback(
     assert sorted(proc.stdout.split("\n")[:2]) == ["vnode1 127.0.1.1 10.77.0.1 eth0", "vnode2 127.0.1.1 10.77.0.2 eth0"]
 
 
-def test_driver_failure_fails_the_job_with_its_exit_status(slurm, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ndata: {source: parquet, path: /nonexistent-data}\n")  # fails in the driver, on the node
-    proc = _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), "--", "--config", str(bad), "--out", str(tmp_path / "run")])
-    job = _job_id(proc)
-    out, err = _finish(proc, timeout=300)
-    assert proc.returncode == 2, out + err  # jobs.pipeline's status for a user error
-    assert f"job {job}: driver exit status 2" in out
-    assert "error: data.path /nonexistent-data: not a folder" in (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
-    deadline = time.monotonic() + 60
-    while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _sacct_state(job) == "FAILED"
-
-
 def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, tmp_path):
     """One job does both (each costs minutes here): the pipeline on 2 SLURM nodes with DDP across
     them, and `scontrol requeue` while its first trial trains."""
@@ -171,8 +156,9 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     assert _sacct_state(job) == "COMPLETED"
 
 
-def test_array_runs_one_sweep_per_config(slurm, tmp_path):
-    # Two configs whose data is missing: each array task must run its own config (and fail on it).
+def test_array_runs_one_sweep_per_config_and_a_failing_driver_fails_its_task(slurm, tmp_path):
+    """Two configs whose data is missing: each array task runs its own config and fails on it, in
+    the driver on its node; the launcher's status is the driver's, and SLURM records FAILED."""
     configs = []
     for name in ("sweep_a", "sweep_b"):
         path = tmp_path / f"{name}.yaml"
@@ -208,6 +194,11 @@ def test_array_runs_one_sweep_per_config(slurm, tmp_path):
     for (job, _, _), name in zip(jobs, ("sweep_a", "sweep_b")):
         err = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
         assert f"error: data.path /nonexistent-{name}: not a folder" in err
+        assert f"job {job}: driver exit status 2" in proc.stdout  # jobs.pipeline's status for a user error
+        deadline = time.monotonic() + 60
+        while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _sacct_state(job) == "FAILED"
 
 
 def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
