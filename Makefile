@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # cores. tests/conftest.py's demo run passes the same options.
 DEMO_CAM := --faithfulness-images 64
 
-.PHONY: demo test lint bench gpu-check device-kit device-rehearsal clean
+.PHONY: demo test lint bench gpu-check device-kit device-rehearsal full-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,6 +49,11 @@ device-kit: $(VENV)/.installed
 # packages and a kit built for this Python, offline. CI runs it (tests/test_device_kit.py).
 device-rehearsal: $(VENV)/.installed
 	$(PY) benchmarks/device_rehearsal.py
+
+# Outside CI: the pipeline at full size (paper.yaml's 7 families on real CIFAR-10, 1 epoch on a
+# subsample; the CAM stage on all 10,000 test images), with checks; within 45 minutes on 2 cores.
+full-check: $(VENV)/.installed
+	$(PY) benchmarks/full_check.py --out results/full-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .device-kit .device-rehearsal

@@ -72,13 +72,19 @@ def connect_ray(args: argparse.Namespace, run_dir: Path | None = None) -> None:
     says where), so that the terminal shows the job's lines alone."""
     import ray
 
+    num_gpus = getattr(args, "num_gpus", None)
+    if num_gpus is not None and not args.address:
+        import torch
+
+        if not 0 <= num_gpus <= torch.cuda.device_count():  # Ray would announce GPUs that torch cannot use
+            raise UserError(f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} CUDA GPUs (--dry-run plans for any number)")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     routing = None
     if run_dir is not None and not getattr(args, "verbose", False):
         routing = RayLogRouting(job_log_folder(run_dir, Path(sys.argv[0]).stem or "job"))
         routing.route_driver_loggers()
-    _init(args.address, args.num_cpus, getattr(args, "num_gpus", None))
+    _init(args.address, args.num_cpus, num_gpus)
     if routing is not None:
         routing.route_driver_loggers()
         routing.route_worker_output()

@@ -44,6 +44,7 @@ def demo_run(tmp_path_factory, shared_data):
     return out
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadgroup``) a module- or session-scoped fixture runs once per
     worker that needs it. So every reader of the demo run is one group, and every other test is

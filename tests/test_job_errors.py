@@ -227,6 +227,16 @@ def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_r
     assert not Path("/tmp/cifarcam-pwned").exists()
 
 
+def test_more_gpus_than_this_machine_has_fail_before_ray(tmp_path, existing_run, capsys):
+    import torch
+
+    before = _snapshot(existing_run)
+    many = torch.cuda.device_count() + 1
+    text = "name: x\n" + OK_DATA
+    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", "--num-gpus", str(many))
+    _fails_cleanly(proc, existing_run, before, f"error: --num-gpus {many}: this machine has {many - 1} CUDA GPUs")
+
+
 def test_missing_config_file(tmp_path, existing_run, capsys):
     before = _snapshot(existing_run)
     proc = in_process(capsys, "jobs.search", "--config", str(tmp_path / "nope.yaml"), "--out", str(existing_run))
