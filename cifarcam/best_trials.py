@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 
 from cifarcam.config import ExperimentConfig, trial_config
 from cifarcam.data import Splits
@@ -23,10 +22,10 @@ def best_per_model(trials: list[TrialRow], mode: str) -> list[TrialRow]:
     return [best([t for t in usable if t.model == m], "best_metric", mode) for m in models]
 
 
-def _evaluate(folder: str, test: Any) -> Any:
+def _evaluate(folder: str, test: Any, device: str) -> Any:
     from cifarcam.evaluate import evaluate_checkpoint
 
-    return evaluate_checkpoint(folder, test, device="cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_checkpoint(folder, test, device=device)
 
 
 def evaluate_best(
@@ -39,7 +38,9 @@ def evaluate_best(
     task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(_evaluate)
     test_ref = ray.put(splits.test)
     chosen = best_per_model(trials, cfg.search.mode)
-    evaluations = ray.get([task.remote(t.best_checkpoint, test_ref) for t in chosen])
+    # The device the task was given: Ray 2.60 leaves the GPUs visible to a task that asked for none.
+    device = "cuda" if res.gpus_per_worker else "cpu"
+    evaluations = ray.get([task.remote(t.best_checkpoint, test_ref, device) for t in chosen])
     accuracy, predictions = [], {name: [] for name in PREDICTIONS.names}
     for trial, ev in zip(chosen, evaluations):
         tcfg = trial_config(cfg.train, json.loads(trial.hyperparameters))

@@ -143,7 +143,8 @@ def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, setting
     mark_work_started()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) and settings.gpus_per_actor else 0
     task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint)
-    results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0) for p, layers, _, methods in work])
+    device = "cuda" if gpus else "cpu"  # what the task was given: a task without a GPU may still see them
+    results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0, device) for p, layers, _, methods in work])
     written = []
     for (p, _, wanted, methods), rows in zip(work, results, strict=True):
         for method in methods:

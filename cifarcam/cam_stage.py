@@ -118,6 +118,7 @@ def _write_maps(
             "settings": CamSettings(**{**asdict(settings), "methods": needed_methods}),
             "layers": needed_layers,
             "progress": counter,
+            "device": "cuda" if gpus_per_actor else "cpu",  # what the actor was given (cam_actor says why)
         },
         batch_size=settings.batch_size,
         batch_format="pyarrow",

@@ -101,13 +101,11 @@ class RunReport(ReportRun):
     # -- sections --------------------------------------------------------------------------
 
     def table2(self) -> Section:
-        sc = self.cfg.scaling
-        per_worker = sc.gpus_per_worker if sc.use_gpu else sc.cpus_per_worker
-        unit = "GPU-h" if sc.use_gpu else "CPU-h" if sc.use_gpu is False else "device-h"
-        frame = with_paper_columns(q.accuracy(self.con, per_worker, sc.workers_per_trial, unit), self.cfg.data.source)
-        text = (
-            f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if sc.use_gpu else 'CPUs'} per worker x training wall time."
-        )
+        ran = self.resources()
+        per_worker = ran["gpus_per_worker"] if ran["use_gpu"] else ran["cpus_per_worker"]
+        unit = "GPU-h" if ran["use_gpu"] else "CPU-h"
+        frame = with_paper_columns(q.accuracy(self.con, per_worker, ran["workers"], unit), self.cfg.data.source)
+        text = f"Best trial per model on the {len(self.test)} test images. {unit}: workers x {'GPUs' if ran['use_gpu'] else 'CPUs'} per worker x training wall time."
         if self.cfg.data.source == "cifar100":
             text += (
                 f" paper_params_m and paper_test_top1 are the seed paper's Tables 1 and 2 (CIFAR-100, 40 epochs); this run trained"

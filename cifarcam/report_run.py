@@ -3,6 +3,7 @@ unit, the section, whatever the medium (terminal, Markdown, HTML)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,3 +48,12 @@ class ReportRun:
 
     def images(self, image_indices: Iterable[int]) -> dict[int, np.ndarray]:
         return {int(i): self.image(i) for i in image_indices}
+
+    def resources(self) -> dict:
+        """What each trial asked for (resources.json, written by the search: the one-GPU rule may
+        have changed the workers); a run from before that file: the config's, CPUs unless it says GPUs."""
+        path = self.run_dir / "resources.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        sc = self.cfg.scaling
+        return {"use_gpu": bool(sc.use_gpu), "workers": sc.workers_per_trial, "cpus_per_worker": sc.cpus_per_worker, "gpus_per_worker": sc.gpus_per_worker}

@@ -161,14 +161,15 @@ def is_current(path: Path, source_sha256: str, settings: dict) -> bool:
     return json.loads(meta.get(b"source_sha256", b"null")) == source_sha256 and json.loads(meta.get(b"settings", b"null")) == settings
 
 
-def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int) -> list[dict]:
-    """The rows for one checkpoint, on the device there is (run as a Ray task on a cluster)."""
+def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int, device: str | None = None) -> list[dict]:
+    """The rows for one checkpoint (run as a Ray task on a cluster), on ``device``: the one the task
+    was given (a task given no GPU may still see them all), or CUDA if there is any."""
     from cifarcam.checkpoint import load_model
     from cifarcam.loader import to_model_input
     from cifarcam.models import FAMILIES, ModelSpec
     from cifarcam.results import HEATMAP_SIZE
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_model(checkpoint, device)
     spec = ModelSpec(**meta["model"])
     x = to_model_input(torch.from_numpy(np.array(images)).to(device), spec.input_size)  # a writable copy of Ray's read-only array

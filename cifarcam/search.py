@@ -8,6 +8,8 @@ early stopper); ``tune_rows`` turns Tune's results into rows and ``best_trials``
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,8 @@ def run_search(
     if res.note and console is not None:  # the one-GPU rule changed the trial's workers: say so before it runs
         console.print(f"warning: {res.note}", style="yellow", highlight=False, markup=False)
     results.write_provenance(out_dir, config_yaml)
+    # What the trials ask for (the one-GPU rule may have changed the workers): the report's device-hours
+    results.write_text_atomic(out_dir / "resources.json", json.dumps(dataclasses.asdict(res), indent=2) + "\n")
     job = ray.get_runtime_context().get_job_id()
     watch = PlacementWatch(worker_bundle(res.cpus_per_worker, res.gpus_per_worker), res.workers, cfg.scaling.start_timeout_s, cfg.train.model, job)
     callbacks = [TensorBoardEpochs(out_dir / "tensorboard"), watch]
@@ -78,7 +82,7 @@ def run_search(
         from cifarcam.mlflow_log import MLflowTrials
 
         callbacks.append(MLflowTrials(mlflow_uri, cfg.name, cfg.train))
-    tuner = make_tuner(cfg, splits, out_dir, resume, callbacks)
+    tuner = make_tuner(cfg, splits, out_dir, resume, res, callbacks)
     mark_work_started()
     try:
         grid = tuner.fit()

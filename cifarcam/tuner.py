@@ -10,7 +10,7 @@ import ray.tune
 
 from cifarcam.config import ExperimentConfig, SearchConfig
 from cifarcam.data import Splits
-from cifarcam.planning import plan_resources
+from cifarcam.planning import TrialResources
 from cifarcam.trial_driver import SearchInputs, run_trial, trial_folder_name
 
 _SAMPLERS = {
@@ -46,11 +46,11 @@ def early_stopper(cfg: ExperimentConfig) -> Any:
     )
 
 
-def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, callbacks: list | None = None) -> ray.tune.Tuner:
-    """A new Tuner, or the one stored under ``out_dir`` when resuming."""
+def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, res: TrialResources, callbacks: list | None = None) -> ray.tune.Tuner:
+    """A new Tuner, or the one stored under ``out_dir`` when resuming; its trials ask for ``res``
+    (the search's one plan, which its placement watch expects too)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    res = plan_resources(cfg, ray.cluster_resources())
     inputs = SearchInputs(
         base=cfg.train,
         resources=res,

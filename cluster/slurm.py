@@ -9,7 +9,7 @@ workers on the others, the driver on the head; requeued on preemption or timeout
 
 Every `python -m jobs.pipeline` option is an option here too (that parser is this one's parent),
 checked here and handed to the driver as given, with --config and --out made absolute; but not
---address and --num-cpus, which the job's own Ray cluster sets. With --array, each config is one
+--address, --num-cpus and --num-gpus, which the job's own Ray cluster sets (--gpus-per-node asks SLURM for GPUs). With --array, each config is one
 array task writing to <--out>/<config name>. The run folder and --logs must be on a filesystem
 every node sees. Without --detach the command waits and exits with the
 driver's status. The older form, with `--` before the jobs.pipeline options, still works.
@@ -29,7 +29,7 @@ from jobs import cam, pipeline
 from jobs.common import console, run
 
 PROG = "python -m cluster.slurm"
-OWN_CLUSTER = ("--address", "--num-cpus")  # pipeline options the job's own Ray cluster sets
+OWN_CLUSTER = ("--address", "--num-cpus", "--num-gpus")  # pipeline options the job's own Ray cluster sets
 PER_JOB = ("--config", "--out")  # pipeline options each job gets its own, absolute value of
 
 

@@ -23,20 +23,27 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+# The argparse type of each annotation (its text: cam_settings postpones annotations).
+_TYPES = {"tuple[str, ...]": _csv, "tuple[str, ...] | None": _csv, "int": int, "int | None": int, "float": float}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")  # --cam-batch-size: cam_batch_size, not the generic batch_size
+
+
 def add_cam_options(p: argparse.ArgumentParser) -> None:
     """One option per ``CamSettings`` field, with the field's default."""
     for field in dataclasses.fields(CamSettings):
         flag, text = CLI[field.name]
-        kind = _csv if field.type.startswith("tuple") else float if field.type.startswith("float") else int  # the annotation's text
         shown = ",".join(field.default) if isinstance(field.default, tuple) else field.default
         if shown is not None:
             text = f"{text} (default: {shown})"
-        p.add_argument(flag, dest=field.name, type=kind, default=field.default, help=text)
+        p.add_argument(flag, dest=_dest(flag), type=_TYPES[field.type], default=field.default, help=text)
 
 
 def settings_from(args: argparse.Namespace) -> CamSettings:
     """The CAM options as checked settings: a mistake is named before any cluster time."""
-    return CamSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(CamSettings)})
+    return CamSettings(**{field.name: getattr(args, _dest(CLI[field.name][0])) for field in dataclasses.fields(CamSettings)})
 
 
 def parser() -> argparse.ArgumentParser:

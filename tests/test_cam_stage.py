@@ -222,3 +222,17 @@ def test_actor_options_out_of_range_are_named():
         CamSettings(gpus_per_actor=-1)
     with pytest.raises(ConfigError, match=r"^--actors: must be > 0, got 0$"):
         CamSettings(actors=0)
+
+
+def test_a_worker_given_no_gpu_stays_on_the_cpu_where_cuda_is_visible(checkpoint, test_set, monkeypatch):
+    """Ray 2.60 leaves every GPU visible to an actor or task that asked for none (ray#54868): the
+    driver names the device, and a CPU actor or sanity task must not pick CUDA by itself."""
+    from cifarcam.sanity import check_checkpoint
+
+    folder, spec = checkpoint
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what such a worker sees on a GPU node
+    actor = CamActor(str(folder), "run", CamSettings(targets=("pred",), faithfulness_steps=0), cam_layers(build_model(spec), spec)[:1], device="cpu")
+    assert actor.device.type == "cpu" and all(p.device.type == "cpu" for p in actor.model.parameters())
+    assert len(actor(images_table(test_set)).to_pylist()) == len(test_set)
+    rows = check_checkpoint(str(folder), ["layer2"], ["gradcam"], test_set.images[:2], 0, device="cpu")
+    assert rows and all(r["method"] == "gradcam" for r in rows)

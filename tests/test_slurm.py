@@ -214,6 +214,7 @@ def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["--", "--config", "{typo}"], "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),  # the older form
         (["--config", "{good}", "--address", "10.0.0.1:6379"], "error: --address: set by cluster.slurm"),
         (["--config", "{good}", "--num-cpus=4"], "error: --num-cpus: set by cluster.slurm"),
+        (["--config", "{good}", "--num-gpus", "1"], "error: --num-gpus: set by cluster.slurm"),
         (["--array", "{good}", "--config", "{good}"], "error: --array: each config is one array task"),
         (["--config", "{good}", "--out", "/proc/run"], "error: --out /proc/run: cannot create the results folder"),
         (["--config", "{good}", "--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
