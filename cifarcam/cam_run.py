@@ -74,7 +74,10 @@ def actor_layout(cluster: dict[str, float], settings: CamSettings) -> ActorLayou
     write tasks: actors holding every CPU would leave the writer waiting forever."""
     gpus, cpus = cluster.get("GPU", 0.0), int(cluster.get("CPU", 1))
     if gpus and settings.gpus_per_actor:
-        return ActorLayout(settings.actors or max(1, int(gpus / settings.gpus_per_actor + 1e-9)), settings.gpus_per_actor)
+        fit = int(gpus / settings.gpus_per_actor + 1e-9)
+        if fit < 1 or (settings.actors or 0) > fit:  # Ray Data's pool would wait forever for the rest
+            raise ConfigError(f"--actors {settings.actors or 1}: at most {fit} actors of {settings.gpus_per_actor:g} GPU fit this cluster's {gpus:g} GPUs")
+        return ActorLayout(settings.actors or max(1, fit), settings.gpus_per_actor)
     actors = settings.actors or max(1, cpus - 1)
     if actors >= cpus:
         raise ConfigError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")

@@ -28,6 +28,10 @@ def main() -> int:
 
     settings = cam.settings_from(args)  # checked before the search spends any cluster time
     check_layers(load_config(args.config), settings)
+    if not args.address:  # a local Ray's size is known now: CAM actors that cannot fit fail before the search
+        from cifarcam.cam_run import actor_layout
+
+        actor_layout(search.cluster_resources(args), settings)
     summary = search.search(args)
     args.run, args.checkpoint = summary.out_dir, None
     cam.cam(args, settings)

@@ -216,6 +216,8 @@ def test_actor_options_out_of_range_are_named():
 
     with pytest.raises(ConfigError, match=r"^--actors 2: at most 1 CPU actors fit this 2-CPU cluster"):
         actor_layout({"CPU": 2}, CamSettings(actors=2))
+    with pytest.raises(ConfigError, match=r"^--actors 3: at most 2 actors of 1 GPU fit this cluster's 2 GPUs$"):
+        actor_layout({"CPU": 16, "GPU": 2}, CamSettings(actors=3))
     with pytest.raises(ConfigError, match=r"^--actors 1: at most 0 CPU actors fit this 1-CPU cluster"):
         actor_layout({"CPU": 1}, CamSettings())
     with pytest.raises(ConfigError, match=r"^--gpus-per-actor: expected a share of one GPU from 0 \(CPU actors\) to 1, got -1$"):
