@@ -60,9 +60,10 @@ def _with_earlier_epochs(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _rows_from_checkpoints(trial_dir: Path) -> list[dict]:
-    """Every epoch a trial's newest checkpoint records. For a trial that reported nothing to Tune:
-    its driver died after the last epoch, and the restarted driver found no epoch left to run."""
+def epochs_from_checkpoints(trial_dir: Path) -> list[dict]:
+    """Every epoch a trial's newest checkpoint in ``trial_dir`` (its Train run) records: for a trial
+    that reported nothing to Tune (its driver died after the last epoch, and the restarted driver
+    found no epoch left to run), and for ASHA's rungs after a restart."""
     metas = {f: read_meta(f) for f in trial_dir.glob("checkpoint_*") if (f / META_FILE).is_file()}
     folders = {meta["epoch"]: f for f, meta in metas.items() if meta.get("epoch")}
     if not folders:
@@ -92,7 +93,7 @@ def trial_rows(results: Any, cfg: ExperimentConfig, train_dir: Path) -> tuple[li
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
         frame = result.metrics_dataframe
         rows = _with_earlier_epochs([] if frame is None or frame.empty else frame.to_dict("records"))
-        rows = rows or _rows_from_checkpoints(train_dir / f"trial_{trial_id}")
+        rows = rows or epochs_from_checkpoints(train_dir / f"trial_{trial_id}")
         epochs += [
             EpochRow(trial_id=trial_id, model=tcfg.model, checkpoint_path=_surviving(row.get("checkpoint_path")), **{k: row.get(k) for k in _EPOCH_METRICS})
             for row in rows

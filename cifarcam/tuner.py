@@ -33,12 +33,11 @@ def param_space(search: SearchConfig) -> dict[str, Any]:
 def early_stopper(cfg: ExperimentConfig) -> Any:
     if cfg.search.early_stopping == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from cifarcam.resumable_asha import ResumableASHA
 
     # Rungs count epochs, not Tune's training_iteration: a trial resumed after a crash or a requeue
-    # restarts that count at 1 while it trains epoch k+1 (and Ray does not persist the rungs,
-    # ray-project/ray#30838), so it would be judged against the wrong rung.
-    return ASHAScheduler(
+    # restarts that count at 1 while it trains epoch k+1, so it would be judged against the wrong rung.
+    return ResumableASHA(
         time_attr="epoch",
         max_t=cfg.train.epochs,
         grace_period=cfg.search.grace_period,
