@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cifarcam import results  # noqa: E402
-from cifarcam.cam_actor import CamActor, images_table  # noqa: E402
-from cifarcam.cam_settings import CamSettings, resolve_layers  # noqa: E402
-from cifarcam.checkpoint import save_checkpoint  # noqa: E402
+from cifarcam.cam.actor import CamActor, images_table  # noqa: E402
+from cifarcam.cam.partitions import Source, regroup  # noqa: E402
+from cifarcam.cam.settings import CamSettings, resolve_layers  # noqa: E402
 from cifarcam.config import DataConfig  # noqa: E402
-from cifarcam.data import load_splits  # noqa: E402
-from cifarcam.models import ModelSpec, build_model  # noqa: E402
-from cifarcam.partitions import Source, regroup  # noqa: E402
+from cifarcam.data.splits import load_splits  # noqa: E402
+from cifarcam.training.checkpoint import save_checkpoint  # noqa: E402
+from cifarcam.training.models import ModelSpec, build_model  # noqa: E402
 
 QUERIES = {
     "entropy by layer": "select layer, target, avg(entropy), count(*) from {cams} group by all",

@@ -31,12 +31,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cifarcam.cam import MultiLayerCam  # noqa: E402
+from cifarcam.cam.methods import MultiLayerCam  # noqa: E402
 from cifarcam.config import DataConfig  # noqa: E402
-from cifarcam.data import ImageSet, load_splits  # noqa: E402
-from cifarcam.loader import to_model_input  # noqa: E402
-from cifarcam.models import ModelSpec, build_model, cam_layers  # noqa: E402
+from cifarcam.data.splits import ImageSet, load_splits  # noqa: E402
 from cifarcam.results import HEATMAP_SIZE  # noqa: E402
+from cifarcam.training.loader import to_model_input  # noqa: E402
+from cifarcam.training.models import ModelSpec, build_model, cam_layers  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -119,10 +119,10 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
     import pyarrow.parquet as pq
     import ray
 
-    from cifarcam.cam_actor import CamActor, images_table
-    from cifarcam.cam_settings import CamSettings
-    from cifarcam.cam_stage import ModelToExplain, explain, plan
-    from cifarcam.checkpoint import save_checkpoint
+    from cifarcam.cam.actor import CamActor, images_table
+    from cifarcam.cam.settings import CamSettings
+    from cifarcam.cam.stage import ModelToExplain, explain, plan
+    from cifarcam.training.checkpoint import save_checkpoint
 
     subset = test.subset(np.arange(min(images, len(test))))
     settings = CamSettings(methods=("gradcam",), layers=(layer,), targets=("pred",), batch_size=batch_size, faithfulness_steps=faithfulness_steps)

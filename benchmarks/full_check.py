@@ -43,7 +43,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cifarcam.cam_settings import CamSettings  # noqa: E402
+from cifarcam.cam.settings import CamSettings  # noqa: E402
 from cifarcam.config import dump_config, load_config  # noqa: E402
 
 TEST_IMAGES = 10_000  # CIFAR's test split; --test-images tries the script on fewer
@@ -77,7 +77,7 @@ def cam_cost(family: str, num_classes: int = 10) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cifarcam.models import ModelSpec, build_model
+    from cifarcam.training.models import ModelSpec, build_model
 
     model = build_model(ModelSpec(family, num_classes, "imagenet", 32)).eval()
     x = torch.zeros(1, 3, 32, 32, requires_grad=True)
@@ -145,8 +145,8 @@ def run_stage(name: str, args: list[str], log: Path, images: int, timeout: float
 
 def checks(run: Path, models: list[str], settings: CamSettings, test_images: int) -> list[str]:
     """What must hold of the written Parquet; each failure as one line."""
-    from cifarcam.faithfulness import sample_rows
-    from cifarcam.models import FAMILIES
+    from cifarcam.cam.faithfulness import sample_rows
+    from cifarcam.training.models import FAMILIES
 
     failed = []
     cams = CAMS.format(run=run)

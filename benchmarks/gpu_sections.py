@@ -29,11 +29,11 @@ from cam_throughput import cam_rates, stage_vs_loop, timed  # noqa: E402
 from train_throughput import PEAK_BF16_TFLOPS, baseline_images_per_s, flops_per_image, ours_images_per_s  # noqa: E402
 
 from cifarcam.config import DataConfig, TrainConfig  # noqa: E402
-from cifarcam.data import ImageSet, load_splits  # noqa: E402
-from cifarcam.loader import DeviceLoader, to_model_input  # noqa: E402
-from cifarcam.models import ModelSpec, build_model  # noqa: E402
-from cifarcam.optim import build_optimizer, build_scheduler  # noqa: E402
-from cifarcam.train import train_epoch  # noqa: E402
+from cifarcam.data.splits import ImageSet, load_splits  # noqa: E402
+from cifarcam.training.loader import DeviceLoader, to_model_input  # noqa: E402
+from cifarcam.training.models import ModelSpec, build_model  # noqa: E402
+from cifarcam.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from cifarcam.training.train import train_epoch  # noqa: E402
 
 PACKING_TIMEOUT_S = 60
 
@@ -174,9 +174,9 @@ def _test_images(ctx: Context, n: int) -> ImageSet:
 
 def cam(ctx: Context) -> dict:
     """The fast path against pytorch-grad-cam and the limit; the actor with faithfulness on/off."""
-    from cifarcam.cam_actor import CamActor, images_table
-    from cifarcam.cam_settings import CamSettings, resolve_layers
-    from cifarcam.checkpoint import save_checkpoint
+    from cifarcam.cam.actor import CamActor, images_table
+    from cifarcam.cam.settings import CamSettings, resolve_layers
+    from cifarcam.training.checkpoint import save_checkpoint
 
     sizes, device = ctx.sizes, ctx.device
     test = _test_images(ctx, sizes.cam_images)

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cifarcam.config import DataConfig, TrainConfig  # noqa: E402
-from cifarcam.data import CIFAR_MEAN, CIFAR_STD, load_splits  # noqa: E402
-from cifarcam.loader import DeviceLoader  # noqa: E402
-from cifarcam.models import ModelSpec, build_model  # noqa: E402
-from cifarcam.optim import build_optimizer  # noqa: E402
-from cifarcam.train import autocast, fit  # noqa: E402
+from cifarcam.data.splits import CIFAR_MEAN, CIFAR_STD, load_splits  # noqa: E402
+from cifarcam.training.loader import DeviceLoader  # noqa: E402
+from cifarcam.training.models import ModelSpec, build_model  # noqa: E402
+from cifarcam.training.optim import build_optimizer  # noqa: E402
+from cifarcam.training.train import autocast, fit  # noqa: E402
 
 # Dense bf16 peak of common accelerators, TFLOP/s (vendor figures), for model FLOPs utilisation.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

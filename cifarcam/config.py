@@ -16,7 +16,7 @@ import yaml
 
 # ConfigError lives in the leaf errors module, so that every module may raise it; it is imported
 # from here too, for now.
-from cifarcam.errors import ConfigError, did_you_mean
+from cifarcam.errors import ConfigError
 from cifarcam.typed_yaml import check_type, from_dict, load_yaml, unknown_key_error
 
 DATA_SOURCES = ("synthetic", "cifar10", "cifar100", "parquet")
@@ -99,7 +99,7 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # fractions let small trials share a GPU
     cpus_per_worker: float = 1.0
     # How long a trial may wait for its workers to be placed before the search ends with a line
-    # that says what it waits for (cifarcam.placement_watch); --resume continues it.
+    # that says what it waits for (cifarcam.search.placement_watch); --resume continues it.
     start_timeout_s: float = 600.0
 
 
@@ -123,22 +123,9 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def check_optimizer_name(name: str, where: str = "optimizer") -> None:
-    """Any optimizer timm's factory knows: 'adamw', 'sgd' (SGD with Nesterov momentum), 'momentum' …
-    (Here, not in ``optim``: optim builds from TrainConfig, so config must not import it.)"""
-    from timm.optim import list_optimizers
-
-    known = list_optimizers()
-    if name not in known:
-        hint = did_you_mean(name, known) or "expected a timm optimizer name such as adamw or sgd"
-        raise ConfigError(f"{where}: unknown optimizer {name!r}; {hint}")
-
-
 def validate_train(cfg: TrainConfig, where: str = "train") -> None:
-    """Value checks for one trial's hyperparameters (names are checked against the registries)."""
-    # Here, not at the top: models loads torch and timm, which reading a config does not need.
-    from cifarcam.models import check_model_name
-
+    """Value checks for one trial's hyperparameters. The model and optimizer names are checked by
+    the training stage, which owns their registries (``cifarcam.training.load_experiment``)."""
     _require(cfg.lr > 0, f"{where}.lr: must be > 0, got {cfg.lr}")
     _require(cfg.weight_decay >= 0, f"{where}.weight_decay: must be >= 0, got {cfg.weight_decay}")
     _require(cfg.epochs > 0, f"{where}.epochs: must be > 0, got {cfg.epochs}")
@@ -148,11 +135,9 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> None:
     _require(cfg.scheduler in SCHEDULERS, f"{where}.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
     _require(0 <= cfg.warmup_epochs < cfg.epochs, f"{where}.warmup_epochs: must be in [0, epochs), got {cfg.warmup_epochs}")
     _require(0 <= cfg.label_smoothing < 1, f"{where}.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}")
-    check_model_name(cfg.model, f"{where}.model")
-    check_optimizer_name(cfg.optimizer, f"{where}.optimizer")
 
 
-def _space_values(cfg: SearchConfig) -> dict[str, list]:
+def space_values(cfg: SearchConfig) -> dict[str, list]:
     """Every value the grid names, and each sampler's bounds, by hyperparameter."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values: dict[str, list] = {}
@@ -210,7 +195,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     )
     validate_train(cfg.train)
     # Each value the search may pick must itself be valid: check every grid value and bound.
-    for key, options in _space_values(s).items():
+    for key, options in space_values(s).items():
         for option in options:
             try:
                 value = check_type(option, typing.get_type_hints(TrainConfig)[key], f"search.{key}")
@@ -222,7 +207,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def searched_models(cfg: ExperimentConfig) -> list[str]:
     """Every model family a trial of this search may train."""
-    return sorted({cfg.train.model, *_space_values(cfg.search).get("model", [])})
+    return sorted({cfg.train.model, *space_values(cfg.search).get("model", [])})
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

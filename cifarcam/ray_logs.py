@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from cifarcam.run_layout import RunLayout
+
 VERBOSE_ENV = "CIFARCAM_VERBOSE"
-LOGS_FOLDER = "logs"
 _WORKER_HANDLER = "ray_print_logs"  # the name Ray's driver registers its worker-output printer under
 _active: RayLogRouting | None = None  # this process's routing, once a job has asked for it
 _work_started = False  # set when a stage starts its work: its logs are kept whatever follows
@@ -48,7 +49,7 @@ def job_log_folder(run_dir: Path, job: str) -> Path:
     """``<run>/logs/<job>-<UTC time>-<pid>``: one folder per job process, so that two jobs on one
     run folder, or a rerun, never write into each other's files."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return run_dir / LOGS_FOLDER / f"{job}-{stamp}-{os.getpid()}"
+    return RunLayout(run_dir).logs / f"{job}-{stamp}-{os.getpid()}"
 
 
 class RayLogRouting:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifarcam.errors import UserError
+from cifarcam.run_layout import RunLayout
 
 
 def write_table(rows: Iterable[Any] | dict[str, Any], schema: pa.Schema, path: Path, metadata: dict | None = None) -> Path:
@@ -63,8 +64,9 @@ def write_provenance(out_dir: Path, config_yaml: str) -> None:
     """The resolved config, package versions and git revision beside the run's outputs."""
     from cifarcam.provenance import git_revision, package_versions
 
-    write_text_atomic(out_dir / "config.yaml", config_yaml)
-    write_text_atomic(out_dir / "versions.json", json.dumps({**package_versions(), "git": git_revision()}, indent=2) + "\n")
+    layout = RunLayout(out_dir)
+    write_text_atomic(layout.config, config_yaml)
+    write_text_atomic(layout.versions, json.dumps({**package_versions(), "git": git_revision()}, indent=2) + "\n")
 
 
 HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the model's input size
@@ -74,7 +76,9 @@ HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the mod
 # results/README.md explains every column; CAMS_VERSION changes whenever a column does, so that
 # partitions written by an older version are refused instead of mixed in.
 CAMS_VERSION = 2
-_FAITHFULNESS_COLUMNS = [(f"{curve}_auc{suffix}", pa.float64()) for suffix in ("", "_random", "_centre", "_edge") for curve in ("deletion", "insertion")]
+# The orderings each map's faithfulness is compared with (cifarcam.cam.faithfulness computes them).
+BASELINES = ("random", "centre", "edge")
+_FAITHFULNESS_COLUMNS = [(f"{curve}_auc{suffix}", pa.float64()) for suffix in ("", *(f"_{b}" for b in BASELINES)) for curve in ("deletion", "insertion")]
 CAMS = pa.schema(
     [
         ("run", pa.string()),
@@ -105,8 +109,11 @@ CAMS = pa.schema(
         *_FAITHFULNESS_COLUMNS,
     ]
 )
-# The cascading-randomisation sanity check (cifarcam.sanity): one row per model x CAM layer x
-# method x cascade step, in <run>/sanity/model=<family>.parquet.
+# The cascading-randomisation sanity check (cifarcam.cam.sanity): once every layer above the
+# explained one is random, a rank correlation this high means that the map barely depends on what
+# the model learned there (Adebayo et al. flag visually similar maps).
+FAIL_SPEARMAN = 0.5
+# One row per model x CAM layer x method x cascade step, in <run>/sanity/model=<family>.parquet.
 SANITY = pa.schema(
     [
         ("model", pa.string()),

@@ -122,7 +122,6 @@ def accept_separator(argv: list[str]) -> list[str]:
 def pipeline_runs(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]:
     """The launcher's options, and one jobs.pipeline argument list per job, with absolute paths
     (nodes need not share a cwd), checked here so that a mistake costs no allocation."""
-    from cifarcam.config import load_config
     from cifarcam.results import check_writable
 
     own, rest = launcher_options(argv)
@@ -135,9 +134,11 @@ def pipeline_runs(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]
     # in for it. argparse's own mistakes (and --help) exit here, before submitting.
     args = parser().parse_args([*argv, "--config", str(own.array[0])] if own.array else argv)
     cam.settings_from(args)
+    from cifarcam.training import load_experiment  # torch: after --help, which exits above
+
     runs = []
     for config in own.array or [Path(args.config)]:
-        cfg = load_config(config)
+        cfg = load_experiment(config)
         out = (args.out / cfg.name if own.array and args.out else args.out) or Path("results") / cfg.name
         check_writable(out)
         runs.append([*rest, "--config", str(Path(config).resolve()), "--out", str(out.resolve())])

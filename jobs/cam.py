@@ -5,7 +5,7 @@
 
 Writes DIR/cams/model=<m>/layer=<l>/method=<k>/part-*.parquet with a _COMPLETE.json marker; a
 rerun skips complete partitions, and two jobs may explain one run at once (other methods, layers).
-The work is ``cifarcam.cam_run``'s; this module parses the options (``CamSettings``'s fields) and calls it.
+The work is ``cifarcam.cam.runner``'s; this module parses the options (``CamSettings``'s fields) and calls it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from cifarcam.cam_settings import CLI, CamSettings
+from cifarcam.cam import CLI, CamSettings
 from jobs.common import add_ray_options, connect_ray, console, run, run_folder, warn
 
 
@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
 def cam(args: argparse.Namespace, settings: CamSettings | None = None) -> dict:
     import ray
 
-    from cifarcam.cam_run import explain_run
+    from cifarcam.cam import explain_run
 
     run_dir = args.run.resolve()
 

@@ -23,13 +23,13 @@ def main() -> int:
     if args.dry_run:  # the search is what a dry run can plan; the CAM stage follows it
         search.dry_run(args)
         return 0
-    from cifarcam.cam_run import check_layers
-    from cifarcam.config import load_config
+    from cifarcam.cam import check_layers
+    from cifarcam.training import load_experiment
 
     settings = cam.settings_from(args)  # checked before the search spends any cluster time
-    check_layers(load_config(args.config), settings)
+    check_layers(load_experiment(args.config), settings)
     if not args.address:  # a local Ray's size is known now: CAM actors that cannot fit fail before the search
-        from cifarcam.cam_run import actor_layout
+        from cifarcam.cam import actor_layout
 
         actor_layout(search.cluster_resources(args), settings)
     summary = search.search(args)

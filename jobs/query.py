@@ -24,8 +24,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
-    from cifarcam.queries import connect, run_sql
-    from cifarcam.report_console import rich_table
+    from cifarcam.report import connect, rich_table, run_sql
 
     args = parser().parse_args()
     frame = run_sql(connect(args.run), args.sql)

@@ -47,12 +47,12 @@ def cluster_resources(args: argparse.Namespace) -> dict[str, float]:
 
 
 def dry_run(args: argparse.Namespace) -> None:
-    from cifarcam.config import load_config
-    from cifarcam.planning import plan_search
+    from cifarcam.search import plan_search
+    from cifarcam.training import load_experiment
 
     if args.images_per_s is not None and args.images_per_s <= 0:
         raise ConfigError(f"--images-per-s: must be > 0, got {args.images_per_s:g}")
-    cfg = load_config(args.config)
+    cfg = load_experiment(args.config)
     plan = plan_search(cfg, cluster_resources(args), args.images_per_s)
     for line in plan.lines():
         console.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -62,17 +62,18 @@ def dry_run(args: argparse.Namespace) -> None:
 
 def prepare(args: argparse.Namespace):
     """Everything that can fail without a cluster: config, output folder, data."""
-    from cifarcam.config import check_batch_fits, load_config
+    from cifarcam.config import check_batch_fits
     from cifarcam.data import load_splits
     from cifarcam.results import check_writable
     from cifarcam.search import check_resumable
+    from cifarcam.training import load_experiment
 
-    cfg = load_config(args.config)
+    cfg = load_experiment(args.config)
     out = (args.out or default_out(cfg.name)).resolve()
     check_resumable(cfg, out, args.resume)
     check_writable(out)
     if args.mlflow:
-        from cifarcam.mlflow_log import open_experiment
+        from cifarcam.search import open_experiment
 
         open_experiment(args.mlflow, cfg.name)
     with console.status(f"loading {cfg.data.source} data"):
@@ -83,12 +84,11 @@ def prepare(args: argparse.Namespace):
 
 
 def search(args: argparse.Namespace):
-    from cifarcam.report_console import print_search_summary
-    from cifarcam.search import run_search
+    from cifarcam.search import print_search_summary, run_search
 
     cfg, out, splits = prepare(args)
     if not args.address:  # a local Ray's size is known before it starts: a trial too large fails here
-        from cifarcam.planning import plan_resources
+        from cifarcam.search import plan_resources
 
         plan_resources(cfg, cluster_resources(args))
     connect_ray(args, out)

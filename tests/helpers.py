@@ -169,7 +169,7 @@ def assert_fast_path_matches_pytorch_grad_cam(model, x, labels, layers: list[str
     pytorch-grad-cam's own maps for the same model and images, on the inputs' device."""
     import numpy as np
 
-    from cifarcam.cam import MultiLayerCam, fast_methods, reference_maps
+    from cifarcam.cam.methods import MultiLayerCam, fast_methods, reference_maps
 
     fast = fast_methods()
     with MultiLayerCam(model, layers) as cams:

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from cifarcam.cam import METHODS, MultiLayerCam, method_key, reference_maps
-from cifarcam.cam_settings import CamSettings
+from cifarcam.cam.heatmap_metrics import heatmap_stats
+from cifarcam.cam.methods import METHODS, MultiLayerCam, method_key, reference_maps
+from cifarcam.cam.settings import CamSettings
 from cifarcam.errors import ConfigError
-from cifarcam.heatmap_metrics import heatmap_stats
-from cifarcam.models import FAMILIES, ModelSpec, build_model
+from cifarcam.training.models import FAMILIES, ModelSpec, build_model
 from helpers import assert_fast_path_matches_pytorch_grad_cam
 
 

@@ -5,14 +5,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cifarcam.cam_actor import CamActor, images_table
-from cifarcam.cam_settings import CamSettings, resolve_layers
-from cifarcam.checkpoint import save_checkpoint
+from cifarcam.cam.actor import CamActor, images_table
+from cifarcam.cam.partitions import check_settings
+from cifarcam.cam.settings import CamSettings, resolve_layers
 from cifarcam.config import DataConfig, SyntheticConfig
-from cifarcam.data import load_splits
+from cifarcam.data.splits import load_splits
 from cifarcam.errors import ConfigError
-from cifarcam.models import ModelSpec, build_model, cam_layers
-from cifarcam.partitions import check_settings
+from cifarcam.training.checkpoint import save_checkpoint
+from cifarcam.training.models import ModelSpec, build_model, cam_layers
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_the_runs_stored_predictions_are_the_predicted_class(checkpoint, test_se
 
 def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, checkpoint):
     from cifarcam import results
-    from cifarcam.cam_stage import ModelToExplain, stored_predictions
+    from cifarcam.cam.stage import ModelToExplain, stored_predictions
     from cifarcam.search_tables import ACCURACY, PREDICTIONS
 
     folder, _ = checkpoint
@@ -175,7 +175,7 @@ def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, 
 
 
 def test_two_checkpoints_of_one_family_are_refused(tmp_path, checkpoint):
-    from cifarcam.cam_stage import ModelToExplain, plan
+    from cifarcam.cam.stage import ModelToExplain, plan
 
     folder, spec = checkpoint
     other = save_checkpoint(tmp_path / "other", build_model(spec), spec, {})
@@ -205,14 +205,14 @@ def test_the_command_line_derives_every_cam_default_from_the_settings():
     ],
 )
 def test_actor_layout_fits_the_cluster(cluster, options, expected):
-    from cifarcam.cam_run import actor_layout
+    from cifarcam.cam.runner import actor_layout
 
     layout = actor_layout(cluster, CamSettings(**options))
     assert (layout.actors, layout.gpus_per_actor) == expected
 
 
 def test_actor_options_out_of_range_are_named():
-    from cifarcam.cam_run import actor_layout
+    from cifarcam.cam.runner import actor_layout
 
     with pytest.raises(ConfigError, match=r"^--actors 2: at most 1 CPU actors fit this 2-CPU cluster"):
         actor_layout({"CPU": 2}, CamSettings(actors=2))
@@ -229,7 +229,7 @@ def test_actor_options_out_of_range_are_named():
 def test_a_worker_given_no_gpu_stays_on_the_cpu_where_cuda_is_visible(checkpoint, test_set, monkeypatch):
     """Ray 2.60 leaves every GPU visible to an actor or task that asked for none (ray#54868): the
     driver names the device, and a CPU actor or sanity task must not pick CUDA by itself."""
-    from cifarcam.sanity import check_checkpoint
+    from cifarcam.cam.sanity import check_checkpoint
 
     folder, spec = checkpoint
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what such a worker sees on a GPU node

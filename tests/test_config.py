@@ -1,9 +1,12 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cifarcam.config import TrainConfig, load_config, trial_config
 from cifarcam.errors import ConfigError
+from cifarcam.training import load_experiment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,8 +51,16 @@ def test_paper_config_is_the_papers_study():
 )
 def test_bad_configs_give_one_line_errors(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
-        load_config(_write(tmp_path, text))
+        load_experiment(_write(tmp_path, text))
     assert "\n" not in str(info.value)
+
+
+def test_reading_a_config_imports_no_torch():
+    """The report reads a run's config.yaml; only the names (models, optimizers) need the training
+    stage, which load_experiment adds."""
+    probe = "import sys; from cifarcam.config import load_config; load_config('configs/paper.yaml'); print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_trial_picks_override_and_are_type_checked():

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from cifarcam.config import DataConfig, SyntheticConfig
-from cifarcam.data import ImageSet, load_splits, stratified_split
+from cifarcam.data.splits import ImageSet, load_splits, stratified_split
+from cifarcam.data.synthetic import make_synthetic
 from cifarcam.errors import DataError
-from cifarcam.synthetic import make_synthetic
 
 
 def test_split_is_stratified_disjoint_and_seeded():

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cifarcam.config import TrainConfig
-from cifarcam.loader import DeviceLoader
-from cifarcam.models import ModelSpec, build_model
-from cifarcam.train import evaluate, fit
+from cifarcam.training.loader import DeviceLoader
+from cifarcam.training.models import ModelSpec, build_model
+from cifarcam.training.train import evaluate, fit
 
 WORLD = 2
 VAL_SIZES = [1025, 1]

@@ -17,14 +17,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from cifarcam.cam import MultiLayerCam, fast_methods
+from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map
+from cifarcam.cam.heatmap_metrics import constant_maps, heatmap_stats, localisation
+from cifarcam.cam.methods import MultiLayerCam, fast_methods
 from cifarcam.config import TrainConfig
-from cifarcam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map
-from cifarcam.heatmap_metrics import constant_maps, heatmap_stats, localisation
-from cifarcam.loader import DeviceLoader
-from cifarcam.models import FAMILIES, ModelSpec, build_model, cam_layers
-from cifarcam.optim import build_optimizer, build_scheduler
-from cifarcam.train import evaluation_totals, predictions_on_device, train_epoch
+from cifarcam.training.loader import DeviceLoader
+from cifarcam.training.models import FAMILIES, ModelSpec, build_model, cam_layers
+from cifarcam.training.optim import build_optimizer, build_scheduler
+from cifarcam.training.train import evaluation_totals, predictions_on_device, train_epoch
 
 META = torch.device("meta")
 FAMILIES_TESTED = ["resnet_tiny", "mobilenetv3_small", "swin"]

@@ -22,10 +22,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cifarcam.config import DataConfig, TrainConfig
-from cifarcam.data import load_splits
-from cifarcam.loader import DeviceLoader, to_model_input
-from cifarcam.models import FAMILIES, ModelSpec, build_model
-from cifarcam.train import evaluate, fit, predict
+from cifarcam.data.splits import load_splits
+from cifarcam.training.loader import DeviceLoader, to_model_input
+from cifarcam.training.models import FAMILIES, ModelSpec, build_model
+from cifarcam.training.train import evaluate, fit, predict
 from helpers import assert_fast_path_matches_pytorch_grad_cam, run_job, write_config
 
 DEVICE = torch.device(os.environ.get("CIFARCAM_CHECK_DEVICE", "cuda"))

@@ -295,8 +295,8 @@ def test_bad_cam_options_fail_before_the_search(options, expected, tmp_path, exi
 def run_with_checkpoints(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A run folder (config only) plus a 100-class checkpoint and one whose weights belong to
     another model than its meta.json says: what a mixed-up checkpoint folder looks like."""
-    from cifarcam.checkpoint import save_checkpoint
-    from cifarcam.models import ModelSpec, build_model
+    from cifarcam.training.checkpoint import save_checkpoint
+    from cifarcam.training.models import ModelSpec, build_model
 
     run = tmp_path / "run"
     run.mkdir()
@@ -359,8 +359,8 @@ def test_help_explains_every_option():
 def test_maps_of_another_checkpoint_are_refused_before_any_work(demo_run, tmp_path, capsys):
     """cams/ holds the run's best resnet_tiny; explaining another resnet_tiny checkpoint into the
     same run would mix two models' maps under one name."""
-    from cifarcam.checkpoint import save_checkpoint
-    from cifarcam.models import ModelSpec, build_model
+    from cifarcam.training.checkpoint import save_checkpoint
+    from cifarcam.training.models import ModelSpec, build_model
 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("report", ".staging"))

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifarcam.data import CIFAR_MEAN, CIFAR_STD
+from cifarcam.data.splits import CIFAR_MEAN, CIFAR_STD
 from cifarcam.errors import ConfigError
-from cifarcam.loader import DeviceLoader
+from cifarcam.training.loader import DeviceLoader
 
 
 def _images(n=64):

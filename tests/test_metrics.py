@@ -2,8 +2,8 @@
 
 import torch
 
-from cifarcam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map, sample
-from cifarcam.heatmap_metrics import constant_maps, localisation
+from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map, sample
+from cifarcam.cam.heatmap_metrics import constant_maps, localisation
 
 
 class _LooksAtTopLeft(torch.nn.Module):
@@ -76,7 +76,7 @@ def test_the_sample_is_seeded_and_sized():
 
 def test_chunked_forward_passes_give_the_same_curves(monkeypatch):
     """Inputs are built one chunk at a time (bounded memory); the chunk size must not matter."""
-    import cifarcam.faithfulness as faithfulness
+    import cifarcam.cam.faithfulness as faithfulness
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()

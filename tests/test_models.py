@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cifarcam.errors import ConfigError, DataError
-from cifarcam.models import FAMILIES, PAPER_FAMILIES, ModelSpec, build_model, cam_layers, count_params
+from cifarcam.training.models import FAMILIES, PAPER_FAMILIES, ModelSpec, build_model, cam_layers, count_params
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

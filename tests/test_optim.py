@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cifarcam.config import TrainConfig
-from cifarcam.optim import build_optimizer, build_scheduler
+from cifarcam.training.optim import build_optimizer, build_scheduler
 
 
 def _lrs(scheduler_name, steps_per_epoch=10, **kw):

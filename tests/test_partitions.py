@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifarcam import partitions
-from cifarcam.cam import METHODS
-from cifarcam.checkpoint import save_checkpoint
+from cifarcam.cam import partitions
+from cifarcam.cam.methods import METHODS
+from cifarcam.cam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, read_marker, regroup
 from cifarcam.errors import ConfigError
-from cifarcam.models import ModelSpec, build_model
-from cifarcam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, read_marker, regroup
+from cifarcam.training.checkpoint import save_checkpoint
+from cifarcam.training.models import ModelSpec, build_model
 
 KEYS = ("model", "layer", "method")
 NAMES = [("resnet_tiny", "layer3", method) for method in METHODS] + [

@@ -7,8 +7,8 @@ import duckdb
 import numpy as np
 
 from cifarcam.config import load_config
-from cifarcam.data import load_splits
-from cifarcam.models import FAMILIES
+from cifarcam.data.splits import load_splits
+from cifarcam.training.models import FAMILIES
 from helpers import ROOT, demo_cam_options, run_job
 
 CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"

@@ -10,7 +10,7 @@ import pytest
 
 from cifarcam.config import load_config
 from cifarcam.errors import ConfigError
-from cifarcam.placement_watch import PlacementWatch, SearchStalled, cluster_summary, describe, poll_interval, train_start_timeout, worker_bundle
+from cifarcam.search.placement_watch import PlacementWatch, SearchStalled, cluster_summary, describe, poll_interval, train_start_timeout, worker_bundle
 
 
 def group(state: str, *bundles: dict[str, float], job: str = "02000000") -> dict:

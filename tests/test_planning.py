@@ -5,7 +5,7 @@ from ray.tune.schedulers.async_hyperband import _Bracket
 
 from cifarcam.config import load_config
 from cifarcam.errors import ConfigError
-from cifarcam.planning import asha_rungs, expected_epochs_per_trial, plan_resources, plan_search
+from cifarcam.search.planning import asha_rungs, expected_epochs_per_trial, plan_resources, plan_search
 from helpers import ROOT, run_job
 
 PAPER = ROOT / "configs" / "paper.yaml"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from cifarcam.progress import SearchProgress
+from cifarcam.search.progress import SearchProgress
 
 
 def _trial(trial_id: str, error_file: str | None = None) -> SimpleNamespace:

@@ -7,7 +7,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from cifarcam.queries import connect, run_sql
+from cifarcam.report.views import connect, run_sql
 from helpers import ROOT, run_job
 
 SECTIONS = [
@@ -101,7 +101,7 @@ def test_the_reports_words_follow_its_numbers(demo_run):
 def test_the_papers_accuracies_stand_beside_ours_for_cifar100_only():
     import pandas as pd
 
-    from cifarcam.report import with_paper_columns
+    from cifarcam.report.writer import with_paper_columns
 
     frame = pd.DataFrame({"model": ["resnet50", "swin", "resnet_tiny"], "test_top1": [0.5, 0.4, 0.3]})
     paper = with_paper_columns(frame, "cifar100")

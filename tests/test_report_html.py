@@ -18,7 +18,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from cifarcam.report_html import FILTERS, GALLERY_PER_OUTCOME
+from cifarcam.report.html import FILTERS, GALLERY_PER_OUTCOME
 from helpers import run_job
 
 CHROMIUM = Path("/usr/bin/chromium")

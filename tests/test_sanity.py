@@ -6,10 +6,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from cifarcam import cam
-from cifarcam.cam import CamMethod
-from cifarcam.models import ModelSpec, build_model
-from cifarcam.sanity import FAIL_SPEARMAN, cascade, randomisation_rows, spearman
+from cifarcam.cam import methods
+from cifarcam.cam.methods import CamMethod
+from cifarcam.cam.sanity import cascade, randomisation_rows, spearman
+from cifarcam.results import FAIL_SPEARMAN
+from cifarcam.training.models import ModelSpec, build_model
 
 
 def test_the_cascade_goes_top_down_from_the_head():
@@ -24,7 +25,7 @@ def test_the_cascade_goes_top_down_from_the_head():
 def test_the_cascade_covers_the_blocks_between_cam_layers():
     """mobilenetv3_small's CAM layers are blocks.1, .3 and .5: blocks.2 and .4 (and the stem) must
     be randomised too, or the check would compare maps of a partly trained model."""
-    from cifarcam.models import FAMILIES
+    from cifarcam.training.models import FAMILIES
 
     model = build_model(ModelSpec("mobilenetv3_small", 10))
     steps = cascade(model, list(FAMILIES["mobilenetv3_small"].cam_layers), torch.zeros(1, 3, 32, 32))
@@ -46,7 +47,7 @@ def test_spearman_matches_scipy_with_ties():
 def test_a_map_blind_to_the_weights_above_fails_and_gradcam_passes(monkeypatch):
     """An activation-only map ignores every layer above its own: randomising them leaves it
     unchanged (the check fails). Grad-CAM's gradients come from those layers: it changes."""
-    monkeypatch.setitem(cam.METHODS, "activations", CamMethod("activations", reference="none", fast=lambda a, g: a.sum(1)))
+    monkeypatch.setitem(methods.METHODS, "activations", CamMethod("activations", reference="none", fast=lambda a, g: a.sum(1)))
     torch.manual_seed(0)
     model = build_model(ModelSpec("resnet_tiny", 10)).eval()
     x = torch.randn(16, 3, 32, 32)

@@ -189,7 +189,7 @@ def test_accuracy_and_predictions_agree(search_run):
 
 
 def test_checkpoint_rebuilds_from_its_meta_alone(search_run):
-    from cifarcam.checkpoint import load_model
+    from cifarcam.training.checkpoint import load_model
 
     out, *_ = search_run
     ckpt = duckdb.sql(f"select checkpoint from '{out}/accuracy.parquet'").fetchall()[0][0]

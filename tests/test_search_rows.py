@@ -7,11 +7,11 @@ from types import SimpleNamespace
 from ray.tune.schedulers import TrialScheduler
 from torch import nn
 
-from cifarcam.best_trials import best_per_model
-from cifarcam.checkpoint import save_checkpoint
-from cifarcam.models import ModelSpec
-from cifarcam.resumable_asha import ResumableASHA
+from cifarcam.search.best_trials import best_per_model
+from cifarcam.search.resumable_asha import ResumableASHA
 from cifarcam.search_tables import TrialRow
+from cifarcam.training.checkpoint import save_checkpoint
+from cifarcam.training.models import ModelSpec
 
 _ROW = TrialRow(
     trial_id="",
@@ -57,7 +57,7 @@ def _asha_decisions(reports: list[tuple[str, int, float]]) -> list[str]:
     from types import SimpleNamespace
 
     from cifarcam.config import ExperimentConfig, SearchConfig, TrainConfig
-    from cifarcam.tuner import early_stopper
+    from cifarcam.search.tuner import early_stopper
 
     cfg = ExperimentConfig(train=TrainConfig(epochs=4), search=SearchConfig(grace_period=1, reduction_factor=2))
     asha = early_stopper(cfg)
@@ -162,10 +162,10 @@ def test_a_trial_without_reports_falls_back_to_its_checkpoints(tmp_path):
     reported nothing. The trial is still completed, with its epochs and best checkpoint."""
     from types import SimpleNamespace
 
-    from cifarcam.checkpoint import save_checkpoint
     from cifarcam.config import ExperimentConfig, SearchConfig, TrainConfig
-    from cifarcam.models import ModelSpec, build_model
-    from cifarcam.tune_rows import trial_rows
+    from cifarcam.search.tune_rows import trial_rows
+    from cifarcam.training.checkpoint import save_checkpoint
+    from cifarcam.training.models import ModelSpec, build_model
 
     spec = ModelSpec("resnet_tiny", 10)
     model = build_model(spec)

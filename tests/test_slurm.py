@@ -138,7 +138,7 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     assert {name.removeprefix("trial_") for name in trials_before} <= trial_ids and len(trial_ids) == 2
     assert len(list(train.glob("trial_*"))) == 2
     # no epoch lost or counted twice across the two attempts; ASHA kept the good trial
-    # only: its rungs, which Ray forgets, refilled from the checkpoints (cifarcam.resumable_asha)
+    # only: its rungs, which Ray forgets, refilled from the checkpoints (cifarcam.search.resumable_asha)
     rows = duckdb.sql(f"select trial_id, list(epoch order by epoch) from '{run}/epochs.parquet' group by trial_id order by trial_id").fetchall()
     assert sorted(epochs for _, epochs in rows) == [[1], [1, 2]]
     assert duckdb.sql(f"select lr, status from '{run}/trials.parquet' order by lr").fetchall() == [(1e-6, "stopped_early"), (0.004, "completed")]

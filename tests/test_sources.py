@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cifarcam import sources
 from cifarcam.config import DataConfig
-from cifarcam.data import load_splits
+from cifarcam.data import sources
+from cifarcam.data.splits import load_splits
 from cifarcam.errors import DataError
 
 FINE_LABELS_TEST20 = [49, 33, 72, 51, 71, 92, 15, 14, 23, 0, 71, 75, 81, 69, 40, 43, 92, 97, 70, 53]

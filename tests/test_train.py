@@ -1,10 +1,10 @@
 import math
 
 from cifarcam.config import DataConfig, TrainConfig
-from cifarcam.data import load_splits
-from cifarcam.loader import DeviceLoader
-from cifarcam.models import ModelSpec, build_model
-from cifarcam.train import fit
+from cifarcam.data.splits import load_splits
+from cifarcam.training.loader import DeviceLoader
+from cifarcam.training.models import ModelSpec, build_model
+from cifarcam.training.train import fit
 
 
 def test_nan_loss_ends_training_with_a_diverged_status():
@@ -24,7 +24,7 @@ def test_nan_loss_ends_training_with_a_diverged_status():
 
 
 def test_resume_continues_from_the_saved_epoch(tmp_path):
-    from cifarcam.checkpoint import load_train_state, load_weights, save_checkpoint
+    from cifarcam.training.checkpoint import load_train_state, load_weights, save_checkpoint
 
     splits = load_splits(DataConfig())
     cfg = TrainConfig(model="resnet_tiny", epochs=2, lr=0.003)

@@ -1,0 +1,180 @@
+"""The CAM stage's actor and the Arrow rows it reads and writes (plain Python: Ray Data calls it,
+tests and benchmarks call it in-process).
+
+In: ``images_table`` rows (image, label, the run's stored prediction, object mask, whether the
+image is in the faithfulness sample). Out: one row per image x layer x method x target with the
+heatmap, its statistics (``heatmap_metrics``) and its faithfulness (``faithfulness``), in
+``results.CAMS`` plus the partition columns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cifarcam import results
+from cifarcam.cam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion, seeded_noise
+from cifarcam.cam.faithfulness import sample as faithfulness_sample
+from cifarcam.cam.heatmap_metrics import constant_maps, heatmap_stats, localisation
+from cifarcam.cam.methods import MultiLayerCam
+from cifarcam.cam.settings import CamSettings
+from cifarcam.data import ImageSet
+from cifarcam.training import FAMILIES, CamLayer, ModelSpec, load_model, to_model_input
+
+SIDE = results.HEATMAP_SIZE  # the stored images' side: heatmaps are stored at their resolution
+OUTPUT_SCHEMA = pa.schema(list(results.CAMS) + [pa.field(name, pa.string()) for name in results.CAM_PARTITIONS])
+
+
+def images_table(test: ImageSet, pred: np.ndarray | None = None, faithfulness: FaithfulnessSettings | None = None) -> pa.Table:
+    """The test set as Arrow rows; ``pred``: the run's stored predicted class per image, if any;
+    ``faithfulness``: marks its seeded sample of rows."""
+    n = len(test)
+    in_sample = faithfulness_sample(n, faithfulness) if faithfulness is not None and faithfulness.enabled else np.zeros(n, bool)
+    image = pa.FixedSizeListArray.from_arrays(pa.array(test.images.reshape(-1), pa.uint8()), SIDE * SIDE * 3)
+    if test.masks is not None:
+        mask = pa.FixedSizeListArray.from_arrays(pa.array(test.masks.reshape(-1).astype(np.uint8), pa.uint8()), SIDE * SIDE)
+    else:
+        mask = pa.nulls(n, pa.list_(pa.uint8(), SIDE * SIDE))
+    pred_column = pa.array(pred, pa.int64()) if pred is not None else pa.nulls(n, pa.int64())
+    return pa.table({"image_index": test.index, "label": test.labels, "pred": pred_column, "image": image, "mask": mask, "faithfulness": in_sample})
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """An ``images_table`` batch on the device."""
+
+    image_index: np.ndarray
+    images: torch.Tensor  # (B, SIDE, SIDE, 3) uint8
+    labels: torch.Tensor
+    pred: torch.Tensor | None  # the run's stored predictions, or None to take this forward's
+    masks: torch.Tensor | None  # (B, SIDE, SIDE) bool
+    in_sample: np.ndarray  # (B,) bool: in the faithfulness sample
+
+
+def _list_column(batch: pa.Table, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    values = batch.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(values.reshape(shape).copy()).to(device)  # Arrow buffers are read-only
+
+
+def _decode(batch: pa.Table, device: torch.device) -> _Batch:
+    n = batch.num_rows
+    stored, mask = batch.column("pred"), batch.column("mask")
+    return _Batch(
+        image_index=batch.column("image_index").to_numpy(),
+        images=_list_column(batch, "image", (n, SIDE, SIDE, 3), device),
+        labels=torch.from_numpy(batch.column("label").to_numpy().astype(np.int64)).to(device),
+        pred=torch.from_numpy(stored.to_numpy().astype(np.int64)).to(device) if stored.null_count == 0 else None,
+        masks=_list_column(batch, "mask", (n, SIDE, SIDE), device) > 0 if mask.null_count == 0 else None,
+        in_sample=batch.column("faithfulness").to_numpy(zero_copy_only=False).astype(bool),
+    )
+
+
+def _nullable(name: str, values: np.ndarray, null: np.ndarray) -> pa.Array:
+    return pa.array(values, type=OUTPUT_SCHEMA.field(name).type, mask=null)
+
+
+def _table(columns: dict[str, Any], n: int) -> pa.Table:
+    """``columns`` as an OUTPUT_SCHEMA table; the columns not given are null."""
+    return pa.Table.from_pydict({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
+
+
+class CamActor:
+    """A Ray Data actor: loads one checkpoint and its hooks once, then explains batches."""
+
+    def __init__(self, checkpoint: str, run: str, settings: CamSettings, layers: list[CamLayer], progress: Any = None, device: str | None = None) -> None:
+        # The driver names the device: Ray 2.60 no longer hides the GPUs from an actor that asked
+        # for none (ray-project/ray#54868), so CUDA being visible says nothing. None: CUDA if any.
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, meta = load_model(checkpoint, self.device)
+        self.spec = ModelSpec(**meta["model"])
+        self.run, self.settings, self.layers = run, settings, layers
+        for layer in layers:
+            if layer.degenerate:
+                warnings.warn(layer.degenerate_warning(self.spec), stacklevel=1)
+        self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], FAMILIES[self.spec.family].channels_last_output)
+        self.progress = progress  # an ImageCounter actor, or None
+
+    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, chosen: np.ndarray, maps: dict, constant: dict) -> tuple[dict, dict]:
+        """Deletion and insertion AUCs for the sampled ``rows`` (NaN for the others, and for
+        constant maps), whose image indices are ``chosen``: (baseline column -> (B,) array,
+        map key -> (deletion, insertion))."""
+        n, f = len(x), self.settings.faithfulness
+        xs, cs = x[rows], classes[rows]
+        # sigma is in CIFAR pixels: at input_size 224 the image is 7x larger, and so is the blur
+        fill = blurred(xs, f.blur_sigma * x.shape[-1] / SIDE)
+        # The random baseline and the tie-break noise are functions of the image alone (its index
+        # and the seed): the same whichever actor, batch or job computes them.
+        random_map = seeded_noise(chosen, f.seed, SIDE).to(x.device)
+        tie_break = seeded_noise(chosen, f.seed + 1, SIDE).to(x.device)
+
+        def scores(heat: torch.Tensor) -> torch.Tensor:
+            full = torch.full((2, n), float("nan"), device=x.device)
+            if len(rows):
+                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill, tie_break))
+            return full
+
+        baselines = {}
+        for name, heat in baseline_maps(xs, f, random_map).items():
+            deletion, insertion = scores(heat).cpu().numpy()
+            baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = deletion, insertion
+        per_map = {}
+        for key, heat in maps.items():
+            full = torch.where(constant[key], float("nan"), scores(heat[rows]))  # no boolean-mask indexing: no host sync
+            per_map[key] = tuple(full.cpu().numpy())
+        return baselines, per_map
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n, b = batch.num_rows, _decode(batch, self.device)
+        x = to_model_input(b.images, self.spec.input_size)
+        # One source of truth for the predicted class: the run's predictions.parquet where it
+        # covers this checkpoint (its precision and batch shapes may differ from this forward's,
+        # which can flip near-ties); this forward's argmax only for checkpoints outside the run.
+        targets = {kind: (b.pred if kind == "pred" else b.labels) for kind in self.settings.targets}
+        out = self.cams(x, targets, list(self.settings.methods), SIDE)
+        pred = out.logits.argmax(1) if b.pred is None else b.pred
+        probs = out.logits.float().softmax(1)
+        sample_index = np.flatnonzero(b.in_sample)
+        sample_rows = torch.from_numpy(sample_index).to(self.device)
+        layer_of = {layer.name: layer for layer in self.layers}
+        constant = {key: constant_maps(spread, layer_of[key[1]].height, layer_of[key[1]].width) for key, spread in out.raw_peak.items()}
+        shared = {"image_index": b.image_index, "label": b.labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == b.labels).cpu().numpy()}
+        parts = []
+        for kind in self.settings.targets:
+            classes = pred if kind == "pred" else b.labels
+            target = {"target": [kind] * n, "target_class": classes.cpu().numpy(), "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy()}
+            faithful = kind == "pred" and self.settings.faithfulness.enabled
+            kind_maps = {key: heat for key, heat in out.maps.items() if key[0] == kind}
+            baselines, per_map = self._faithfulness(x, classes, sample_rows, b.image_index[sample_index], kind_maps, constant) if faithful else ({}, {})
+            for layer in self.layers:
+                for method in self.settings.methods:
+                    key = (kind, layer.name, method)
+                    heat, null = out.maps[key], constant[key].cpu().numpy()
+                    measured = heatmap_stats(heat) | (localisation(heat, b.masks) if b.masks is not None else {})
+                    columns = {
+                        **shared,
+                        **target,
+                        "run": [self.run] * n,
+                        "model": [self.spec.family] * n,
+                        "layer": [layer.name] * n,
+                        "method": [method] * n,
+                        "layer_h": [layer.height] * n,
+                        "layer_w": [layer.width] * n,
+                        "low_res_layer": [layer.degenerate] * n,
+                        "heatmap": list((heat * 255).round().to(torch.uint8).flatten(1).cpu().numpy()),
+                        "degenerate": null,
+                        # a constant map has no peak, spread or object overlap: null, not 0
+                        **{name: _nullable(name, values.cpu().numpy(), null & (name != "object_area")) for name, values in measured.items()},
+                        "faithfulness_sample": b.in_sample & faithful,
+                    }
+                    if faithful:
+                        auc = dict(zip(("deletion_auc", "insertion_auc"), per_map[key], strict=False)) | baselines
+                        columns |= {name: _nullable(name, values, np.isnan(values)) for name, values in auc.items()}
+                    parts.append(_table(columns, n))
+        if self.progress is not None:
+            self.progress.add.remote(n)  # fire and forget: the driver polls the total
+        return pa.concat_tables(parts)

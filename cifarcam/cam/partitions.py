@@ -1,0 +1,283 @@
+"""CAM partitions on disk: names, completion markers, the run's lock, per-job staging, publishing.
+
+Layout: ``cams/model=<m>/layer=<l>/method=<k>/part-<i>.parquet`` plus ``_COMPLETE.json``. Values
+are URI-encoded exactly as pyarrow's hive writer encodes them (``method=gradcam%2B%2B``), which
+DuckDB, pandas and pyarrow decode back to ``gradcam++``.
+
+A partition is complete only when its marker is there and every file the marker lists exists:
+a folder without one (a crash mid-copy, an older version's output) is recomputed. The marker
+also names the checkpoint (path and SHA-256 of its weights) the maps came from, so maps of one
+checkpoint never pass for another's.
+
+Two jobs may explain one run at once (other methods, other layers) and a killed job's rerun may
+start while nothing else runs: each job writes only under its own staging folder, held by a lock
+that dies with its process, and plan and publish run under the run's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import urllib.parse
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
+
+from cifarcam.errors import ConfigError
+from cifarcam.results import write_text_atomic
+from cifarcam.run_layout import RunLayout
+
+MARKER = "_COMPLETE.json"
+CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
+SETTINGS = "_settings.json"  # in cams/: how every partition there was computed
+LOCK_MODE = 0o666  # lock files others in a shared project folder can take too
+MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
+
+
+def encode(value: str) -> str:
+    """A hive partition value as pyarrow writes it (everything but letters, digits and ``-._~``
+    is %-escaped)."""
+    return urllib.parse.quote(value, safe="")
+
+
+def model_dir(cams_dir: Path, model: str) -> Path:
+    return cams_dir / f"model={encode(model)}"
+
+
+def partition_dir(cams_dir: Path, model: str, layer: str, method: str) -> Path:
+    return model_dir(cams_dir, model) / f"layer={encode(layer)}" / f"method={encode(method)}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a partition's maps were computed from."""
+
+    checkpoint: str
+    weights_sha256: str
+
+    @classmethod
+    def of(cls, checkpoint: str | Path) -> Source:
+        from cifarcam.training import MODEL_FILE
+
+        digest = hashlib.sha256()
+        with open(Path(checkpoint) / MODEL_FILE, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return cls(str(Path(checkpoint).resolve()), digest.hexdigest())
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The partition's marker when the partition is complete (every listed file present), else None."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    files = marker.get("files") or []
+    return marker if files and all((folder / name).is_file() for name in files) else None
+
+
+def _refuse_other_source(folder: Path, recorded: dict, source: Source, model_dir: Path) -> None:
+    if recorded.get("weights_sha256") != source.weights_sha256:
+        raise ConfigError(
+            f"{folder}: computed from checkpoint {recorded.get('checkpoint')} (weights sha256 {str(recorded.get('weights_sha256'))[:12]}), "
+            f"not {source.checkpoint} (sha256 {source.weights_sha256[:12]}); remove {model_dir} to explain the new checkpoint, or use another --run"
+        )
+
+
+def is_complete(folder: Path, source: Source) -> bool:
+    """Complete and computed from ``source``'s weights; complete from other weights is an error."""
+    marker = read_marker(folder)
+    if marker is None:
+        return False
+    _refuse_other_source(folder, marker.get("source") or {}, source, folder.parent.parent)
+    return True
+
+
+def claim_model(folder: Path, source: Source) -> None:
+    """Tie a ``model=<m>/`` folder to one checkpoint before computing (the run's lock must be
+    held): every partition already there, and any job planning later, must agree on the weights."""
+    claim = folder / CLAIM
+    if claim.is_file():
+        _refuse_other_source(folder, json.loads(claim.read_text()), source, folder)
+    for partition in sorted(folder.glob("layer=*/method=*")):
+        is_complete(partition, source)
+    write_text_atomic(claim, json.dumps(asdict(source), indent=2))
+
+
+def check_settings(cams_dir: Path, settings: dict) -> None:
+    """Existing partitions are reused only when they were computed the same way: the first job
+    records ``settings`` in ``cams/_settings.json``, every later one must match it."""
+    path = cams_dir / SETTINGS
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            raise ConfigError(f"{cams_dir}: computed with {saved}, now asked for {settings}; use the same settings or remove {cams_dir}")
+    else:
+        write_text_atomic(path, json.dumps(settings))
+
+
+def run_lock(run_dir: Path) -> FileLock:
+    """Held while a job plans what is missing, while it publishes, and while staging folders come
+    and go (never nested: a second lock object on the same file in one thread raises)."""
+    cams = RunLayout(run_dir).cams
+    cams.mkdir(parents=True, exist_ok=True)
+    return FileLock(cams / ".lock", mode=LOCK_MODE)
+
+
+class Staging:
+    """This job's own folder under ``run/.staging``, locked for as long as the job lives.
+
+    A folder whose lock nobody holds, or that has no lock file at all (a live job creates its lock
+    before its folder), belongs to a job that died: ``sweep`` removes it. A live job's folder is
+    never touched. Folders come and go under the run's lock, so that one job's removal of the
+    empty ``.staging`` cannot race another's start."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.root = run_dir / ".staging"
+        self.folder = self.root / f"cams-{uuid.uuid4().hex}"
+        self._lock = FileLock(self.folder.with_suffix(".lock"), mode=LOCK_MODE)
+        with run_lock(run_dir):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+            self.folder.mkdir()
+
+    def sweep(self) -> list[Path]:
+        """Remove what dead jobs left; returns the folders removed."""
+        removed = []
+        with run_lock(self.run_dir):
+            for folder in sorted(p for p in self.root.glob("cams-*") if p.is_dir() and p != self.folder):
+                lock_path = folder.with_suffix(".lock")
+                if lock_path.exists():
+                    lock = FileLock(lock_path, mode=LOCK_MODE)
+                    try:
+                        lock.acquire(timeout=0)
+                    except (Timeout, OSError):
+                        continue  # a live job's (or one this user may not judge)
+                    lock.release()
+                    lock_path.unlink(missing_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        return removed
+
+    def regroup_and_publish(self, raw: Path, keys: tuple[str, ...], wanted: set[tuple[str, ...]], source: Source, settings: dict) -> tuple[list[Path], int]:
+        """Regroup the Parquet files in ``raw`` (unpartitioned rows, e.g. Ray Data's write) into
+        partitions by ``keys`` and publish those whose key values are ``wanted`` under
+        ``run/cams``; the others were computed alongside (the published copy stands). Returns
+        (partitions published, partitions another job published meanwhile). ``raw`` is removed."""
+        parts = self.folder / "parts"
+        staged = regroup(sorted(raw.glob("*.parquet")), parts, keys, source, settings)
+        shutil.rmtree(raw)
+        wanted_folders = {parts.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key, strict=False))) for key in wanted}
+        written, skipped = [], 0
+        with run_lock(self.run_dir):
+            for folder in sorted(f for f in staged if f in wanted_folders):
+                target = RunLayout(self.run_dir).cams / folder.relative_to(parts)
+                if publish(folder, target, source, self.folder / "trash"):
+                    written.append(target)
+                else:
+                    skipped += 1
+        shutil.rmtree(parts, ignore_errors=True)
+        return written, skipped
+
+    def close(self) -> None:
+        with run_lock(self.run_dir):
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._lock.release()
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            try:
+                self.root.rmdir()  # only when no other job stages here
+            except OSError:
+                pass
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _PartitionFiles:
+    """The files of one partition being written: at most MAX_ROWS_PER_FILE rows each."""
+
+    folder: Path
+    metadata: dict[str, str]  # each file's schema metadata: how its rows were computed
+    files: list[str] = field(default_factory=list)
+    writer: pq.ParquetWriter | None = None
+    rows_in_file: int = 0
+    rows: int = 0
+
+    def write(self, part: pa.Table) -> None:
+        part = part.replace_schema_metadata(self.metadata)
+        if self.writer is None or self.rows_in_file + part.num_rows > MAX_ROWS_PER_FILE:
+            self.close()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.files.append(f"part-{len(self.files)}.parquet")
+            self.writer, self.rows_in_file = pq.ParquetWriter(self.folder / self.files[-1], part.schema), 0
+        self.writer.write_table(part)
+        self.rows_in_file += part.num_rows
+        self.rows += part.num_rows
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source: Source, settings: dict) -> list[Path]:
+    """Rewrite rows from ``raw_files`` (any mix of partitions) as one folder per value of ``keys``
+    under ``out_root``, with at most MAX_ROWS_PER_FILE rows a file and a marker in each folder.
+
+    One pass over the input, one writer open per partition: a partition of the full test set is
+    one file, whatever the number of blocks Ray Data wrote. Each file's schema metadata carries
+    ``settings`` and ``source`` (JSON), so a file copied elsewhere still says how it was made."""
+    partitions: dict[tuple[str, ...], _PartitionFiles] = {}
+    try:
+        for raw in raw_files:
+            table = pq.read_table(raw)
+            for key, part in _split(table, keys):
+                if key not in partitions:
+                    folder = out_root.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key, strict=False)))
+                    partitions[key] = _PartitionFiles(folder, {"cifarcam_settings": json.dumps(settings), "cifarcam_source": json.dumps(asdict(source))})
+                partitions[key].write(part.drop_columns(list(keys)))
+    finally:
+        for partition in partitions.values():
+            partition.close()
+    for partition in partitions.values():
+        marker = {"files": partition.files, "rows": partition.rows, "source": asdict(source), "settings": settings}
+        write_text_atomic(partition.folder / MARKER, json.dumps(marker, indent=2))
+    return [partition.folder for partition in partitions.values()]
+
+
+def _split(table: pa.Table, keys: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], pa.Table]]:
+    import pyarrow.compute as pc
+
+    groups = table.group_by(list(keys)).aggregate([]).to_pylist()
+    for group in groups:
+        mask = None
+        for k in keys:
+            match = pc.equal(table[k], group[k])
+            mask = match if mask is None else pc.and_(mask, match)
+        yield tuple(group[k] for k in keys), table.filter(mask)
+
+
+def publish(staged: Path, target: Path, source: Source, trash: Path) -> bool:
+    """Move one staged partition into place; the run's lock must be held. False when another job
+    published it meanwhile (the staged copy is dropped). An incomplete folder in the way (no
+    marker) is moved aside first, then the rename: readers see the old folder or the new one."""
+    if is_complete(target, source):
+        shutil.rmtree(staged, ignore_errors=True)
+        return False
+    if target.exists():
+        trash.mkdir(parents=True, exist_ok=True)
+        target.rename(trash / uuid.uuid4().hex)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged.rename(target)
+    return True

@@ -1,0 +1,158 @@
+"""The CAM stage of one run folder, as ``jobs.cam`` and ``jobs.pipeline`` run it: which checkpoints
+to explain, how many actors the cluster holds, the maps (``cam_stage``), then the randomisation
+sanity check. Everything that can fail is checked before any cluster time; Ray is started (or
+joined) through ``connect`` only when something is left to compute.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from cifarcam.cam.settings import CamSettings, resolve_layers
+from cifarcam.errors import ConfigError, UserError
+from cifarcam.ray_logs import mark_work_started
+from cifarcam.run_layout import RunLayout
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cifarcam.cam.stage import ModelPlan, ModelToExplain
+    from cifarcam.config import ExperimentConfig
+    from cifarcam.data import ImageSet
+
+
+def check_layers(cfg: ExperimentConfig, settings: CamSettings) -> None:
+    """Every --layers name exists in every model the search may train: checked before the search."""
+    from cifarcam.config import searched_models
+    from cifarcam.training import ModelSpec
+
+    if settings.layers is not None:
+        for family in searched_models(cfg):  # layer names do not depend on the class count
+            resolve_layers(ModelSpec(family, 10, cfg.train.stem, cfg.train.input_size), settings.layers, f"model {family}")
+
+
+def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes: int) -> list[ModelToExplain]:
+    """The checkpoints to explain (default: each family's best in accuracy.parquet), each checked
+    against the run's dataset before any cluster time."""
+    import duckdb
+
+    from cifarcam.cam.stage import ModelToExplain
+    from cifarcam.training import check_weights, read_meta
+
+    if checkpoints:
+        chosen = [(read_meta(c)["model"]["family"], str(c)) for c in checkpoints]
+    else:
+        table = RunLayout(run_dir).accuracy
+        if not table.is_file():
+            raise UserError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
+        chosen = duckdb.sql(f"select model, checkpoint from read_parquet('{table}') order by model").fetchall()
+        if not chosen:
+            raise UserError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
+    models = []
+    for name, folder in chosen:
+        meta = read_meta(folder)
+        if meta["model"]["num_classes"] != num_classes:
+            raise ConfigError(f"--checkpoint {folder}: a {meta['model']['num_classes']}-class model, but the run's dataset has {num_classes} classes")
+        check_weights(folder)
+        models.append(ModelToExplain(name, folder))
+    return models
+
+
+@dataclass(frozen=True)
+class ActorLayout:
+    actors: int
+    gpus_per_actor: float  # 0.0: CPU actors (one CPU each)
+
+
+def actor_layout(cluster: dict[str, float], settings: CamSettings) -> ActorLayout:
+    """The CAM actors this cluster holds: one per GPU share where there are GPUs (unless
+    ``gpus_per_actor`` is 0), else one per CPU but one. On CPUs one core stays free for Ray Data's
+    write tasks: actors holding every CPU would leave the writer waiting forever."""
+    gpus, cpus = cluster.get("GPU", 0.0), int(cluster.get("CPU", 1))
+    if gpus and settings.gpus_per_actor:
+        fit = int(gpus / settings.gpus_per_actor + 1e-9)
+        if fit < 1 or (settings.actors or 0) > fit:  # Ray Data's pool would wait forever for the rest
+            raise ConfigError(f"--actors {settings.actors or 1}: at most {fit} actors of {settings.gpus_per_actor:g} GPU fit this cluster's {gpus:g} GPUs")
+        return ActorLayout(settings.actors or max(1, fit), settings.gpus_per_actor)
+    actors = settings.actors or max(1, cpus - 1)
+    if actors >= cpus:
+        raise ConfigError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
+    return ActorLayout(actors, 0.0)
+
+
+def explain_run(
+    run_dir: Path,
+    settings: CamSettings,
+    checkpoints: list[Path] | None,
+    connect: Callable[[], None],
+    warn: Callable[[str], None],
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Maps for every missing (model, layer, method) partition of ``run_dir``, then the sanity
+    check; ``connect`` starts or joins Ray, and is called only when there is work."""
+    import ray
+
+    from cifarcam.cam.stage import explain, plan
+    from cifarcam.config import load_config
+    from cifarcam.data import load_splits
+
+    if not RunLayout(run_dir).config.is_file():
+        raise UserError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(RunLayout(run_dir).config)
+    with console.status("loading the test set") if console is not None else nullcontext():
+        test = load_splits(cfg.data).test
+    plans = plan(run_dir, models_to_explain(run_dir, checkpoints, test.num_classes), settings)
+    for layer, spec in ((layer, p.spec) for p in plans for layer in p.layers if layer.degenerate):
+        warn(layer.degenerate_warning(spec))
+    if not any(p.missing for p in plans):  # nothing to compute: no cluster needed
+        summary = explain(run_dir, plans, test, settings, actors=1, gpus_per_actor=0.0)
+    else:
+        connect()
+        layout = actor_layout(ray.cluster_resources(), settings)
+        summary = explain(run_dir, plans, test, settings, layout.actors, layout.gpus_per_actor, console=console)
+    summary["sanity"] = sanity_checks(run_dir, plans, test, settings, connect)
+    summary["models"] = [p.model.name for p in plans]
+    return summary
+
+
+def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, connect: Callable[[], None]) -> list[Path]:
+    """The randomisation sanity check per model, on a small seeded sample; skipped where the
+    file for these weights and settings exists. Each model's check is a Ray task with a GPU where
+    the cluster has GPUs (``connect`` joins or starts Ray when there is work), all at once."""
+    import ray
+
+    from cifarcam.cam.faithfulness import sample_rows
+    from cifarcam.cam.methods import fast_methods
+    from cifarcam.cam.sanity import CASCADE_VERSION, check_checkpoint, is_current, sanity_file, write_sanity
+
+    if not settings.sanity_images:
+        return []
+    images = test.images[np.sort(sample_rows(len(test), settings.sanity_images, seed=0))]
+    fast = fast_methods(settings.methods)
+    work = []  # (plan, layers, the settings it is computed with, methods still missing)
+    for p in plans:
+        layers = [layer.name for layer in p.layers]
+        wanted = {"images": len(images), "seed": 0, "layers": layers, "cascade": CASCADE_VERSION}
+        methods = [m for m in fast if not is_current(sanity_file(run_dir, p.spec.family, m), p.source.weights_sha256, wanted)]
+        if methods:
+            work.append((p, layers, wanted, methods))
+    if not work:
+        return []
+    connect()
+    mark_work_started()
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) and settings.gpus_per_actor else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint)
+    device = "cuda" if gpus else "cpu"  # what the task was given: a task without a GPU may still see them
+    results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0, device) for p, layers, _, methods in work])
+    written = []
+    for (p, _, wanted, methods), rows in zip(work, results, strict=True):
+        for method in methods:
+            path = sanity_file(run_dir, p.spec.family, method)
+            write_sanity(path, [r for r in rows if r["method"] == method], p.source.weights_sha256, wanted)
+            written.append(path)
+    return written

@@ -1,0 +1,179 @@
+"""The model-randomisation sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", 2018).
+
+Cascading randomisation: re-initialise the model's weights from the top down (first the head, the
+layers after the last CAM layer; then each CAM layer, last to first) and compare each map with the
+trained model's map of the same image and class (Spearman rank correlation per image). A method
+whose maps barely change once everything above the explained layer is random is explaining the
+image (its edges, its colours), not what the model learned.
+
+It runs on a small seeded sample (the first images of the faithfulness sample), for the methods
+with a fast path; methods that exist only in pytorch-grad-cam are skipped here (said in the table).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from scipy.stats import rankdata
+from torch import nn
+
+from cifarcam.cam.methods import MultiLayerCam, fast_methods
+from cifarcam.run_layout import RunLayout
+
+# Changes whenever the cascade's steps do, so that files computed the old way are recomputed.
+CASCADE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class CascadeStep:
+    name: str  # "head", or the CAM layer randomised at this step
+    modules: list[nn.Module]  # modules whose own parameters are re-initialised at this step
+
+
+def _leaves_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters, in the order the forward pass runs them."""
+    order: list[tuple[str, nn.Module]] = []
+    owners = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(lambda m, _i, _o, name=name: order.append((name, m))) for name, m in owners]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    seen: set[str] = set()
+    return [(n, m) for n, m in order if not (n in seen or seen.add(n))]
+
+
+def cascade(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[CascadeStep]:
+    """Top-down steps that together cover every module with parameters: the head (what runs after
+    the last CAM layer), then each CAM layer together with everything between it and the CAM layer
+    below it (the blocks between two CAM layers, and the stem below the first, are random too)."""
+    leaves = _leaves_in_order(model, x)
+
+    def inside(name: str, layer: str) -> bool:
+        return name == layer or name.startswith(layer + ".")
+
+    ends = {layer: max(i for i, (n, _) in enumerate(leaves) if inside(n, layer)) for layer in layers}
+    bottom_up = sorted(layers, key=ends.__getitem__)
+    steps = [CascadeStep("head", [m for _, m in leaves[ends[bottom_up[-1]] + 1 :]])]
+    for below, layer in reversed(list(zip([None, *bottom_up[:-1]], bottom_up, strict=False))):
+        start = ends[below] + 1 if below is not None else 0
+        steps.append(CascadeStep(layer, [m for _, m in leaves[start : ends[layer] + 1]]))
+    return [step for step in steps if step.modules or step.name != "head"]
+
+
+def reinitialise(module: nn.Module, generator: torch.Generator) -> None:
+    """Fresh random weights for a module's own parameters (its usual initialiser where it has one)."""
+    devices = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):  # seeded, without touching the caller's RNG state
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        else:  # e.g. Swin's relative position tables, layer scales
+            for p in module.parameters(recurse=False):
+                nn.init.normal_(p, std=0.02)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.reset_running_stats()
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row of (N, P) arrays: Spearman's rank correlation (average ranks for ties); NaN where a
+    row is constant."""
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    denominator = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(1) / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def randomisation_rows(
+    model: nn.Module, x: torch.Tensor, layers: list[str], methods: list[str], channels_last_output: bool, size: int, seed: int = 0
+) -> list[dict]:
+    """One row per (cascade step, layer, method): the mean and standard error over images of the
+    rank correlation between the trained model's map and the randomised model's, for the class
+    the trained model predicts. ``model`` is not modified (a copy is randomised)."""
+    fast = fast_methods(methods)
+    if not fast:
+        return []
+    with MultiLayerCam(model, layers, channels_last_output) as cams:
+        trained = cams(x, {"pred": None}, fast, size)
+    classes = trained.logits.argmax(1)
+    randomised = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    steps = cascade(randomised, layers, x)
+    # The step after which every layer above a CAM layer is random: the head for the last one,
+    # else the CAM layer just above it. That step's correlation is the check.
+    names = [step.name for step in steps]
+    check_step = {layer: names.index(layer) - 1 for layer in layers}
+    rows = []
+    for step, cut in enumerate(steps):
+        for module in cut.modules:
+            reinitialise(module, generator)
+        with MultiLayerCam(randomised, layers, channels_last_output) as cams:
+            now = cams(x, {"pred": classes}, fast, size)
+        for layer in layers:
+            for method in fast:
+                key = ("pred", layer, method)
+                rho = spearman(trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy())
+                valid = rho[np.isfinite(rho)]
+                rows.append(
+                    {
+                        "layer": layer,
+                        "method": method,
+                        "step": step,
+                        "randomised_to": cut.name,
+                        "images": int(len(valid)),
+                        "spearman": float(valid.mean()) if len(valid) else None,
+                        "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
+                        "above_random": step >= check_step[layer],  # every layer above this one is random
+                        "check": step == check_step[layer],
+                    }
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# One file per model and method: <run>/sanity/model=<family>/method=<method>.parquet
+
+
+def sanity_file(run_dir: Path, family: str, method: str) -> Path:
+    """One file per model and method: two jobs explaining one run with other methods never
+    overwrite each other's rows."""
+    from cifarcam.cam.partitions import encode
+
+    return RunLayout(run_dir).sanity / f"model={encode(family)}" / f"method={encode(method)}.parquet"
+
+
+def is_current(path: Path, source_sha256: str, settings: dict) -> bool:
+    """The file exists and was computed from these weights with these settings."""
+    if not path.is_file():
+        return False
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"source_sha256", b"null")) == source_sha256 and json.loads(meta.get(b"settings", b"null")) == settings
+
+
+def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int, device: str | None = None) -> list[dict]:
+    """The rows for one checkpoint (run as a Ray task on a cluster), on ``device``: the one the task
+    was given (a task given no GPU may still see them all), or CUDA if there is any."""
+    from cifarcam.results import HEATMAP_SIZE
+    from cifarcam.training import FAMILIES, ModelSpec, load_model, to_model_input
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_model(checkpoint, device)
+    spec = ModelSpec(**meta["model"])
+    x = to_model_input(torch.from_numpy(np.array(images)).to(device), spec.input_size)  # a writable copy of Ray's read-only array
+    rows = randomisation_rows(model, x, layers, methods, FAMILIES[spec.family].channels_last_output, HEATMAP_SIZE, seed)
+    return [{"model": spec.family} | row for row in rows]
+
+
+def write_sanity(path: Path, rows: list[dict], source_sha256: str, settings: dict) -> None:
+    from cifarcam.results import SANITY, write_table
+
+    write_table(rows, SANITY, path, metadata={"source_sha256": source_sha256, "settings": settings})

@@ -1,0 +1,73 @@
+"""The seeded stratified train/val split, and the dataset dispatcher over the readers.
+
+Imports go one way: this module imports the readers (``sources``, ``synthetic``); they build
+``ImageSet`` (re-exported here) from ``image_set`` and never import this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cifarcam.data import sources, synthetic
+from cifarcam.data.image_set import ImageSet
+from cifarcam.errors import ConfigError
+
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "ImageSet", "Splits", "load_splits", "stratified_split"]
+
+if TYPE_CHECKING:
+    from cifarcam.config import DataConfig
+
+# Per-channel statistics used for normalisation (CIFAR-100 train set); close enough for CIFAR-10
+# and the synthetic set, and fixed so that a checkpoint's meta.json can name them.
+CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR_STD = (0.2673, 0.2564, 0.2762)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, val): each class contributes ``val_fraction`` of its rows to val."""
+    rng = np.random.default_rng(seed)
+    train_rows, val_rows = [], []
+    for cls in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = int(round(len(rows) * val_fraction))
+        val_rows.append(rows[:n_val])
+        train_rows.append(rows[n_val:])
+    return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(val_rows))
+
+
+def _limit(images: ImageSet, n: int | None, seed: int) -> ImageSet:
+    """A stratified subsample of ``n`` rows (for demos and tests), or everything."""
+    if n is None or n >= len(images):
+        return images
+    _, keep = stratified_split(images.labels, n / len(images), seed)
+    return images.subset(keep)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Read the configured source and return the seeded 90/10 train/val split and the test set."""
+    if cfg.source == "synthetic":
+        train_full, test = synthetic.make_synthetic(cfg.synthetic, seed=cfg.seed)
+    elif cfg.source in ("cifar10", "cifar100"):
+        train_full, test = sources.read_cifar(cfg.source, cfg.path, cfg.cache_dir, download=cfg.download)
+    elif cfg.source == "parquet":
+        train_full, test = sources.read_parquet_dir(cfg.path)
+    else:  # config validation makes this unreachable; kept for direct callers
+        raise ConfigError(f"data.source: unknown source {cfg.source!r}")
+    train_full = _limit(train_full, cfg.limit_train, cfg.seed)
+    test = _limit(test, cfg.limit_test, cfg.seed)
+    train_rows, val_rows = stratified_split(train_full.labels, cfg.val_fraction, cfg.seed)
+    return Splits(train=train_full.subset(train_rows), val=train_full.subset(val_rows), test=test)

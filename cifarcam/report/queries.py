@@ -1,0 +1,244 @@
+"""The report's numbers: DuckDB queries over a run's views (cifarcam.report.views), as DataFrames.
+
+Every value that comes from the run or its config is bound as a parameter, never pasted into the
+SQL text, so a class name or a hyperparameter key cannot break or change a query. Only
+identifiers from fixed sets in code (the faithfulness baselines, a column label) are in the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from cifarcam.report.views import run_sql
+from cifarcam.results import BASELINES
+
+Con = duckdb.DuckDBPyConnection
+
+
+def count(con: Con, view: str, where: str = "true") -> int:
+    """Rows of ``view`` matching ``where`` (both fixed text in the report's code)."""
+    return int(run_sql(con, f"select count(*) as n from {view} where {where}")["n"][0])
+
+
+def cam_targets(con: Con) -> set[str]:
+    """Which classes the CAM stage explained: 'pred', 'label' or both (--targets)."""
+    return set(run_sql(con, "select distinct target from cams").target)
+
+
+def explained_target(con: Con) -> str:
+    """The class whose maps the report shows: the predicted one, unless only the label was explained."""
+    return "pred" if "pred" in cam_targets(con) else "label"
+
+
+def accuracy(con: Con, device_per_worker: float, configured_workers: int, unit: str) -> pd.DataFrame:
+    """Table 2: the best trial per model; ``unit`` (GPU-h, CPU-h, device-h) names the cost column:
+    training wall time x the workers the trial ran (epochs.workers: the one-GPU rule may have run
+    fewer than configured) x ``device_per_worker``."""
+    return run_sql(
+        con,
+        f"""select model, variant, round(params / 1e6, 2) as params_m, test_top1, test_top5, test_superclass_top1,
+                   epochs, optimizer, scheduler, round(train_time_s, 1) as train_time_s,
+                   round(train_time_s * coalesce(w.workers, ?) * ? / 3600, 4) as "{unit}", round(images_per_s) as images_per_s
+            from accuracy a left join (select trial_id, max(workers) as workers from epochs group by trial_id) w using (trial_id)
+            order by test_top1 desc""",
+        [configured_workers, device_per_worker],
+    )
+
+
+def cam_models(con: Con) -> list[str]:
+    return list(run_sql(con, "select distinct model from cams order by model").model)
+
+
+def cam_layers(con: Con, model: str) -> pd.DataFrame:
+    """The model's CAM layers (layer, h, w), largest feature map (earliest layer) first."""
+    return run_sql(con, "select layer, any_value(layer_h) h, any_value(layer_w) w from cams where model = ? group by layer order by h desc", [model])
+
+
+def cam_methods(con: Con, model: str) -> list[str]:
+    return list(run_sql(con, "select distinct method from cams where model = ? order by method", [model]).method)
+
+
+def confident_picks(con: Con, model: str, method: str, layer: str, per_outcome: int = 4) -> pd.DataFrame:
+    """The ``per_outcome`` most confident correct predictions, then as many most confident mistakes."""
+
+    def one(outcome: str) -> str:  # outcome: 'correct' or 'not correct'
+        return f"""(select image_index, label, pred, correct, target_prob from cams
+                    where model = ? and target = 'pred' and method = ? and layer = ? and {outcome}
+                    order by target_prob desc, image_index limit ?)"""
+
+    return run_sql(con, f"{one('correct')} union all {one('not correct')}", [model, method, layer, per_outcome] * 2)
+
+
+def spread_picks(con: Con, model: str, target: str, per_outcome: int) -> pd.DataFrame:
+    """Up to ``per_outcome`` correct and as many mistaken images of ``model``, taken round-robin over
+    the true classes (lowest image index first) so that a class filter has something to show."""
+    return run_sql(
+        con,
+        """with images as (select distinct image_index, label, pred, correct from cams where model = ? and target = ?),
+                ranked as (select *, row_number() over (partition by correct, label order by image_index) as turn from images)
+           select image_index, label, pred, correct from ranked
+           qualify row_number() over (partition by correct order by turn, label, image_index) <= ?
+           order by correct desc, turn, label, image_index""",
+        [model, target, per_outcome],
+    )
+
+
+def heatmaps(con: Con, model: str, method: str, target: str, image_indices: Sequence[int]) -> dict[tuple[int, str], np.ndarray]:
+    """{(image_index, layer): uint8 heatmap} of ``model``'s ``method`` maps of those images."""
+    frame = run_sql(
+        con,
+        "select image_index, layer, heatmap from cams where model = ? and target = ? and method = ? and list_contains(?, image_index)",
+        [model, target, method, [int(i) for i in image_indices]],
+    )
+    return {(int(r.image_index), r.layer): np.asarray(r.heatmap, np.uint8) for r in frame.itertuples(index=False)}
+
+
+def by_feature_size(con: Con) -> pd.DataFrame:
+    # Statistics of constant maps are null: the averages cover the informative maps only.
+    return run_sql(
+        con,
+        """select layer_h || 'x' || layer_w as feature_size, any_value(layer_h) as h, count(distinct model || layer) as layers,
+                  count(*) as maps, avg(degenerate::int) as constant_share, avg(entropy) as mean_entropy,
+                  avg(top10_mass) as mean_top10_mass, avg(pointing_hit::int) as pointing_hit
+           from cams group by layer_h, layer_w order by layer_h desc""",
+    )
+
+
+def localisation(con: Con, target: str) -> pd.DataFrame:
+    return run_sql(
+        con,
+        """select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
+                  avg(pointing_hit::int) as pointing_hit, avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
+                  avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance
+           from cams where correct and object_area is not null and target = ?
+           group by model, layer, method order by model, h desc, method""",
+        [target],
+    )
+
+
+def _verdict(margin: float, se: float) -> str:
+    if not (np.isfinite(margin) and np.isfinite(se)):  # no image, or one (no standard error)
+        return "n/a"
+    if margin > 2 * se:
+        return "better"
+    return "worse" if margin < -2 * se else "tie"
+
+
+def faithfulness(con: Con) -> pd.DataFrame:
+    """Per map: deletion and insertion AUCs, and on each curve the margin over the strongest
+    baseline (the smallest margin), its standard error, which baseline that is, and a verdict
+    (better / tie / worse at 2 SE). Margins are paired per image, so the SE is of the difference."""
+    columns = []
+    for b in BASELINES:
+        columns += [
+            f"avg(deletion_auc_{b} - deletion_auc) as del_margin_{b}, stddev_samp(deletion_auc_{b} - deletion_auc) / sqrt(count(*)) as del_se_{b}",
+            f"avg(insertion_auc - insertion_auc_{b}) as ins_margin_{b}, stddev_samp(insertion_auc - insertion_auc_{b}) / sqrt(count(*)) as ins_se_{b}",
+        ]
+    raw = run_sql(
+        con,
+        f"""select model, layer, any_value(layer_h) as h, method, count(*) as images,
+                   avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, {", ".join(columns)}
+            from cams where faithfulness_sample and deletion_auc is not null
+            group by model, layer, method order by model, h desc, method""",
+    )
+    out = raw[["model", "layer", "method", "images", "deletion", "insertion"]].copy()
+    for curve, short in (("deletion", "del"), ("insertion", "ins")):
+        margins = raw[[f"{short}_margin_{b}" for b in BASELINES]].to_numpy()
+        strongest = np.nanargmin(np.where(np.isnan(margins), np.inf, margins), axis=1)
+        rows = np.arange(len(raw))
+        out[f"{curve}_margin"] = margins[rows, strongest]
+        out[f"{curve}_se"] = raw[[f"{short}_se_{b}" for b in BASELINES]].to_numpy()[rows, strongest]
+        out[f"{curve}_strongest"] = [BASELINES[i] for i in strongest]
+        out[f"{curve}_verdict"] = [_verdict(m, e) for m, e in zip(out[f"{curve}_margin"], out[f"{curve}_se"])]
+    return out
+
+
+def faithfulness_images(con: Con) -> int:
+    return int(run_sql(con, "select count(distinct image_index) as n from cams where faithfulness_sample")["n"][0])
+
+
+def sanity_checks(con: Con) -> pd.DataFrame:
+    """The step at which every layer above the explained one is random, per map."""
+    return run_sql(
+        con,
+        """select model, layer, method, randomised_to as random_above, images, spearman, spearman_se
+           from sanity where "check" order by model, layer, method""",
+    )
+
+
+def sanity_steps(con: Con) -> pd.DataFrame:
+    return run_sql(con, "select model, layer, method, step, randomised_to, spearman from sanity order by model, layer, method, step")
+
+
+def confusions(con: Con, limit: int = 10) -> pd.DataFrame:
+    return run_sql(
+        con,
+        """select model, label, pred, count(*) as n from predictions where not correct
+           group by all order by n desc, model, label, pred limit ?""",
+        [limit],
+    )
+
+
+def same_superclass_share(con: Con) -> pd.DataFrame:
+    """Per model, the share of mistakes whose predicted class is in the true class's superclass."""
+    return run_sql(
+        con,
+        """select p.model, avg((c.coarse_label = p.coarse_label)::int) as same_superclass_share
+           from predictions p join (select distinct label, coarse_label from predictions) c on c.label = p.pred
+           where not p.correct group by p.model order by p.model""",
+    )
+
+
+def confusion_example(con: Con, model: str, label: int, pred: int) -> pd.DataFrame:
+    """The most confident map of that confusion at the largest layer of at least 4x4 (0 or 1 row)."""
+    return run_sql(
+        con,
+        """select image_index, heatmap, layer from cams where model = ? and label = ? and pred = ?
+           and target = 'pred' and layer_h >= 4 order by layer_h desc, target_prob desc limit 1""",
+        [model, int(label), int(pred)],
+    )
+
+
+def per_class(con: Con) -> pd.DataFrame:
+    return run_sql(con, "select model, label, avg(correct::int) as accuracy, count(*) as n from predictions group by all order by model, label")
+
+
+def epochs(con: Con) -> pd.DataFrame:
+    return run_sql(
+        con, "select e.trial_id, e.model, t.optimizer, t.status, e.epoch, e.val_top1 from epochs e join trials t using (trial_id) order by e.trial_id, e.epoch"
+    )
+
+
+def epochs_by_model(con: Con) -> pd.DataFrame:
+    return run_sql(
+        con,
+        "select model, count(distinct trial_id) as trials, max(epoch) as max_epoch, max(val_top1) as best_val_top1 from epochs group by model order by model",
+    )
+
+
+def hyperparameter_effect(con: Con, key: str) -> pd.DataFrame:
+    """Trials and best validation accuracy by each value the search gave hyperparameter ``key``."""
+    return run_sql(
+        con,
+        """select ? as hyperparameter, json_extract_string(hyperparameters, '$.' || ?) as value,
+                  count(*) as trials, avg(best_val_top1) as mean_best_val, max(best_val_top1) as max_best_val,
+                  sum(stopped_by_asha::int) as stopped_by_asha
+           from trials group by value order by mean_best_val desc""",
+        [key, key],
+    )
+
+
+def trial_status(con: Con) -> pd.DataFrame:
+    return run_sql(con, "select status, count(*) as n from trials group by status order by status")
+
+
+def trial_points(con: Con) -> pd.DataFrame:
+    return run_sql(con, "select lr, best_val_top1, optimizer, model, stopped_by_asha from trials where best_val_top1 is not null")
+
+
+def trial_errors(con: Con) -> pd.DataFrame:
+    return run_sql(con, "select trial_id, model, optimizer, scheduler, lr, status, epochs_run, error from trials order by trial_id")
