@@ -7,6 +7,7 @@ Every error is one line naming the key and what was expected, e.g.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,17 @@ import yaml
 
 # ConfigError lives in the leaf errors module, so that every module may raise it; it is imported
 # from here too, for now.
-from cifarcam.errors import ConfigError
+from cifarcam.errors import ConfigError, did_you_mean
 from cifarcam.typed_yaml import check_type, from_dict, load_yaml, unknown_key_error
 
 DATA_SOURCES = ("synthetic", "cifar10", "cifar100", "parquet")
 STEMS = ("cifar", "imagenet")
 SCHEDULERS = ("cosine", "onecycle", "multistep", "none")
 EARLY_STOPPING = ("asha", "none")
+# The epoch metrics a search may rank trials by, and which way is better.
+METRICS = {"val_top1": "max", "val_top5": "max", "val_loss": "min", "train_loss": "min"}
+# A run's folder is results/<name> (and cluster.slurm --array's <out>/<name>): one plain name.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,9 @@ def validate_train(cfg: TrainConfig, where: str = "train") -> None:
     _require(cfg.scheduler in SCHEDULERS, f"{where}.scheduler: expected one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
     _require(0 <= cfg.warmup_epochs < cfg.epochs, f"{where}.warmup_epochs: must be in [0, epochs), got {cfg.warmup_epochs}")
     _require(0 <= cfg.label_smoothing < 1, f"{where}.label_smoothing: must be in [0, 1), got {cfg.label_smoothing}")
+    _require(0 <= cfg.momentum < 1, f"{where}.momentum: must be in [0, 1), got {cfg.momentum}")
+    clip = cfg.grad_clip_norm
+    _require(clip is None or clip > 0, f"{where}.grad_clip_norm: must be > 0 (or null: no clipping), got {clip}")
 
 
 def space_values(cfg: SearchConfig) -> dict[str, list]:
@@ -159,6 +167,11 @@ def space_values(cfg: SearchConfig) -> dict[str, list]:
             _require(len(args) == 2 and args[0] < args[1], f"search.sample.{key}.{kind}: expected [low, high] with low < high")
         if kind == "loguniform":
             _require(args[0] > 0, f"search.sample.{key}.loguniform: bounds must be > 0, got {args}")
+        if kind in ("uniform", "loguniform"):
+            _require(
+                typing.get_type_hints(TrainConfig)[key] is not int,
+                f"search.sample.{key}.{kind}: {key} is a whole number, and {kind} draws fractions; use randint or choice",
+            )
         _require(key not in values, f"search.sample.{key}: already in search.grid; name it in one place")
         values[key] = args
     return values
@@ -174,7 +187,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         n = getattr(d, key)
         _require(n is None or n > 0, f"data.{key}: must be > 0, got {n}")
     _require(s.num_samples > 0, f"search.num_samples: must be > 0, got {s.num_samples}")
+    _require(NAME.fullmatch(cfg.name) is not None, f"name: expected a plain folder name (letters, digits, '.', '_', '-'), got {cfg.name!r}")
     _require(s.mode in ("max", "min"), f"search.mode: expected max or min, got {s.mode!r}")
+    if s.metric not in METRICS:
+        raise ConfigError(f"search.metric: unknown metric {s.metric!r}; " + (did_you_mean(s.metric, METRICS) or f"expected one of {', '.join(METRICS)}"))
+    better = METRICS[s.metric]
+    _require(s.mode == better, f"search.mode: {s.metric} is better when {'higher' if better == 'max' else 'lower'}; set mode: {better}, got {s.mode}")
     _require(
         s.early_stopping in EARLY_STOPPING,
         f"search.early_stopping: expected one of {', '.join(EARLY_STOPPING)}, got {s.early_stopping!r}",
@@ -194,6 +212,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         "DDP workers and NCCL needs a GPU of its own per worker; use a whole number, or workers_per_trial: 1",
     )
     validate_train(cfg.train)
+    if s.early_stopping == "asha":
+        _require(s.reduction_factor >= 2, f"search.reduction_factor: must be >= 2 (ASHA keeps 1 in reduction_factor trials), got {s.reduction_factor}")
+        _require(
+            1 <= s.grace_period <= cfg.train.epochs,
+            f"search.grace_period: must be in [1, train.epochs = {cfg.train.epochs}], got {s.grace_period}",
+        )
     # Each value the search may pick must itself be valid: check every grid value and bound.
     for key, options in space_values(s).items():
         for option in options:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
 
 PACKAGES = ("cifarcam", "torch", "torchvision", "timm", "ray", "grad-cam", "numpy", "pyarrow", "duckdb", "submitit")
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256 (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def package_versions() -> dict[str, str]:

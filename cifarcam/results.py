@@ -7,12 +7,14 @@ half-written file under a name a reader would open.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,11 +31,23 @@ def write_table(rows: Iterable[Any] | dict[str, Any], schema: pa.Schema, path: P
         table = pa.Table.from_pylist([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rows], schema=schema)
     if metadata:
         table = table.replace_schema_metadata({k: json.dumps(v) for k, v in metadata.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial(path)
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+    with _written_whole_or_not_at_all(path) as partial:
+        pq.write_table(table, partial)
     return path
+
+
+@contextlib.contextmanager
+def _written_whole_or_not_at_all(path: Path) -> Iterator[Path]:
+    """A private name to write to, renamed to ``path`` once whole. If writing fails (a full disk, a
+    quota, a read-only folder), nothing is left behind and the error is one line."""
+    partial = _partial(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield partial
+        durable_rename(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write it ({err.strerror or err})") from None
 
 
 def _partial(path: Path) -> Path:
@@ -41,13 +55,34 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk (where the filesystem can sync a
+    folder: some FUSE mounts answer EINVAL, and have nothing to flush)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def durable_rename(source: Path, target: Path) -> None:
+    """``source`` renamed to ``target`` so that a host crash leaves the old name or the whole new
+    file or folder, never a name over a truncated or empty one: the data reaches the disk before
+    the rename (ext4 and XFS may otherwise persist the rename first), the rename before this returns.
+    A folder's files must have been synced by the caller."""
+    fsync_path(source)
+    os.replace(source, target)
+    fsync_path(target.parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Readers (on any node of a shared filesystem) see the old file or the whole new one, never
-    an empty or half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial(path)
-    partial.write_text(text)
-    os.replace(partial, path)
+    an empty or half-written one, after a host crash too."""
+    with _written_whole_or_not_at_all(path) as partial:
+        partial.write_text(text)
 
 
 def check_writable(out_dir: Path) -> None:

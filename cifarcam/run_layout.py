@@ -50,6 +50,14 @@ class RunLayout:
         return self.table("predictions")
 
     @property
+    def lock(self) -> Path:  # the run's lock (cifarcam.run_lock), and who holds it
+        return self.root / ".lock"
+
+    @property
+    def lock_holder(self) -> Path:
+        return self.root / ".lock.holder"
+
+    @property
     def tensorboard(self) -> Path:  # one event file per trial: tensorboard --logdir <this>
         return self.root / "tensorboard"
 

@@ -92,6 +92,7 @@ class AccuracyRow:
     train_time_s: float
     images_per_s: float | None
     checkpoint: str
+    weights_sha256: str  # of the checkpoint's model.pt: predictions.parquet's rows name it too
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class PredictionRow:
     top5: list[int]
     prob: float
     correct: bool
+    weights_sha256: str  # the checkpoint that predicted it (accuracy.parquet's)
 
 
 TRIALS = arrow_schema(TrialRow)

@@ -4,11 +4,17 @@
 # process on the machine). Usage: RAY_VENV=.venv cluster/ray-head-up.sh  (prints the address)
 set -euo pipefail
 venv="$(cd "${RAY_VENV:-.venv}" && pwd)"
-state="${RAY_STATE_DIR:-/tmp/cifarcam-ray}"  # keep it short: Ray's AF_UNIX socket paths must stay under 108 bytes
+# This user's own folder (short: Ray's AF_UNIX socket paths must stay under 108 bytes). Its pid
+# file decides what ray-head-down.sh kills, so a folder someone else owns or can write is refused.
+state="${RAY_STATE_DIR:-/tmp/cifarcam-ray-$(id -u)}"
 cpus="${RAY_NUM_CPUS:-$(nproc)}"
 gcs_port="${RAY_GCS_PORT:-6380}"
 dash_port="${RAY_DASHBOARD_PORT:-8266}"
-mkdir -p "$state"
+(umask 077 && mkdir -p "$state")
+if [[ ! -O "$state" ]] || [[ -n "$(find "$state" -maxdepth 0 -perm /022)" ]]; then
+  echo "error: $state: not this user's own private folder; remove it or set RAY_STATE_DIR" >&2
+  exit 2
+fi
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"  # clients need the same setting and ~/.ray/auth_token
 export RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_DATA_DISABLE_PROGRESS_BARS=1
 # job entrypoints resolve `python` from the head's PATH: the project's venv first
@@ -18,8 +24,15 @@ setsid "$venv/bin/ray" start --head --block --num-cpus="$cpus" --node-ip-address
   --object-store-memory=$((512 * 1024 * 1024)) --disable-usage-stats --temp-dir="$state/ray" \
   </dev/null >"$state/head.log" 2>&1 &
 echo $! >"$state/head.pid"
-# Ray 2.59+ protects local clusters with a token (~/.ray/auth_token); the API wants it too.
-api() { curl -sf -H "Authorization: Bearer $(cat "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" 2>/dev/null)" "http://127.0.0.1:$dash_port$1"; }
+# Ray 2.59+ protects local clusters with a token (~/.ray/auth_token); the API wants it too. The
+# header goes to curl in a private file (-H @file), never on a command line where ps shows it.
+header="$state/api-header"
+rm -f "$header"  # written afresh from the token this head uses
+api() {
+  [[ -s "$header" ]] || { [[ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]] &&
+    (umask 077 && printf 'Authorization: Bearer %s\n' "$(<"${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}")" >"$header"); }
+  curl -sf -H @"$header" "http://127.0.0.1:$dash_port$1"
+}
 for _ in $(seq 600); do
   if api /api/jobs/ >/dev/null 2>&1 && api /api/v0/nodes 2>/dev/null | grep -q '"state": *"ALIVE"'; then
     echo "http://127.0.0.1:$dash_port"; exit 0

@@ -33,8 +33,16 @@ OWN_CLUSTER = ("--address", "--num-cpus", "--num-gpus")  # pipeline options the 
 PER_JOB = ("--config", "--out")  # pipeline options each job gets its own, absolute value of
 
 
+def _sbatch_line(text: str) -> str:
+    """A value submitit writes into the job script's ``#SBATCH`` lines: a line break there would
+    end the comment and run the rest as a command (or add sbatch options) on the cluster."""
+    if "\n" in text or "\r" in text:
+        raise argparse.ArgumentTypeError(f"must be one line (it becomes an #SBATCH line), got {text!r}")
+    return text
+
+
 def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
+    key, sep, value = _sbatch_line(text).partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an sbatch option without its dashes), got {text!r}")
     return key.lstrip("-"), value
@@ -56,19 +64,19 @@ def launcher_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request on each node (default: 0)")
     p.add_argument("--cpus-per-task", type=_positive, default=None, help="CPUs on each node for Ray (one task per node; default: SLURM's)")
     p.add_argument("--mem-gb", type=_positive, default=None, help="memory per node in GB (default: SLURM's)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--constraint", default=None)
+    p.add_argument("--partition", type=_sbatch_line, default=None)
+    p.add_argument("--account", type=_sbatch_line, default=None)
+    p.add_argument("--qos", type=_sbatch_line, default=None)
+    p.add_argument("--constraint", type=_sbatch_line, default=None)
     p.add_argument("--time", type=_positive, default=240, help="time limit per attempt in minutes (default: 240)")
     p.add_argument("--requeues", type=int, default=3, help="times a timed-out job is requeued to continue (default: 3; preemptions do not count)")
     p.add_argument(
         "--sbatch-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option, e.g. mail-type=END (repeatable)"
     )
-    p.add_argument("--job-name", default="cifarcam")
+    p.add_argument("--job-name", type=_sbatch_line, default="cifarcam")
     p.add_argument(
         "--logs",
-        type=Path,
+        type=lambda text: Path(_sbatch_line(text)),  # the job's --output and --error lines
         default=Path("results/slurm"),
         help="submitit folder, shared by all nodes; each job logs to <logs>/<job id> (default: results/slurm)",
     )

@@ -84,6 +84,7 @@ def prepare(args: argparse.Namespace):
 
 
 def search(args: argparse.Namespace):
+    from cifarcam.run_lock import run_lock
     from cifarcam.search import print_search_summary, run_search
 
     cfg, out, splits = prepare(args)
@@ -91,8 +92,11 @@ def search(args: argparse.Namespace):
         from cifarcam.search import plan_resources
 
         plan_resources(cfg, cluster_resources(args))
-    connect_ray(args, out)
-    summary = run_search(cfg, splits, out, resume=args.resume, console=console, mlflow_uri=args.mlflow)
+    # One search per run folder at a time, and no CAM job meanwhile: a second one fails here, in
+    # one line naming the first (two array tasks with one name, a --resume while one runs).
+    with run_lock(out, "jobs.search", wait=False):
+        connect_ray(args, out)
+        summary = run_search(cfg, splits, out, resume=args.resume, console=console, mlflow_uri=args.mlflow)
     print_search_summary(summary, console)
     return summary
 

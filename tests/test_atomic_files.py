@@ -58,3 +58,31 @@ def test_the_reader_does_see_torn_files_when_written_in_place(tmp_path):
     """The control: Path.write_text truncates first, and the same reader catches it."""
     reads, torn = _torn_reads(tmp_path, Path.write_text, seconds=3)
     assert torn > 0, f"{reads} reads, none torn"
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    """ENOSPC half-way through a table: one line naming the file, the previous version intact, and
+    no .partial file left behind (monkeypatched: a disk cannot be filled here)."""
+    import errno
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from cifarcam import results
+    from cifarcam.errors import UserError
+
+    schema = pa.schema([("x", pa.int64())])
+    path = results.write_table({"x": [1]}, schema, tmp_path / "trials.parquet")
+
+    def half_then_full(table: pa.Table, where: Path) -> None:
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", half_then_full)
+    with pytest.raises(UserError) as info:
+        results.write_table({"x": [2]}, schema, path)
+    assert str(info.value) == f"{path}: cannot write it (No space left on device)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trials.parquet"]
+    monkeypatch.undo()
+    assert pq.read_table(path).column("x").to_pylist() == [1]

@@ -160,18 +160,28 @@ def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, 
     from cifarcam import results
     from cifarcam.cam.stage import ModelToExplain, stored_predictions
     from cifarcam.search_tables import ACCURACY, PREDICTIONS
+    from cifarcam.training import weights_sha256
 
     folder, _ = checkpoint
-    accuracy = [{"model": "resnet_tiny", "checkpoint": str(folder)}]
-    results.write_table(accuracy, ACCURACY, tmp_path / "accuracy.parquet")
-    predictions = [
-        {"model": "resnet_tiny", "image_index": i, "label": 0, "pred": p, "top5": [p], "prob": 0.5, "correct": False} for i, p in [(7, 9), (3, 8), (5, 7)]
-    ]
-    results.write_table(predictions, PREDICTIONS, tmp_path / "predictions.parquet")
+    weights = weights_sha256(folder)
+    results.write_table([{"model": "resnet_tiny", "checkpoint": str(folder), "weights_sha256": weights}], ACCURACY, tmp_path / "accuracy.parquet")
+
+    def predictions(by: str) -> None:
+        rows = [(7, 9), (3, 8), (5, 7)]
+        rows = [
+            {"model": "resnet_tiny", "image_index": i, "label": 0, "pred": p, "top5": [p], "prob": 0.5, "correct": False, "weights_sha256": by} for i, p in rows
+        ]
+        results.write_table(rows, PREDICTIONS, tmp_path / "predictions.parquet")
+
+    predictions(weights)
     image_index = np.array([3, 5, 7])
-    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index).tolist() == [8, 7, 9]
-    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(tmp_path / "other")), image_index) is None
-    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), np.array([3, 4])) is None
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index, weights).tolist() == [8, 7, 9]
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(tmp_path / "other")), image_index, weights) is None
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), np.array([3, 4]), weights) is None
+    # a search killed between its two writes, on a resume that changed the best checkpoint: the
+    # predictions are another checkpoint's, whatever the path accuracy.parquet names
+    predictions("f" * 64)
+    assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index, weights) is None
 
 
 def test_two_checkpoints_of_one_family_are_refused(tmp_path, checkpoint):
@@ -224,6 +234,24 @@ def test_actor_options_out_of_range_are_named():
         CamSettings(gpus_per_actor=-1)
     with pytest.raises(ConfigError, match=r"^--actors: must be > 0, got 0$"):
         CamSettings(actors=0)
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"methods": ("gradcam", "GradCAM")}, "--methods: 'gradcam' and 'GradCAM' name 'gradcam' twice; give each once"),
+        ({"methods": ()}, "--methods: expected at least one name, got none"),
+        ({"layers": ("layer4", "layer4")}, "--layers: 'layer4' names 'layer4' twice; give each once"),
+        ({"layers": ()}, "--layers: expected at least one name, got none"),
+        ({"targets": ()}, "--targets: expected at least one name, got none"),
+        ({"targets": ("pred", "pred")}, "--targets: 'pred' names 'pred' twice; give each once"),
+    ],
+)
+def test_each_method_layer_and_target_once(given, message):
+    """Twice would store every row twice; none would do nothing and exit 0."""
+    with pytest.raises(ConfigError) as info:
+        CamSettings(**given)
+    assert str(info.value) == message
 
 
 def test_a_worker_given_no_gpu_stays_on_the_cpu_where_cuda_is_visible(checkpoint, test_set, monkeypatch):

@@ -47,6 +47,17 @@ def test_paper_config_is_the_papers_study():
         ("train: {epochs: ten}", r"^train\.epochs: expected an integer, got 'ten'$"),
         ("data: {source: imagenet}", r"^data\.source: expected one of synthetic, cifar10, cifar100, parquet, got 'imagenet'$"),
         ("train: [1, 2", r"cfg\.yaml: YAML syntax error at line 1"),
+        ("search: {reduction_factor: 1}", r"^search\.reduction_factor: must be >= 2 \(ASHA keeps 1 in reduction_factor trials\), got 1$"),
+        ("train: {epochs: 3}\nsearch: {grace_period: 5}", r"^search\.grace_period: must be in \[1, train\.epochs = 3\], got 5$"),
+        ("search: {metric: val_acc}", r"^search\.metric: unknown metric 'val_acc'; expected one of val_top1, val_top5, val_loss, train_loss$"),
+        ("search: {metric: val_loss}", r"^search\.mode: val_loss is better when lower; set mode: min, got max$"),
+        (
+            "search: {sample: {epochs: {uniform: [2, 4]}}}",
+            r"^search\.sample\.epochs\.uniform: epochs is a whole number, and uniform draws fractions; use randint or choice$",
+        ),
+        ("name: ../escaped", r"^name: expected a plain folder name \(letters, digits, '\.', '_', '-'\), got '\.\./escaped'$"),
+        ("train: {grad_clip_norm: -1}", r"^train\.grad_clip_norm: must be > 0 \(or null: no clipping\), got -1\.0$"),
+        ("train: {momentum: 1.5}", r"^train\.momentum: must be in \[0, 1\), got 1\.5$"),
     ],
 )
 def test_bad_configs_give_one_line_errors(tmp_path, text, message):

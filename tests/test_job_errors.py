@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import demo_cam_options, run_job, write_config
+from helpers import ROOT, demo_cam_options, run_job, write_config
 
 OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40, colours: per_class}}\n"
 
@@ -56,6 +56,7 @@ def existing_run(tmp_path: Path) -> Path:
     """A run folder from an earlier search, which no failed command may touch."""
     run = tmp_path / "existing"
     (run / "cams").mkdir(parents=True)
+    (run / ".lock").touch()  # the run's lock file, which every search leaves (taking it changes nothing)
     (run / "config.yaml").write_text("name: earlier\n")
     pq.write_table(pa.table({"trial_id": ["t1"], "val_top1": [0.5]}), run / "trials.parquet")
     return run
@@ -324,6 +325,24 @@ def test_checkpoint_whose_weights_are_another_model(run_with_checkpoints, capsys
     _fails_cleanly(proc, run, before, f"error: {swapped}: its weights do not fit the resnet_tiny model its meta.json names (")
 
 
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        ({"epoch": 1}, "model.family missing or not a string; not a cifarcam checkpoint's meta.json"),
+        ({"model": {"family": "resnet_tiny"}}, "model.num_classes missing or not an integer; not a cifarcam checkpoint's meta.json"),
+        ({"model": {"family": "resnet_tiny", "num_classes": 10, "depth": 3}}, "model has unknown keys ['depth']; written by another version of cifarcam?"),
+    ],
+)
+def test_checkpoint_whose_meta_lacks_the_model(run_with_checkpoints, capsys, meta, expected):
+    import json
+
+    run, _, swapped = run_with_checkpoints
+    (swapped / "meta.json").write_text(json.dumps(meta))
+    before = _snapshot(run)
+    proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(swapped))
+    _fails_cleanly(proc, run, before, f"error: {swapped / 'meta.json'}: {expected}")
+
+
 def test_ray_address_that_does_not_answer(tmp_path, existing_run):
     before = _snapshot(existing_run)
     started = time.monotonic()
@@ -371,3 +390,66 @@ def test_maps_of_another_checkpoint_are_refused_before_any_work(demo_run, tmp_pa
     line = _fails_cleanly(proc, run, before, f"error: {run / 'cams' / 'model=resnet_tiny'}: computed from checkpoint ")
     assert f"), not {other} (sha256 " in line
     assert line.endswith(f"); remove {run / 'cams' / 'model=resnet_tiny'} to explain the new checkpoint, or use another --run")
+
+
+@pytest.fixture
+def tiny_run(tmp_path) -> Path:
+    """A finished run's four tables, one row each, in a folder whose name holds a quote."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "it's run"
+    run.mkdir()
+    for name in ("trials", "epochs", "accuracy", "predictions"):
+        pq.write_table(pa.table({"model": ["resnet_tiny"], "n": [1]}), run / f"{name}.parquet")
+    return run
+
+
+def test_a_query_reads_a_run_whose_path_holds_a_quote(tiny_run, capsys):
+    proc = in_process(capsys, "jobs.query", str(tiny_run), "select model from accuracy")
+    assert proc.returncode == 0 and "resnet_tiny" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "sql, refused",
+    [
+        ("copy (select 1) to '{out}'", 'error: SQL: Permission Error: Cannot access file "{out}"'),
+        ("select * from read_csv('/etc/passwd')", 'error: SQL: Permission Error: Cannot access file "/etc/passwd"'),
+        ("install httpfs", "error: SQL: Permission Error"),
+        ("set enable_external_access = true", 'error: SQL: Invalid Input Error: Cannot change configuration option "enable_external_access"'),
+    ],
+)
+def test_a_query_reads_the_run_and_nothing_else(tiny_run, tmp_path, capsys, sql, refused):
+    out = tmp_path / "written.csv"
+    proc = in_process(capsys, "jobs.query", str(tiny_run), sql.format(out=out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(refused.format(out=out)), proc.stderr
+    assert not out.exists()
+
+
+def test_a_negative_row_limit_is_refused(tiny_run, capsys):
+    proc = in_process(capsys, "jobs.query", str(tiny_run), "select 1", "--limit", "-5")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("error: argument --limit: expected a whole number of rows >= 0, got -5")
+
+
+def test_a_ray_state_folder_others_can_write_is_refused(tmp_path):
+    """Its pid file says what ray-head-down.sh kills: a folder others can write is refused, and no
+    Ray starts."""
+    import os
+    import subprocess
+
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    env = {**os.environ, "RAY_STATE_DIR": str(state), "RAY_VENV": str(ROOT / ".venv")}
+    proc = subprocess.run(["bash", "cluster/ray-head-up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {state}: not this user's own private folder; remove it or set RAY_STATE_DIR"
+    assert list(state.iterdir()) == []
+
+
+def test_a_report_that_cannot_be_written_fails_before_any_work(tiny_run, capsys):
+    """A run on a read-only share (root ignores modes here, so a file stands where report/ goes)."""
+    (tiny_run / "report").write_text("not a folder")
+    proc = in_process(capsys, "jobs.report", "--run", str(tiny_run))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tiny_run / 'report'}: cannot write the report there (File exists); copy the run folder somewhere writable"

@@ -41,5 +41,6 @@ def test_every_ray_container_and_the_submitter_authenticate_with_the_secrets_tok
     assert len(secrets) == 1  # one Secret for all, so the submitter's token is the cluster's
     name, key = secrets.pop()
     text = (ROOT / "cluster" / "kuberay-rayjob.yaml").read_text()
-    assert f"kubectl create secret generic {name} --from-literal={key}=" in text
+    # the token from a file (here a process substitution), never on kubectl's command line
+    assert f"kubectl create secret generic {name} --from-file={key}=<(" in text and "--from-literal" not in text
     assert "s3://" not in spec["entrypoint"] and "--out s3://" not in text

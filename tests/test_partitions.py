@@ -15,7 +15,7 @@ import torch
 from cifarcam.cam import partitions
 from cifarcam.cam.methods import METHODS
 from cifarcam.cam.partitions import Source, Staging, claim_model, is_complete, model_dir, partition_dir, read_marker, regroup
-from cifarcam.errors import ConfigError
+from cifarcam.errors import ConfigError, DataError
 from cifarcam.training.checkpoint import save_checkpoint
 from cifarcam.training.models import ModelSpec, build_model
 
@@ -57,11 +57,57 @@ def test_a_partition_is_complete_only_with_its_marker_and_every_file(tmp_path, s
     pq.write_table(_rows(NAMES[:1]), raw)
     (folder,) = regroup([raw], tmp_path / "cams", KEYS, source, {"targets": ["pred"]})
     marker = read_marker(folder)
-    assert marker["files"] == ["part-0.parquet"] and marker["rows"] == 3 and marker["source"]["weights_sha256"] == source.weights_sha256
+    assert [f["name"] for f in marker["files"]] == ["part-0.parquet"] and marker["rows"] == 3
+    assert marker["files"][0]["bytes"] == (folder / "part-0.parquet").stat().st_size and marker["source"]["weights_sha256"] == source.weights_sha256
     assert marker["settings"] == {"targets": ["pred"]}
     (folder / "part-0.parquet").unlink()  # half-deleted
     assert read_marker(folder) is None and not is_complete(folder, source)
     assert not is_complete(tmp_path / "cams" / "model=nothing", source)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size, one byte changed", "emptied"])
+def test_a_file_cut_short_or_changed_since_its_marker_makes_the_partition_incomplete(tmp_path, source, damage):
+    """What a host crash or a disk can leave behind a marker: the rerun recomputes it, instead of
+    failing later in DuckDB."""
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(_rows(NAMES[:1], per_partition=50), raw)
+    (folder,) = regroup([raw], tmp_path / "cams", KEYS, source, {})
+    part = folder / "part-0.parquet"
+    data = part.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "same size, one byte changed": data[:100] + bytes([data[100] ^ 1]) + data[101:], "emptied": b""}
+    part.write_bytes(damaged[damage])
+    assert read_marker(folder) is None and not is_complete(folder, source)
+
+
+def test_a_partition_missing_rows_gets_no_marker(tmp_path, source):
+    """A partition is published only whole: every image x target (an actor that lost a block, a
+    write that stopped short)."""
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(_rows(NAMES[:2], per_partition=3), raw)
+    with pytest.raises(DataError, match=r"^CAM rows: expected 4 per partition \(images x targets\), got .*: 3, .*: 3; nothing of them is published$"):
+        regroup([raw], tmp_path / "cams", KEYS, source, {}, expected_rows=4)
+    assert not list((tmp_path / "cams").rglob(partitions.MARKER))
+    assert len(regroup([raw], tmp_path / "ok", KEYS, source, {}, expected_rows=3)) == 2
+
+
+def test_files_reach_the_disk_before_their_names(tmp_path, source, monkeypatch):
+    """Every file is fsynced before the rename that publishes it, and each folder after (the
+    order a host crash needs). Recorded through os.fsync: a crash cannot be staged here."""
+    import os
+
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (synced.append(f"rename {a} -> {b}"), real_replace(a, b)))
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(_rows(NAMES[:1]), raw)
+    (folder,) = regroup([raw], tmp_path / "parts", KEYS, source, {})
+    target = tmp_path / "cams" / folder.relative_to(tmp_path / "parts")
+    partitions.publish(folder, target, source, tmp_path / "trash")
+    part, marker_rename = synced.index(str(folder / "part-0.parquet")), next(i for i, s in enumerate(synced) if s.endswith(f"-> {folder / partitions.MARKER}"))
+    folder_rename = synced.index(f"rename {folder} -> {target}")
+    assert part < synced.index(str(folder)) < marker_rename < folder_rename < synced.index(str(target.parent))
+    assert synced[marker_rename - 1].endswith(".partial")  # the marker's own data first
 
 
 def test_maps_of_another_checkpoint_are_refused(tmp_path, source):
@@ -100,7 +146,7 @@ def test_files_per_partition_are_bounded_whatever_the_number_of_blocks(tmp_path,
     for folder in folders:
         marker = read_marker(folder)
         assert marker["rows"] == 21 and len(marker["files"]) == 3  # 9 + 9 + 3 rows
-        assert sorted(p.name for p in folder.glob("*.parquet")) == marker["files"]
+        assert sorted(p.name for p in folder.glob("*.parquet")) == [f["name"] for f in marker["files"]]
 
 
 def _hold_staging(run_dir: str, ready, done) -> None:

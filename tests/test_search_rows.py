@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from ray.tune.schedulers import TrialScheduler
 from torch import nn
 
@@ -196,3 +197,28 @@ def test_a_trial_without_reports_falls_back_to_its_checkpoints(tmp_path):
     assert (trial.trial_id, trial.status, trial.epochs_run, trial.best_epoch) == ("abcde_00000", "completed", 3, 2)
     assert trial.best_checkpoint == str(trial_dir / "checkpoint_000002")
     assert [(e.epoch, e.checkpoint_path) for e in epochs] == [(1, None), (2, str(trial_dir / "checkpoint_000002")), (3, str(trial_dir / "checkpoint_000003"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume unpickles the search's state: only from files no one else could have written
+
+
+def test_resume_refuses_state_that_others_can_write(tmp_path):
+    from cifarcam.errors import UserError
+    from cifarcam.search.tuner import check_private
+
+    experiment = tmp_path / "tune" / "demo"
+    (experiment / "trial_1").mkdir(parents=True)
+    for name in ("tuner.pkl", "trial_1/params.pkl"):
+        (experiment / name).write_bytes(b"")
+        (experiment / name).chmod(0o644)
+    experiment.chmod(0o755)
+    (experiment / "trial_1").chmod(0o755)
+    check_private(experiment)  # this user's, writable by no one else
+    (experiment / "trial_1" / "params.pkl").chmod(0o664)
+    with pytest.raises(UserError, match=r"^--resume: .*/trial_1/params\.pkl is writable by others \(mode -rw-rw-r--\), and resuming unpickles"):
+        check_private(experiment)
+    (experiment / "trial_1" / "params.pkl").chmod(0o644)
+    experiment.chmod(0o777)
+    with pytest.raises(UserError, match=r"is writable by others \(mode drwxrwxrwx\)"):
+        check_private(experiment)

@@ -220,6 +220,11 @@ def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["--config", "{good}", "--out", "/proc/run"], "error: --out /proc/run: cannot create the results folder"),
         (["--config", "{good}", "--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
         (["--nodes", "0", "--config", "{good}"], "python -m cluster.slurm: error: argument --nodes: expected a positive integer, got 0"),
+        (
+            ["--job-name", "x\n#SBATCH --wrap=id", "--config", "{good}"],
+            "python -m cluster.slurm: error: argument --job-name: must be one line (it becomes an #SBATCH line), got 'x\\n#SBATCH --wrap=id'",
+        ),
+        (["--sbatch-arg", "mail-type=END\rx", "--config", "{good}"], "python -m cluster.slurm: error: argument --sbatch-arg: must be one line"),
     ],
 )
 def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path):

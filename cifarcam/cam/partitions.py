@@ -4,19 +4,21 @@ Layout: ``cams/model=<m>/layer=<l>/method=<k>/part-<i>.parquet`` plus ``_COMPLET
 are URI-encoded exactly as pyarrow's hive writer encodes them (``method=gradcam%2B%2B``), which
 DuckDB, pandas and pyarrow decode back to ``gradcam++``.
 
-A partition is complete only when its marker is there and every file the marker lists exists:
-a folder without one (a crash mid-copy, an older version's output) is recomputed. The marker
-also names the checkpoint (path and SHA-256 of its weights) the maps came from, so maps of one
-checkpoint never pass for another's.
+A partition is complete only when its marker is there and every file the marker lists is there
+with the size and SHA-256 it had when written: a folder without one (a crash mid-copy, an older
+version's output) or with a file cut short or changed since is recomputed. A marker is written only
+for a partition that holds every row (images x targets), and only after its files reached the
+disk (fsync), so a host crash cannot leave a marker over a truncated file. The marker also names the
+checkpoint (path and SHA-256 of its weights) the maps came from, so maps of one checkpoint never
+pass for another's.
 
 Two jobs may explain one run at once (other methods, other layers) and a killed job's rerun may
 start while nothing else runs: each job writes only under its own staging folder, held by a lock
-that dies with its process, and plan and publish run under the run's lock.
+that dies with its process, and plan and publish run under the run's lock (cifarcam.run_lock).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import urllib.parse
@@ -29,14 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from cifarcam.errors import ConfigError
-from cifarcam.results import write_text_atomic
+from cifarcam.errors import ConfigError, DataError
+from cifarcam.provenance import sha256_of
+from cifarcam.results import durable_rename, fsync_path, write_text_atomic
 from cifarcam.run_layout import RunLayout
+from cifarcam.run_lock import LOCK_MODE, run_lock
 
+CAM_JOB = "the CAM stage"  # how the run's lock names its holder
 MARKER = "_COMPLETE.json"
 CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
 SETTINGS = "_settings.json"  # in cams/: how every partition there was computed
-LOCK_MODE = 0o666  # lock files others in a shared project folder can take too
 MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
 
 
@@ -63,23 +67,32 @@ class Source:
 
     @classmethod
     def of(cls, checkpoint: str | Path) -> Source:
-        from cifarcam.training import MODEL_FILE
+        from cifarcam.training import weights_sha256
 
-        digest = hashlib.sha256()
-        with open(Path(checkpoint) / MODEL_FILE, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return cls(str(Path(checkpoint).resolve()), digest.hexdigest())
+        return cls(str(Path(checkpoint).resolve()), weights_sha256(checkpoint))
+
+
+def _file_record(path: Path) -> dict:
+    """What a marker records of each file: enough to tell it was cut short or changed."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+def _intact(folder: Path, record: dict | str) -> bool:
+    if isinstance(record, str):  # a marker from before sizes and checksums: the file's presence
+        return (folder / record).is_file()
+    path = folder / record["name"]
+    return path.is_file() and path.stat().st_size == record["bytes"] and sha256_of(path) == record["sha256"]
 
 
 def read_marker(folder: Path) -> dict | None:
-    """The partition's marker when the partition is complete (every listed file present), else None."""
+    """The partition's marker when the partition is complete (every listed file there, with its
+    recorded size and checksum), else None."""
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
     files = marker.get("files") or []
-    return marker if files and all((folder / name).is_file() for name in files) else None
+    return marker if files and all(_intact(folder, record) for record in files) else None
 
 
 def _refuse_other_source(folder: Path, recorded: dict, source: Source, model_dir: Path) -> None:
@@ -122,14 +135,6 @@ def check_settings(cams_dir: Path, settings: dict) -> None:
         write_text_atomic(path, json.dumps(settings))
 
 
-def run_lock(run_dir: Path) -> FileLock:
-    """Held while a job plans what is missing, while it publishes, and while staging folders come
-    and go (never nested: a second lock object on the same file in one thread raises)."""
-    cams = RunLayout(run_dir).cams
-    cams.mkdir(parents=True, exist_ok=True)
-    return FileLock(cams / ".lock", mode=LOCK_MODE)
-
-
 class Staging:
     """This job's own folder under ``run/.staging``, locked for as long as the job lives.
 
@@ -143,7 +148,7 @@ class Staging:
         self.root = run_dir / ".staging"
         self.folder = self.root / f"cams-{uuid.uuid4().hex}"
         self._lock = FileLock(self.folder.with_suffix(".lock"), mode=LOCK_MODE)
-        with run_lock(run_dir):
+        with run_lock(run_dir, CAM_JOB):
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
             self.folder.mkdir()
@@ -151,7 +156,7 @@ class Staging:
     def sweep(self) -> list[Path]:
         """Remove what dead jobs left; returns the folders removed."""
         removed = []
-        with run_lock(self.run_dir):
+        with run_lock(self.run_dir, CAM_JOB):
             for folder in sorted(p for p in self.root.glob("cams-*") if p.is_dir() and p != self.folder):
                 lock_path = folder.with_suffix(".lock")
                 if lock_path.exists():
@@ -166,17 +171,20 @@ class Staging:
                 removed.append(folder)
         return removed
 
-    def regroup_and_publish(self, raw: Path, keys: tuple[str, ...], wanted: set[tuple[str, ...]], source: Source, settings: dict) -> tuple[list[Path], int]:
+    def regroup_and_publish(
+        self, raw: Path, keys: tuple[str, ...], wanted: set[tuple[str, ...]], source: Source, settings: dict, expected_rows: int
+    ) -> tuple[list[Path], int]:
         """Regroup the Parquet files in ``raw`` (unpartitioned rows, e.g. Ray Data's write) into
         partitions by ``keys`` and publish those whose key values are ``wanted`` under
-        ``run/cams``; the others were computed alongside (the published copy stands). Returns
-        (partitions published, partitions another job published meanwhile). ``raw`` is removed."""
+        ``run/cams``; the others were computed alongside (the published copy stands). Each must
+        hold ``expected_rows``. Returns (partitions published, partitions another job published
+        meanwhile). ``raw`` is removed."""
         parts = self.folder / "parts"
-        staged = regroup(sorted(raw.glob("*.parquet")), parts, keys, source, settings)
+        staged = regroup(sorted(raw.glob("*.parquet")), parts, keys, source, settings, expected_rows)
         shutil.rmtree(raw)
         wanted_folders = {parts.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key, strict=False))) for key in wanted}
         written, skipped = [], 0
-        with run_lock(self.run_dir):
+        with run_lock(self.run_dir, CAM_JOB):
             for folder in sorted(f for f in staged if f in wanted_folders):
                 target = RunLayout(self.run_dir).cams / folder.relative_to(parts)
                 if publish(folder, target, source, self.folder / "trash"):
@@ -187,7 +195,7 @@ class Staging:
         return written, skipped
 
     def close(self) -> None:
-        with run_lock(self.run_dir):
+        with run_lock(self.run_dir, CAM_JOB):
             shutil.rmtree(self.folder, ignore_errors=True)
             self._lock.release()
             Path(self._lock.lock_file).unlink(missing_ok=True)
@@ -229,15 +237,18 @@ class _PartitionFiles:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            fsync_path(self.folder / self.files[-1])
 
 
-def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source: Source, settings: dict) -> list[Path]:
+def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source: Source, settings: dict, expected_rows: int | None = None) -> list[Path]:
     """Rewrite rows from ``raw_files`` (any mix of partitions) as one folder per value of ``keys``
     under ``out_root``, with at most MAX_ROWS_PER_FILE rows a file and a marker in each folder.
 
     One pass over the input, one writer open per partition: a partition of the full test set is
     one file, whatever the number of blocks Ray Data wrote. Each file's schema metadata carries
-    ``settings`` and ``source`` (JSON), so a file copied elsewhere still says how it was made."""
+    ``settings`` and ``source`` (JSON), so a file copied elsewhere still says how it was made.
+    With ``expected_rows``, a partition holding any other number of rows fails the regroup, and
+    no marker is written."""
     partitions: dict[tuple[str, ...], _PartitionFiles] = {}
     try:
         for raw in raw_files:
@@ -250,8 +261,14 @@ def regroup(raw_files: list[Path], out_root: Path, keys: tuple[str, ...], source
     finally:
         for partition in partitions.values():
             partition.close()
+    short = [p for p in partitions.values() if expected_rows is not None and p.rows != expected_rows]
+    if short:
+        counts = ", ".join(f"{p.folder.relative_to(out_root)}: {p.rows}" for p in short)
+        raise DataError(f"CAM rows: expected {expected_rows} per partition (images x targets), got {counts}; nothing of them is published")
     for partition in partitions.values():
-        marker = {"files": partition.files, "rows": partition.rows, "source": asdict(source), "settings": settings}
+        files = [_file_record(partition.folder / name) for name in partition.files]
+        fsync_path(partition.folder)
+        marker = {"files": files, "rows": partition.rows, "source": asdict(source), "settings": settings}
         write_text_atomic(partition.folder / MARKER, json.dumps(marker, indent=2))
     return [partition.folder for partition in partitions.values()]
 
@@ -279,5 +296,5 @@ def publish(staged: Path, target: Path, source: Source, trash: Path) -> bool:
         trash.mkdir(parents=True, exist_ok=True)
         target.rename(trash / uuid.uuid4().hex)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged.rename(target)
+    durable_rename(staged, target)
     return True

@@ -32,6 +32,17 @@ def _method_name(name: str) -> str:
     return found.name
 
 
+def _once(option: str, given: tuple[str, ...], names: tuple[str, ...]) -> None:
+    """At least one name, and none twice (``names``: ``given`` as the registry spells them)."""
+    if not names:
+        raise ConfigError(f"{option}: expected at least one name, got none")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = given[names.index(name)]
+            twice = f"{first!r} and {given[i]!r}" if first != given[i] else f"{first!r}"
+            raise ConfigError(f"{option}: {twice} name{'' if first != given[i] else 's'} {name!r} twice; give each once")
+
+
 @dataclass(frozen=True)
 class CamSettings:
     methods: tuple[str, ...] = ("gradcam",)  # any spelling on the way in; registry keys once built
@@ -45,7 +56,13 @@ class CamSettings:
     gpus_per_actor: float = 1.0  # where the cluster has GPUs; 0: CPU actors even there
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", tuple(_method_name(m) for m in self.methods))
+        given = self.methods
+        object.__setattr__(self, "methods", tuple(_method_name(m) for m in given))
+        # Each would be computed and stored twice: one row per image, layer, method and target.
+        _once("--methods", given, self.methods)
+        _once("--targets", self.targets, self.targets)
+        if self.layers is not None:
+            _once("--layers", self.layers, self.layers)
         for t in self.targets:
             if t not in TARGET_KINDS:
                 raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")

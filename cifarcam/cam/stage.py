@@ -21,11 +21,12 @@ from rich.console import Console
 
 from cifarcam import results
 from cifarcam.cam.actor import CamActor, images_table
-from cifarcam.cam.partitions import Source, Staging, check_settings, claim_model, is_complete, model_dir, partition_dir, run_lock
+from cifarcam.cam.partitions import CAM_JOB, Source, Staging, check_settings, claim_model, is_complete, model_dir, partition_dir
 from cifarcam.cam.settings import CamSettings, resolve_layers
 from cifarcam.data import ImageSet
 from cifarcam.errors import ConfigError
 from cifarcam.run_layout import RunLayout
+from cifarcam.run_lock import run_lock
 from cifarcam.training import CamLayer, ModelSpec
 
 
@@ -58,7 +59,7 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
     specs = [ModelSpec(**read_meta(model.checkpoint)["model"]) for model in models]
     layers_of = [resolve_layers(spec, settings.layers, f"model {model.name}") for spec, model in zip(specs, models, strict=False)]
     plans = []
-    with run_lock(run_dir):
+    with run_lock(run_dir, CAM_JOB):
         check_settings(cams_dir, settings.comparable())
         for model, spec, layers in zip(models, specs, layers_of, strict=False):
             source = Source.of(model.checkpoint)
@@ -86,7 +87,8 @@ def explain(
             raw = staging.folder / f"raw-{uuid.uuid4().hex[:8]}"
             _write_maps(raw, run_dir, p, test, settings, actors, gpus_per_actor, console)
             wanted = {(p.spec.family, layer.name, method) for layer, method in p.missing}
-            written, skipped = staging.regroup_and_publish(raw, results.CAM_PARTITIONS, wanted, p.source, settings.comparable())
+            expected_rows = len(test) * len(settings.targets)  # one row per image and target
+            written, skipped = staging.regroup_and_publish(raw, results.CAM_PARTITIONS, wanted, p.source, settings.comparable(), expected_rows)
             summary["written"] += written
             summary["skipped"] += skipped
     return summary
@@ -105,7 +107,7 @@ def _write_maps(
     mark_work_started()
 
     # Several blocks, so that every actor gets work (no shuffle needed).
-    table = images_table(test, stored_predictions(run_dir, p.model, test.index), settings.faithfulness)
+    table = images_table(test, stored_predictions(run_dir, p.model, test.index, p.source.weights_sha256), settings.faithfulness)
     rows = max(settings.batch_size, -(-len(test) // (4 * actors)))
     dataset = ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(test), rows)])
     needed_layers = [layer for layer in p.layers if any(layer == ml for ml, _ in p.missing)]
@@ -136,18 +138,22 @@ def _write_maps(
             ray.kill(counter)
 
 
-def stored_predictions(run_dir: Path, model: ModelToExplain, image_index: np.ndarray) -> np.ndarray | None:
-    """The run's predicted class per image (in ``image_index`` order) for ``model``, when its
-    checkpoint is the one accuracy.parquet evaluated; None otherwise."""
+def stored_predictions(run_dir: Path, model: ModelToExplain, image_index: np.ndarray, weights_sha256: str) -> np.ndarray | None:
+    """The run's predicted class per image (in ``image_index`` order) for ``model``, when the run
+    evaluated this very checkpoint (``weights_sha256``, its model.pt's): accuracy.parquet, the
+    search's commit, names it, and predictions.parquet's rows are that checkpoint's. None otherwise
+    (and for runs whose predictions predate the column): the actors then predict themselves."""
     import duckdb
+    import pyarrow.parquet as pq
 
     accuracy, predictions = RunLayout(run_dir).accuracy, RunLayout(run_dir).predictions
-    if not (accuracy.is_file() and predictions.is_file()):
+    if not (accuracy.is_file() and predictions.is_file()) or "weights_sha256" not in pq.read_schema(predictions).names:
         return None
     rows = duckdb.execute("select checkpoint from read_parquet(?) where model = ?", [str(accuracy), model.name]).fetchall()
     if not rows or Path(rows[0][0]).resolve() != Path(model.checkpoint).resolve():
         return None
-    frame = duckdb.execute("select image_index, pred from read_parquet(?) where model = ?", [str(predictions), model.name]).df()
+    query = "select image_index, pred from read_parquet(?) where model = ? and weights_sha256 = ?"
+    frame = duckdb.execute(query, [str(predictions), model.name, weights_sha256]).df()
     by_index = dict(zip(frame.image_index, frame.pred, strict=False))
     if not all(int(i) in by_index for i in image_index):
         return None

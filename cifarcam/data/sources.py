@@ -66,11 +66,8 @@ def _member_names(release: CifarRelease, split: str) -> list[str]:
 
 
 def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download_archive(release: CifarRelease, cache_dir: Path) -> Path:

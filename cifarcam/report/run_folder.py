@@ -3,7 +3,9 @@ unit, the section, whatever the medium (terminal, Markdown, HTML)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cifarcam.errors import UserError
 from cifarcam.report.views import connect, has_view
 from cifarcam.run_layout import RunLayout
 
@@ -34,12 +37,17 @@ class ReportRun:
 
         self.run_dir = Path(run_dir)
         self.con = connect(self.run_dir)
+        self.out = RunLayout(self.run_dir).report
+        try:  # before any work: a run on a read-only share, or a file in the way
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.out, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as err:
+            raise UserError(f"{self.out}: cannot write the report there ({err.strerror or err}); copy the run folder somewhere writable") from None
         self.cfg = load_config(RunLayout(self.run_dir).config)
         self.test = load_splits(self.cfg.data).test
         self.position = {int(i): n for n, i in enumerate(self.test.index)}  # image_index -> row
         self.names = list(self.test.class_names)
-        self.out = RunLayout(self.run_dir).report
-        self.out.mkdir(parents=True, exist_ok=True)
         self.has_cams = has_view(self.con, "cams")
         self.title = f"Report: {self.cfg.name}"
 

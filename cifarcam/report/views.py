@@ -12,7 +12,7 @@ from cifarcam.run_layout import SEARCH_TABLES, RunLayout
 
 def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views trials, epochs, accuracy, predictions, and cams and sanity
-    where the CAM stage wrote them."""
+    where the CAM stage wrote them; it may read the run's files only."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
@@ -22,12 +22,23 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
         raise UserError(f"{run_dir}: not a finished run (missing {', '.join(missing)}); run jobs.search first")
     con = duckdb.connect()
     for name in SEARCH_TABLES:
-        con.execute(f"create view {name} as select * from read_parquet('{layout.table(name)}')")
+        con.execute(f"create view {name} as select * from read_parquet({_literal(layout.table(name))})")
     if any(layout.sanity.glob("model=*/method=*.parquet")):
-        con.execute(f"create view sanity as select * from read_parquet('{layout.sanity}/model=*/method=*.parquet', hive_partitioning = false)")
+        con.execute(f"create view sanity as select * from read_parquet({_literal(layout.sanity)} || '/model=*/method=*.parquet', hive_partitioning = false)")
     if any(layout.cams.glob("model=*/layer=*/method=*/*.parquet")):
-        con.execute(f"create view cams as select * from read_parquet('{layout.cams}/**/*.parquet', hive_partitioning = true)")
+        con.execute(f"create view cams as select * from read_parquet({_literal(layout.cams)} || '/**/*.parquet', hive_partitioning = true)")
+    # From here on the connection reads this run and nothing else: no file written (COPY ... TO),
+    # no other file read, no extension installed or loaded, and no setting changed back.
+    con.execute("set allowed_directories = ?", [[str(run_dir.resolve())]])
+    con.execute("set enable_external_access = false")
+    con.execute("set lock_configuration = true")
     return con
+
+
+def _literal(path: Path) -> str:
+    """``path`` as a SQL string literal (a view cannot take a parameter): a quote in a folder's
+    name must not end the string."""
+    return "'" + str(path.resolve()).replace("'", "''") + "'"
 
 
 def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:

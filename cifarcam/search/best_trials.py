@@ -33,7 +33,7 @@ def evaluate_best(
 ) -> tuple[list[AccuracyRow], dict[str, list]]:
     """Evaluate each model family's best checkpoint on the test set, as Ray tasks sized like a
     training worker (so a GPU cluster evaluates on GPUs). Returns accuracy rows and prediction columns."""
-    from cifarcam.training import FAMILIES
+    from cifarcam.training import FAMILIES, weights_sha256
 
     task = ray.remote(num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker)(_evaluate)
     test_ref = ray.put(splits.test)
@@ -44,6 +44,7 @@ def evaluate_best(
     accuracy, predictions = [], {name: [] for name in PREDICTIONS.names}
     for trial, ev in zip(chosen, evaluations):
         tcfg = trial_config(cfg.train, json.loads(trial.hyperparameters))
+        weights = weights_sha256(trial.best_checkpoint)
         curve = [e.images_per_s for e in epochs if e.trial_id == trial.trial_id and e.images_per_s is not None]
         accuracy.append(
             AccuracyRow(
@@ -65,9 +66,11 @@ def evaluate_best(
                 train_time_s=trial.time_s,
                 images_per_s=float(np.mean(curve)) if curve else None,
                 checkpoint=trial.best_checkpoint,
+                weights_sha256=weights,
             )
         )
         predictions["model"] += [trial.model] * len(ev.predictions["pred"])
+        predictions["weights_sha256"] += [weights] * len(ev.predictions["pred"])
         for key, column in ev.predictions.items():
             predictions[key] += column
     return accuracy, predictions

@@ -100,8 +100,10 @@ def run_search(
     accuracy, predictions = evaluate_best(trials, epochs, cfg, splits, res)
     meta = {"class_names": list(splits.class_names), "coarse_names": list(splits.test.coarse_names or [])}
     # Written even when empty: the report of a failed search shows what each trial ran into.
-    results.write_table(accuracy, ACCURACY, layout.accuracy, metadata=meta)
+    # accuracy.parquet is the commit, written last: a kill in between leaves new predictions
+    # beside old accuracy, whose checkpoints' weights_sha256 the new rows do not match.
     results.write_table(predictions, PREDICTIONS, layout.predictions, metadata=meta)
+    results.write_table(accuracy, ACCURACY, layout.accuracy, metadata=meta)
     if mlflow_uri:
         from cifarcam.search.mlflow_log import log_test_accuracy
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import ray.tune
 
 from cifarcam.config import ExperimentConfig, SearchConfig
 from cifarcam.data import Splits
+from cifarcam.errors import UserError
 from cifarcam.run_layout import RunLayout
 from cifarcam.search.planning import TrialResources
 from cifarcam.search.trial_driver import SearchInputs, run_trial, trial_folder_name
@@ -46,6 +49,20 @@ def early_stopper(cfg: ExperimentConfig) -> Any:
     )
 
 
+def check_private(experiment: Path) -> None:
+    """Refuse to resume from state someone else could have written: Tune unpickles its files
+    (tuner.pkl, the experiment state, each trial's params.pkl), so whoever can write one runs code
+    as the next user who resumes. As ssh does with its keys: every file and folder must be this
+    user's and writable by no one else."""
+    for path in [experiment, *sorted(experiment.rglob("*"))]:
+        info = path.lstat()
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UserError(
+                f"--resume: {path} is {'owned by uid ' + str(info.st_uid) if info.st_uid != os.getuid() else 'writable by others'} "
+                f"(mode {stat.filemode(info.st_mode)}), and resuming unpickles the search's state; check who changed it, then chmod -R go-w {experiment}"
+            )
+
+
 def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, res: TrialResources, callbacks: list | None = None) -> ray.tune.Tuner:
     """A new Tuner, or the one stored under ``out_dir`` when resuming; its trials ask for ``res``
     (the search's one plan, which its placement watch expects too)."""
@@ -68,6 +85,7 @@ def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: boo
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, inputs=inputs), {"memory": 64 << 20})
     experiment = RunLayout(out_dir).tune / cfg.name
     if resume and ray.tune.Tuner.can_restore(str(experiment)):
+        check_private(experiment)
         tuner = ray.tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
         # Tune restores the callbacks pickled by the first run (their consoles and clients dropped)
         # and ignores new ones; this job's own (its terminal, its --mlflow) replace them. Ray has no

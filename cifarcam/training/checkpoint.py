@@ -3,6 +3,7 @@ and ``meta.json`` (everything needed to rebuild the model without the search's c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,30 @@ def save_checkpoint(
     return folder
 
 
+def weights_sha256(folder: str | Path) -> str:
+    """The identity of a checkpoint's weights: what the search's tables and the CAM markers record."""
+    from cifarcam.provenance import sha256_of
+
+    return sha256_of(Path(folder) / MODEL_FILE)
+
+
 def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise DataError(f"{folder}: not a cifarcam checkpoint (no {META_FILE})")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except ValueError as err:  # cut short or edited by hand
         raise DataError(f"{path}: not JSON ({err})") from None
+    model = meta.get("model") if isinstance(meta, dict) else None
+    # Every reader rebuilds the model from these (ModelSpec): name what is missing, not a KeyError.
+    for key, kind, what in (("family", str, "a string"), ("num_classes", int, "an integer")):
+        if not isinstance(model, dict) or not isinstance(model.get(key), kind):
+            raise DataError(f"{path}: model.{key} missing or not {what}; not a cifarcam checkpoint's meta.json")
+    unknown = set(model) - {f.name for f in dataclasses.fields(ModelSpec)}
+    if unknown:
+        raise DataError(f"{path}: model has unknown keys {sorted(unknown)}; written by another version of cifarcam?")
+    return meta
 
 
 def load_weights(model: nn.Module, folder: str | Path, spec: ModelSpec) -> None:

@@ -21,7 +21,7 @@ class TestEvaluation:
     top5: float
     superclass_top1: float | None
     params: int
-    predictions: dict[str, Any]  # columns of results.PREDICTIONS (without ``model``)
+    predictions: dict[str, Any]  # columns of search_tables.PREDICTIONS (without ``model`` and ``weights_sha256``)
 
 
 def superclass_of(labels: np.ndarray, fine: np.ndarray, coarse: np.ndarray) -> np.ndarray:
