@@ -56,6 +56,9 @@ MOVED = {
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self) -> None:
+        self._own_specs: dict[str, importlib.machinery.ModuleSpec] = {}
+
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
         old = fullname.removeprefix("cifarcam.")
         if fullname.startswith("cifarcam.") and old in MOVED:
@@ -63,10 +66,14 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(f"cifarcam.{MOVED[spec.name.removeprefix('cifarcam.')]}")
+        module = importlib.import_module(f"cifarcam.{MOVED[spec.name.removeprefix('cifarcam.')]}")
+        self._own_specs[spec.name] = module.__spec__  # the import system is about to set the old name's
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        pass  # the new module ran when it was imported
+        # The module ran when it was imported under its own name: give it back its spec (reload
+        # and find_spec read it); module.__spec__ is the old name's here.
+        module.__spec__ = self._own_specs.pop(module.__spec__.name)
 
 
 def install() -> None:

@@ -48,6 +48,9 @@ def _written_whole_or_not_at_all(path: Path) -> Iterator[Path]:
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise UserError(f"{path}: cannot write it ({err.strerror or err})") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _partial(path: Path) -> Path:
@@ -58,11 +61,16 @@ def _partial(path: Path) -> Path:
 def fsync_path(path: Path) -> None:
     """Flush a file's data, or a folder's entries, to disk (where the filesystem can sync a
     folder: some FUSE mounts answer EINVAL, and have nothing to flush)."""
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except PermissionError:
+        if path.is_dir():  # a folder this user may write but not list: nothing this process can flush
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:
         os.close(fd)

@@ -31,7 +31,9 @@ rm -f "$header"  # written afresh from the token this head uses
 api() {
   [[ -s "$header" ]] || { [[ -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]] &&
     (umask 077 && printf 'Authorization: Bearer %s\n' "$(<"${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}")" >"$header"); }
-  curl -sf -H @"$header" "http://127.0.0.1:$dash_port$1"
+  local auth=()  # none where RAY_AUTH_MODE=disabled left no token
+  [[ -s "$header" ]] && auth=(-H @"$header")
+  curl -sf "${auth[@]}" "http://127.0.0.1:$dash_port$1"
 }
 for _ in $(seq 600); do
   if api /api/jobs/ >/dev/null 2>&1 && api /api/v0/nodes 2>/dev/null | grep -q '"state": *"ALIVE"'; then

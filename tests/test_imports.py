@@ -225,4 +225,5 @@ def test_a_search_pickled_before_the_packages_still_resumes():
     assert b"ccifarcam.trial_driver\n" in old and pickle.loads(old) is run_trial  # a trusted literal
     for name, home in MOVED.items():
         assert importlib.import_module(f"cifarcam.{name}") is importlib.import_module(f"cifarcam.{home}")
+        assert importlib.import_module(f"cifarcam.{home}").__spec__.name == f"cifarcam.{home}"  # its own spec kept
     assert len(MOVED) >= 35

@@ -132,6 +132,20 @@ def test_a_restored_trials_checkpoint_refills_the_rungs(tmp_path):
     assert asha.on_trial_result(None, weak, {"epoch": 2, "val_top1": 0.30}) == TrialScheduler.STOP  # below 0.55
 
 
+def test_a_milestone_a_restart_skipped_is_judged_when_the_trial_reports_again(tmp_path):
+    """Tune saw epoch 1 before the crash, Train checkpointed epoch 2 too: the restored trial's
+    first result is epoch 3. Its epoch 2 (below the rung) must stop it, as it would have."""
+    asha = _asha()
+    good = _tune_trial("good")
+    asha.on_trial_add(None, good)
+    for epoch, value in ((1, 0.5), (2, 0.9)):
+        asha.on_trial_result(None, good, {"epoch": epoch, "val_top1": value})
+    checkpoint = _checkpoint(tmp_path / "trial_weak", 0.6, 0.3)
+    weak = _tune_trial("weak", {"epoch": 1, "val_top1": 0.6, "checkpoint_path": checkpoint})
+    asha.on_trial_add(None, weak)  # restored: epoch 1 is recorded, epoch 2 is not (Tune never saw it)
+    assert asha.on_trial_result(None, weak, {"epoch": 3, "val_top1": 0.95, "checkpoint_path": checkpoint}) == TrialScheduler.STOP
+
+
 def test_without_a_checkpoint_a_trial_meets_empty_rungs():
     """Plain ASHA after a restart: the first result at each rung always continues."""
     asha = _asha()
@@ -209,16 +223,17 @@ def test_resume_refuses_state_that_others_can_write(tmp_path):
 
     experiment = tmp_path / "tune" / "demo"
     (experiment / "trial_1").mkdir(parents=True)
-    for name in ("tuner.pkl", "trial_1/params.pkl"):
+    for name in ("tuner.pkl", "experiment_state-2026.json", "trial_1/result.json"):
         (experiment / name).write_bytes(b"")
         (experiment / name).chmod(0o644)
     experiment.chmod(0o755)
-    (experiment / "trial_1").chmod(0o755)
     check_private(experiment)  # this user's, writable by no one else
-    (experiment / "trial_1" / "params.pkl").chmod(0o664)
-    with pytest.raises(UserError, match=r"^--resume: .*/trial_1/params\.pkl is writable by others \(mode -rw-rw-r--\), and resuming unpickles"):
+    (experiment / "trial_1" / "result.json").chmod(0o666)  # not unpickled on resume: not judged
+    check_private(experiment)
+    (experiment / "tuner.pkl").chmod(0o646)
+    with pytest.raises(UserError, match=r"^--resume: .*/tuner\.pkl is writable by others \(mode -rw-r--rw-\), and resuming unpickles"):
         check_private(experiment)
-    (experiment / "trial_1" / "params.pkl").chmod(0o644)
+    (experiment / "tuner.pkl").chmod(0o644)
     experiment.chmod(0o777)
     with pytest.raises(UserError, match=r"is writable by others \(mode drwxrwxrwx\)"):
         check_private(experiment)

@@ -118,8 +118,12 @@ def claim_model(folder: Path, source: Source) -> None:
     claim = folder / CLAIM
     if claim.is_file():
         _refuse_other_source(folder, json.loads(claim.read_text()), source, folder)
-    for partition in sorted(folder.glob("layer=*/method=*")):
-        is_complete(partition, source)
+    for partition in sorted(folder.glob("layer=*/method=*")):  # the markers' word: no file hashed here
+        try:
+            recorded = json.loads((partition / MARKER).read_text()).get("source") or {}
+        except (OSError, ValueError):
+            continue  # no marker: recomputed anyway
+        _refuse_other_source(partition, recorded, source, folder)
     write_text_atomic(claim, json.dumps(asdict(source), indent=2))
 
 

@@ -29,7 +29,9 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
         con.execute(f"create view cams as select * from read_parquet({_literal(layout.cams)} || '/**/*.parquet', hive_partitioning = true)")
     # From here on the connection reads this run and nothing else: no file written (COPY ... TO),
     # no other file read, no extension installed or loaded, and no setting changed back.
-    con.execute("set allowed_directories = ?", [[str(run_dir.resolve())]])
+    # The run as given and as its symlinks resolve (cams/ or a table may live on scratch).
+    places = [run_dir.absolute(), *(p.resolve().parent for p in [*map(layout.table, SEARCH_TABLES)]), layout.cams.resolve(), layout.sanity.resolve()]
+    con.execute("set allowed_directories = ?", [sorted({str(p) for p in places} | {str(run_dir.resolve())})])
     con.execute("set enable_external_access = false")
     con.execute("set lock_configuration = true")
     return con
@@ -38,7 +40,7 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
 def _literal(path: Path) -> str:
     """``path`` as a SQL string literal (a view cannot take a parameter): a quote in a folder's
     name must not end the string."""
-    return "'" + str(path.resolve()).replace("'", "''") + "'"
+    return "'" + str(path.absolute()).replace("'", "''") + "'"
 
 
 def has_view(con: duckdb.DuckDBPyConnection, name: str) -> bool:

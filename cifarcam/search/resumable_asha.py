@@ -8,20 +8,19 @@ The trials after it then met empty rungs and ran to the end (seen in CI: a trial
 learn, run after a requeue). Tune's own per-trial log is no help: its copy in the run folder is
 synced with the experiment state and loses the last epochs before a crash.
 
-This scheduler records, before judging a result, the epochs its trial's newest checkpoint carries
-(``history`` in its ``meta.json``, written with every epoch) at the milestones the trial passed
-unrecorded; and it does the same for every trial a resumed search restores, finished ones included.
-A resumed search so stops the trials an unbroken one would have stopped.
+The epochs come from the history each checkpoint's ``meta.json`` carries (written with every
+epoch). When a search restores a trial, the epochs Tune had seen (up to its last result) are
+recorded: they were judged before the restart. When a result arrives, the epochs before it that no
+rung holds yet are judged now, as they would have been, and a STOP among them stops the trial.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from cifarcam.search.tune_rows import epochs_from_checkpoints
 
@@ -31,21 +30,28 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        if trial.has_reported_at_least_once:  # restored by a resumed search
-            self._record_earlier_epochs(trial, trial.last_result, before=math.inf)
+        seen = trial.last_result if trial.has_reported_at_least_once else {}
+        if self._time_attr in seen:  # restored, or restarted in this search: Tune judged these
+            self._earlier_epochs(trial, seen, through=seen[self._time_attr])
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
-        if self._time_attr in result:
-            self._record_earlier_epochs(trial, result, before=result[self._time_attr])
-        return super().on_trial_result(tune_controller, trial, result)
+        stop = False
+        if self._time_attr in result:  # what a restart skipped: judged now
+            stop = TrialScheduler.STOP in self._earlier_epochs(trial, result, through=result[self._time_attr] - 1)
+        action = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.STOP if stop else action
 
-    def _record_earlier_epochs(self, trial: Trial, result: dict, before: float) -> None:
+    def _earlier_epochs(self, trial: Trial, result: dict, through: float) -> list[str]:
+        """Record the trial's epochs up to ``through`` at the milestones it has no entry for yet;
+        the bracket's decision for each."""
         bracket = self._trial_info[trial.trial_id]
-        missed = [m for m, recorded in bracket._rungs if m < before and trial.trial_id not in recorded]
+        if all(m > through or trial.trial_id in recorded for m, recorded in bracket._rungs):
+            return []  # the usual case: nothing missed
         checkpoint = result.get("checkpoint_path")
-        if not missed or not checkpoint or "://" in str(checkpoint):
-            return
-        for epoch in epochs_from_checkpoints(Path(checkpoint).parent):
-            if epoch.get(self._time_attr, math.inf) < before and epoch.get(self._metric) is not None:
-                # Recording only: the decision at that epoch was taken before the restart.
-                bracket.on_result(trial, epoch[self._time_attr], self._metric_op * epoch[self._metric])
+        if not checkpoint or "://" in str(checkpoint):
+            return []
+        return [
+            bracket.on_result(trial, epoch[self._time_attr], self._metric_op * epoch[self._metric])
+            for epoch in epochs_from_checkpoints(Path(checkpoint).parent)
+            if epoch.get(self._time_attr, through + 1) <= through and epoch.get(self._metric) is not None
+        ]

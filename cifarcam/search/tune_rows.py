@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cifarcam.config import ExperimentConfig, trial_config
+from cifarcam.errors import DataError
 from cifarcam.search_tables import EpochRow, TrialRow
 from cifarcam.training import META_FILE, read_meta
 
@@ -60,15 +61,23 @@ def _with_earlier_epochs(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _readable_meta(folder: Path) -> dict | None:
+    try:
+        return read_meta(folder)
+    except DataError:
+        return None
+
+
 def epochs_from_checkpoints(trial_dir: Path) -> list[dict]:
     """Every epoch a trial's newest checkpoint in ``trial_dir`` (its Train run) records: for a trial
     that reported nothing to Tune (its driver died after the last epoch, and the restarted driver
-    found no epoch left to run), and for ASHA's rungs after a restart."""
-    metas = {f: read_meta(f) for f in trial_dir.glob("checkpoint_*") if (f / META_FILE).is_file()}
+    found no epoch left to run), and for ASHA's rungs after a restart. A checkpoint cut short
+    (killed while Train wrote it) is passed over: the one before it stands."""
+    metas = {f: meta for f in trial_dir.glob("checkpoint_*") if (meta := _readable_meta(f))}
     folders = {meta["epoch"]: f for f, meta in metas.items() if meta.get("epoch")}
     if not folders:
         return []
-    history = read_meta(folders[max(folders)]).get("history", [])
+    history = metas[folders[max(folders)]].get("history", [])
     return [h | {"checkpoint_path": str(folders[h["epoch"]]) if h["epoch"] in folders else None} for h in history]
 
 

@@ -50,17 +50,35 @@ def early_stopper(cfg: ExperimentConfig) -> Any:
 
 
 def check_private(experiment: Path) -> None:
-    """Refuse to resume from state someone else could have written: Tune unpickles its files
-    (tuner.pkl, the experiment state, each trial's params.pkl), so whoever can write one runs code
-    as the next user who resumes. As ssh does with its keys: every file and folder must be this
-    user's and writable by no one else."""
-    for path in [experiment, *sorted(experiment.rglob("*"))]:
-        info = path.lstat()
-        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise UserError(
-                f"--resume: {path} is {'owned by uid ' + str(info.st_uid) if info.st_uid != os.getuid() else 'writable by others'} "
-                f"(mode {stat.filemode(info.st_mode)}), and resuming unpickles the search's state; check who changed it, then chmod -R go-w {experiment}"
-            )
+    """Refuse to resume from state someone else could have written: Tune unpickles the files at
+    the top of its experiment folder (tuner.pkl, the experiment and searcher states), so whoever
+    can write one runs code as the next user who resumes. As ssh does with its keys: each, and the
+    folder, must be this user's, and writable by no one else (group write only where the group is
+    this user's own and has no other member)."""
+    for path in [experiment, *sorted(p for p in experiment.iterdir() if p.is_file())]:
+        info = path.stat()  # a symlink is judged by what it points to
+        if info.st_uid != os.getuid():
+            problem = f"owned by uid {info.st_uid}"
+        elif info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid)):
+            problem = "writable by others"
+        else:
+            continue
+        raise UserError(
+            f"--resume: {path} is {problem} (mode {stat.filemode(info.st_mode)}), and resuming unpickles the search's state; "
+            f"check who changed it, then chmod go-w {experiment} {experiment}/*"
+        )
+
+
+def _own_group(gid: int) -> bool:
+    """A user private group (Debian's default with umask 002): this user's, with no other member."""
+    import grp
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    return gid == user.pw_gid and set(group.gr_mem) <= {user.pw_name}
 
 
 def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, res: TrialResources, callbacks: list | None = None) -> ray.tune.Tuner:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cifarcam.config import ExperimentConfig, load_config, space_values
+from cifarcam.config import ExperimentConfig, check_run_name, load_config, space_values
 from cifarcam.training.models import check_model_name
 from cifarcam.training.optim import check_optimizer_name
 
@@ -23,7 +23,8 @@ def check_names(cfg: ExperimentConfig) -> None:
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """``load_config`` and ``check_names``: a config a search or the CAM stage can run."""
+    """``load_config``, the run's name, and ``check_names``: a config a search can start from."""
     cfg = load_config(path, overrides)
+    check_run_name(cfg)
     check_names(cfg)
     return cfg
