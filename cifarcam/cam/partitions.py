@@ -87,12 +87,17 @@ def _intact(folder: Path, record: dict | str) -> bool:
 def read_marker(folder: Path) -> dict | None:
     """The partition's marker when the partition is complete (every listed file there, with its
     recorded size and checksum), else None."""
+    marker = _marker_text(folder)
+    files = (marker or {}).get("files") or []
+    return marker if files and all(_intact(folder, record) for record in files) else None
+
+
+def _marker_text(folder: Path) -> dict | None:
+    """The partition's marker as written, its files unchecked; None where there is none."""
     try:
-        marker = json.loads((folder / MARKER).read_text())
+        return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    files = marker.get("files") or []
-    return marker if files and all(_intact(folder, record) for record in files) else None
 
 
 def _refuse_other_source(folder: Path, recorded: dict, source: Source, model_dir: Path) -> None:
@@ -119,11 +124,9 @@ def claim_model(folder: Path, source: Source) -> None:
     if claim.is_file():
         _refuse_other_source(folder, json.loads(claim.read_text()), source, folder)
     for partition in sorted(folder.glob("layer=*/method=*")):  # the markers' word: no file hashed here
-        try:
-            recorded = json.loads((partition / MARKER).read_text()).get("source") or {}
-        except (OSError, ValueError):
-            continue  # no marker: recomputed anyway
-        _refuse_other_source(partition, recorded, source, folder)
+        marker = _marker_text(partition)
+        if marker is not None:  # without one, the partition is recomputed anyway
+            _refuse_other_source(partition, marker.get("source") or {}, source, folder)
     write_text_atomic(claim, json.dumps(asdict(source), indent=2))
 
 

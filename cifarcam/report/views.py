@@ -30,8 +30,9 @@ def connect(run_dir: Path) -> duckdb.DuckDBPyConnection:
     # From here on the connection reads this run and nothing else: no file written (COPY ... TO),
     # no other file read, no extension installed or loaded, and no setting changed back.
     # The run as given and as its symlinks resolve (cams/ or a table may live on scratch).
-    places = [run_dir.absolute(), *(p.resolve().parent for p in [*map(layout.table, SEARCH_TABLES)]), layout.cams.resolve(), layout.sanity.resolve()]
-    con.execute("set allowed_directories = ?", [sorted({str(p) for p in places} | {str(run_dir.resolve())})])
+    tables = [layout.table(name).resolve().parent for name in SEARCH_TABLES]
+    places = {run_dir.absolute(), run_dir.resolve(), layout.cams.resolve(), layout.sanity.resolve(), *tables}
+    con.execute("set allowed_directories = ?", [sorted(map(str, places))])
     con.execute("set enable_external_access = false")
     con.execute("set lock_configuration = true")
     return con
