@@ -21,10 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m jobs.pipeline --config configs/demo.yaml --out results/demo $(DEMO_CAM)
 
-# Serial by default. TEST_WORKERS=2: two pytest-xdist workers (a serial run keeps 2 cores about a
-# quarter busy), each expensive fixture on one (tests/conftest.py); not yet the default: two Ray
-# clusters on one host break Ray Train's PlacementGroupCleaner (README, "make test").
-TEST_WORKERS ?= 0
+# Two pytest-xdist workers (a serial run, TEST_WORKERS=0, keeps 2 cores about three quarters
+# idle, waiting on Ray's start-ups and SLURM), each expensive fixture on one (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 

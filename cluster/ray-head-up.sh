@@ -19,7 +19,9 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"  # clients need the same setting 
 export RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_DATA_DISABLE_PROGRESS_BARS=1
 # job entrypoints resolve `python` from the head's PATH: the project's venv first
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
-setsid "$venv/bin/ray" start --head --block --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
+# RAY_ADDRESS: Ray's own clients inside the cluster (Ray Train's PlacementGroupCleaner) ask this
+# head, not another cluster on this host.
+RAY_ADDRESS="127.0.0.1:$gcs_port" setsid "$venv/bin/ray" start --head --block --num-cpus="$cpus" --node-ip-address=127.0.0.1 \
   --port="$gcs_port" --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$dash_port" \
   --object-store-memory=$((512 * 1024 * 1024)) --disable-usage-stats --temp-dir="$state/ray" \
   </dev/null >"$state/head.log" 2>&1 &

@@ -48,15 +48,10 @@ import submitit
 
 from cifarcam.errors import ConfigError
 from cifarcam.results import write_text_atomic
+from jobs.common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD_FILE, DONE_FILE, STATUS_FILE = "ray-head.json", "driver-done", "driver-status.json"
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def interface_address(interface: str) -> str:
@@ -199,7 +194,7 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
 
     # -- Ray processes ----------------------------------------------------------------------
 
-    def _ray_start(self, ip: str, extra: list[str], temp: Path, log: IO) -> subprocess.Popen:
+    def _ray_start(self, ip: str, address: str, extra: list[str], temp: Path, log: IO) -> subprocess.Popen:
         cmd = [
             str(Path(sys.executable).parent / "ray"),
             "start",
@@ -215,8 +210,9 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
             cmd.append(f"--num-cpus={cpus}")
         if self.object_store_bytes:
             cmd.append(f"--object-store-memory={self.object_store_bytes}")
-        # Ray's workers (the DDP ranks) inherit this environment.
-        env = os.environ | collective_interfaces(ip)
+        # Ray's workers (the DDP ranks) inherit this environment. RAY_ADDRESS: Ray's own clients in
+        # them (Ray Train's PlacementGroupCleaner) ask this cluster, not another on the same host.
+        env = os.environ | collective_interfaces(ip) | {"RAY_ADDRESS": address}
         # its own session, so that stopping it stops exactly its raylet, GCS and dashboard
         return subprocess.Popen(cmd + extra, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
@@ -228,6 +224,7 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
         with open(log, "ab") as out:
             head = self._ray_start(
                 ip,
+                address,
                 [
                     "--head",
                     f"--port={gcs}",
@@ -278,7 +275,7 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
         address = json.loads((meeting / HEAD_FILE).read_text())["address"]
         ip = node_ip(self.interface, head=address.rpartition(":")[0])
         with open(meeting / f"ray-worker-{submitit.JobEnvironment().global_rank}.log", "ab") as log:
-            worker = self._ray_start(ip, [f"--address={address}"], temp, log)
+            worker = self._ray_start(ip, address, [f"--address={address}"], temp, log)
         try:
             wait_until(lambda: (meeting / DONE_FILE).exists() or worker.poll() is not None, float("inf"), "driver")
         finally:

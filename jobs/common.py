@@ -123,7 +123,29 @@ def _init(address: str | None, num_cpus: int | None, num_gpus: int | None = None
     # Tune stops mid-shutdown leaks its workers' CPUs and the next trial waits forever; the
     # search's placement watch reads the placement groups there too.
     # address="local": always a new cluster, never one another job left running on this machine.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    # Its GCS on a port chosen here, so that every process of the cluster can inherit RAY_ADDRESS:
+    # Ray's own clients inside it (Ray Train's PlacementGroupCleaner asks the state API with no
+    # address) otherwise pick whichever cluster on this host started last, and a trial stopped
+    # while its cleaner asked the wrong one keeps its CPUs (two jobs, or two tests, on one host).
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
+    os.environ.update(RAY_GCS_SERVER_PORT=address.rpartition(":")[2], RAY_ADDRESS=address)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+        )
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]  # a later head this process starts picks its own
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the OS's choice; taken again only by a race of moments)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def run(main: Callable[[], int]) -> None:

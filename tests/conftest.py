@@ -49,8 +49,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under pytest-xdist (``--dist loadgroup``) a module- or session-scoped fixture runs once per
     worker that needs it. So every reader of the demo run is one group, and every other test is
     grouped by its module (its module fixtures: the faulty search, the Ray head, SLURM): each
-    expensive fixture runs once. Not yet the default (Makefile's TEST_WORKERS): with two Ray
-    clusters on one host, Ray Train's PlacementGroupCleaner cannot tell which to ask (README)."""
+    expensive fixture runs once. Two Ray clusters on one host are then the rule: each cluster's
+    processes carry their own RAY_ADDRESS (jobs/common.py), or Ray Train's PlacementGroupCleaner
+    could not tell which to ask."""
 
     if not getattr(config.option, "loadgroup", False):  # a serial run keeps pytest's order
         return

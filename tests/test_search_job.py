@@ -235,3 +235,31 @@ def test_a_search_without_a_usable_trial_fails_in_one_line_and_still_reports(tmp
     assert report.returncode == 0, report.stderr[-3000:]
     text = (out / "report" / "report.md").read_text()
     assert "## The search produced no usable trial" in text and "diverged: training loss nan at epoch 1" in text
+
+
+# Ray's own clients inside a cluster, asked with no address, as Ray Train's PlacementGroupCleaner
+# asks the state API whether a trial's controller still lives.
+ASK_FROM_INSIDE = """
+import argparse, json, ray
+from jobs.common import connect_ray
+connect_ray(argparse.Namespace(address=None, num_cpus=1, num_gpus=None, verbose=True))
+
+@ray.remote(num_cpus=0)
+def nodes_seen_from_inside():
+    from ray.util.state import list_nodes
+    return [node.node_id for node in list_nodes()]
+
+print(json.dumps({"own": ray.get_runtime_context().get_node_id(), "seen": ray.get(nodes_seen_from_inside.remote())}))
+"""
+
+
+def test_a_local_job_beside_another_cluster_asks_its_own(ray_head):
+    """Two Ray clusters on one host, the module's head and a job's local Ray: inside the job's,
+    a client with no address reaches the job's cluster. Without RAY_ADDRESS in its processes it
+    reaches the head that `ray start` registered last (or fails on "multiple active Ray
+    instances"), and a trial stopped mid-shutdown keeps its CPUs (README, "make test")."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", ASK_FROM_INSIDE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["seen"] == [seen["own"]]
