@@ -164,10 +164,10 @@ def checks(run: Path, models: list[str], settings: CamSettings, test_images: int
     rules = {
         "a column that is never null is null": " or ".join(f"{c} is null" for c in never_null.split(", ")),
         "map statistics null on an informative map, or set on a constant one": "(peak_y is null or peak_x is null or entropy is null or top10_mass is null) != degenerate",
-        "localisation set without an object mask": "peak_in_object is not null or pointing_hit is not null or mass_on_object is not null or object_area is not null",
+        "localisation set without an object mask": "peak_in_object is not null or pointing_hit is not null or pointing_hit_cell is not null or object_cell_share is not null or mass_on_object is not null or object_area is not null",
         "faithfulness outside the sample, or missing inside it": (
             "(deletion_auc_random is not null) != (faithfulness_sample and target = 'pred') "
-            "or (deletion_auc is not null) != (faithfulness_sample and target = 'pred' and not degenerate)"
+            "or (deletion_auc is not null) != (faithfulness_sample and target = 'pred')"
         ),
     }
     for rule, where in rules.items():

@@ -118,9 +118,11 @@ HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the mod
 # cams/model=<m>/layer=<l>/method=<k>/*.parquet carries model, layer and method (hive partitions).
 # results/README.md explains every column; CAMS_VERSION changes whenever a column does, so that
 # partitions written by an older version are refused instead of mixed in.
-CAMS_VERSION = 2
+CAMS_VERSION = 3
 # The orderings each map's faithfulness is compared with (cifarcam.cam.faithfulness computes them).
-BASELINES = ("random", "centre", "edge")
+# coarse_random: noise drawn on the explained layer's own grid and upsampled as its maps are, the
+# control that separates "coarse" from "meaningful" (pixel noise cannot); per layer, the others per image.
+BASELINES = ("random", "centre", "edge", "coarse_random")
 _FAITHFULNESS_COLUMNS = [(f"{curve}_auc{suffix}", pa.float64()) for suffix in ("", *(f"_{b}" for b in BASELINES)) for curve in ("deletion", "insertion")]
 CAMS = pa.schema(
     [
@@ -137,15 +139,18 @@ CAMS = pa.schema(
         ("correct", pa.bool_()),
         ("heatmap", pa.list_(pa.uint8(), HEATMAP_SIZE * HEATMAP_SIZE)),  # row-major, 0-255
         ("degenerate", pa.bool_()),  # a constant map (every 1x1 layer): the statistics below are null
-        ("peak_y", pa.int64()),
-        ("peak_x", pa.int64()),
-        ("entropy", pa.float64()),  # 0: all mass on one pixel, 1: uniform
+        # the peak on the layer's grid, as its cell's centre in pixels (cell (0, 0) of 4x4: 3.5, 3.5)
+        ("peak_y", pa.float64()),
+        ("peak_x", pa.float64()),
+        ("entropy", pa.float64()),  # of the layer's grid, over log(cells): 0 = one cell, 1 = uniform
         ("top10_mass", pa.float64()),  # share of the map's mass in its top 10% of pixels
         # where the image has an object mask (synthetic data, Parquet sources with masks or boxes)
-        ("peak_in_object", pa.bool_()),  # the peak pixel lies on the object
+        ("peak_in_object", pa.bool_()),  # the object covers the pixel(s) nearest the peak
         ("pointing_hit", pa.bool_()),  # the peak lies within 2 px of the object (the pointing game)
+        ("pointing_hit_cell", pa.bool_()),  # the object touches the peak's cell of the layer's grid
         ("mass_on_object", pa.float64()),  # share of the map's mass on the object
         ("object_area", pa.float64()),  # share of the image the object covers (= chance for mass_on_object)
+        ("object_cell_share", pa.float64()),  # share of the grid's cells the object touches (= chance for pointing_hit_cell)
         # faithfulness, on a seeded sample of images, predicted class only (null elsewhere):
         # deletion (lower = better) and insertion (higher = better), for the map and 3 baselines
         ("faithfulness_sample", pa.bool_()),
@@ -164,7 +169,8 @@ SANITY = pa.schema(
         ("method", pa.string()),
         ("step", pa.int64()),  # 0: the head randomised; then one more CAM layer per step, top down
         ("randomised_to", pa.string()),  # "head" or the CAM layer randomised at this step
-        ("images", pa.int64()),
+        ("images", pa.int64()),  # images whose trained map is not constant
+        ("became_constant", pa.float64()),  # share of them whose randomised map is constant (counted as rho = 0)
         ("spearman", pa.float64()),  # mean rank correlation with the trained model's map (1 = unchanged)
         ("spearman_se", pa.float64()),
         ("above_random", pa.bool_()),  # every layer above this one is random at this step

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cifarcam.cam.heatmap_metrics import heatmap_stats
-from cifarcam.cam.methods import METHODS, MultiLayerCam, method_key, reference_maps
+from cifarcam.cam.methods import METHODS, MultiLayerCam, method_key, minmax, normalise_maps, reference_maps
 from cifarcam.cam.settings import CamSettings
 from cifarcam.errors import ConfigError
 from cifarcam.training.models import FAMILIES, ModelSpec, build_model
@@ -54,7 +54,7 @@ def test_heatmaps_are_neither_transposed_nor_flipped():
     with MultiLayerCam(_RedChannel(), ["features"]) as cams:
         out = cams(x, {"label": torch.tensor([0])}, ["gradcam"], 32)
     heat = out.maps[("label", "features", "gradcam")]
-    stats = heatmap_stats(heat)
+    stats = heatmap_stats(heat, out.grid[("label", "features", "gradcam")])
     assert (stats["peak_y"].item(), stats["peak_x"].item()) == (3, 20)
     stored = (heat * 255).round().to(torch.uint8).flatten(1)[0].numpy()  # what the stage writes
     assert stored[3 * 32 + 20] == 255 and stored[20 * 32 + 3] == 0 and stored[3 * 32 + 11] == 0
@@ -64,7 +64,7 @@ def test_stats_of_a_point_and_a_uniform_map():
     point = torch.zeros(1, 32, 32)
     point[0, 5, 6] = 1
     uniform = torch.ones(1, 32, 32)
-    p, u = heatmap_stats(point), heatmap_stats(uniform)
+    p, u = heatmap_stats(point, point), heatmap_stats(uniform, uniform)
     assert p["entropy"].item() == pytest.approx(0, abs=1e-6) and p["top10_mass"].item() == pytest.approx(1)
     assert u["entropy"].item() == pytest.approx(1, abs=1e-6) and u["top10_mass"].item() == pytest.approx(102 / 1024)
 
@@ -83,3 +83,35 @@ def test_every_method_names_its_pytorch_grad_cam_class():
 
     assert all(isinstance(getattr(pytorch_grad_cam, m.reference), type) for m in METHODS.values())
     assert {m.name for m in METHODS.values() if m.is_fast} == {"gradcam", "gradcam++", "hirescam", "xgradcam", "layercam"}
+
+
+@pytest.mark.parametrize(("cells", "cell", "centre"), [(4, (0, 0), (3.5, 3.5)), (4, (3, 3), (27.5, 27.5)), (2, (0, 1), (7.5, 23.5)), (8, (2, 5), (9.5, 21.5))])
+def test_a_coarse_maps_peak_is_its_cells_centre_not_the_plateaus_first_pixel(cells, cell, centre):
+    """Bilinear upsampling leaves a flat plateau at the border: the stored map's first maximum in
+    row order is pixel (0, 0) for cell (0, 0) of a 4x4 map, and (28, 28) for cell (3, 3), always
+    towards the top-left. On the layer's own grid the peak is the cell's centre."""
+    grid = torch.rand(1, cells, cells) * 0.5
+    grid[0, cell[0], cell[1]] = 1.0
+    stored = normalise_maps(grid, 32)
+    first = int(stored.flatten(1).argmax())
+    stats = heatmap_stats(stored, minmax(grid))
+    assert (stats["peak_y"].item(), stats["peak_x"].item()) == centre
+    if cell == (0, 0):
+        assert divmod(first, 32) == (0, 0)  # what the old argmax reported, 3.5 px off in each axis
+
+
+def test_cells_tied_for_the_peak_give_their_centroid():
+    grid = torch.zeros(1, 4, 4)
+    grid[0, 1, 1] = grid[0, 1, 2] = 1.0  # two cells: centres (11.5, 11.5) and (11.5, 19.5)
+    stats = heatmap_stats(normalise_maps(grid, 32), grid)
+    assert (stats["peak_y"].item(), stats["peak_x"].item()) == (11.5, 15.5)
+
+
+def test_entropy_counts_the_layers_cells_not_the_upsampled_pixels():
+    """A 4x4 map with its mass on one cell says "one cell": entropy 0, although its 32x32 upsampling
+    spreads it over 64 pixels and more (by log 1024 that read as 0.6)."""
+    grid = torch.zeros(1, 4, 4)
+    grid[0, 2, 1] = 1.0
+    stored = normalise_maps(grid, 32)
+    assert heatmap_stats(stored, grid)["entropy"].item() == pytest.approx(0, abs=1e-6)
+    assert heatmap_stats(torch.ones(1, 32, 32), torch.ones(1, 4, 4))["entropy"].item() == pytest.approx(1, abs=1e-6)

@@ -11,6 +11,7 @@ from cifarcam.cam.settings import CamSettings, resolve_layers
 from cifarcam.config import DataConfig, SyntheticConfig
 from cifarcam.data.splits import load_splits
 from cifarcam.errors import ConfigError
+from cifarcam.results import BASELINES
 from cifarcam.training.checkpoint import save_checkpoint
 from cifarcam.training.models import ModelSpec, build_model, cam_layers
 
@@ -43,20 +44,30 @@ def test_actor_rows_cover_every_layer_method_and_target(checkpoint, test_set):
         heat = np.array(r["heatmap"])
         assert r["target_class"] == (r["pred"] if r["target"] == "pred" else r["label"])
         assert 0 < r["object_area"] < 1  # synthetic data has masks
-        auc = [r[f"{c}_auc{b}"] for c in ("deletion", "insertion") for b in ("", "_random", "_centre", "_edge")]
-        if r["degenerate"]:  # a constant map (this model is untrained): nothing to measure
-            assert heat.max() == 0 and r["peak_y"] is None and r["mass_on_object"] is None and auc[0] is None and auc[4] is None
+        auc = [r[f"{c}_auc{b}"] for c in ("deletion", "insertion") for b in ("", "_random", "_centre", "_edge", "_coarse_random")]
+        if r["degenerate"]:  # a constant map (this model is untrained): no peak, no spread; scored as a random map
+            assert heat.max() == 0 and r["peak_y"] is None and r["mass_on_object"] is None
+            assert (auc[0] is not None and auc[5] is not None) == r["faithfulness_sample"]
             continue
-        assert heat.max() == 255 and heat[r["peak_y"] * 32 + r["peak_x"]] == heat.max()
+        assert heat.max() == 255 and 0 <= r["peak_y"] <= 31 and 0 <= r["peak_x"] <= 31
         assert r["peak_in_object"] in (True, False) and r["pointing_hit"] in (True, False)
         assert r["peak_in_object"] <= r["pointing_hit"]  # on the object is within 2 px of it
+        assert r["peak_in_object"] <= r["pointing_hit_cell"] and 0 < r["object_cell_share"] <= 1
         assert 0 <= r["mass_on_object"] <= 1
         if r["faithfulness_sample"]:  # the seeded sample, predicted class only
             assert r["target"] == "pred" and all(0 <= a <= 1 for a in auc)
         else:
-            assert auc == [None] * 8
+            assert auc == [None] * 10
     # 8 of the 20 images, for every map of the predicted class
     assert sum(r["faithfulness_sample"] for r in rows) == 8 * len(layers) * 2
+    # coarse_random is drawn on each layer's own grid: one value per (image, grid size), whatever the method
+    coarse = {}
+    for r in rows:
+        if r["faithfulness_sample"]:
+            coarse.setdefault((r["image_index"], r["layer_h"]), set()).add(r["deletion_auc_coarse_random"])
+    assert all(len(values) == 1 for values in coarse.values())
+    sizes = sorted({layer.height for layer in layers})
+    assert len(sizes) > 1 and any(coarse[(i, sizes[0])] != coarse[(i, sizes[-1])] for i, _ in coarse)
     sampled = {r["image_index"] for r in rows if r["faithfulness_sample"]}
     assert len(sampled) == 8 and all(r["image_index"] in sampled for r in rows if r["faithfulness_sample"])
 
@@ -117,14 +128,15 @@ def test_a_batch_without_a_sampled_image_has_null_aucs_and_the_same_schema(check
     assert without.schema == with_sample.schema == one_image.schema
     assert without.num_rows == 4 * len(layers) * 2 and one_image.num_rows == len(layers) * 2
     aucs = [c for c in without.column_names if "_auc" in c]
-    assert len(aucs) == 8 and all(without[c].null_count == without.num_rows for c in aucs)
+    assert len(aucs) == 2 * (1 + len(BASELINES)) and all(without[c].null_count == without.num_rows for c in aucs)
     assert not any(without["faithfulness_sample"].to_pylist())
     assert with_sample["deletion_auc_random"].null_count < with_sample.num_rows
 
 
 def test_a_constant_map_has_no_statistics(tmp_path, test_set):
     """The final layer of the paper's ImageNet stem at 32 px is 1x1: its map is constant. Its peak,
-    entropy, concentration, object overlap and faithfulness are null, not "all mass on pixel (0, 0)"."""
+    entropy, concentration and object overlap are null, not "all mass on pixel (0, 0)"; its
+    faithfulness is scored as what it is, pixels removed in random order (the tie-break's)."""
     spec = ModelSpec("resnet_tiny", 10, stem="imagenet")
     folder = save_checkpoint(tmp_path, build_model(spec), spec, {})
     layers = resolve_layers(spec, ("layer2", "layer4"), "m")
@@ -132,11 +144,12 @@ def test_a_constant_map_has_no_statistics(tmp_path, test_set):
     with pytest.warns(UserWarning, match="degenerate"):
         actor = CamActor(str(folder), "run", settings, layers)
     rows = actor(images_table(test_set, faithfulness=settings.faithfulness)).to_pylist()
-    statistics = ("peak_y", "peak_x", "entropy", "top10_mass", "peak_in_object", "pointing_hit", "mass_on_object", "deletion_auc", "insertion_auc")
+    statistics = ("peak_y", "peak_x", "entropy", "top10_mass", "peak_in_object", "pointing_hit", "pointing_hit_cell", "mass_on_object")
     last = [r for r in rows if r["layer"] == "layer4"]
     assert len(last) == 40 and all(r["degenerate"] for r in last)
     assert all(r[s] is None for r in last for s in statistics)
-    assert all(r["object_area"] > 0 and r["deletion_auc_centre"] is not None for r in last)  # facts about the image stay
+    assert all(r["object_area"] > 0 and r["object_cell_share"] == 1 and r["deletion_auc_centre"] is not None for r in last)  # facts stay
+    assert all(0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1 for r in last)
     intermediate = [r for r in rows if r["layer"] == "layer2" and not r["degenerate"]]
     assert intermediate and all(r[s] is not None for r in intermediate for s in statistics)
 

@@ -98,12 +98,14 @@ def test_the_cam_fast_path_stays_on_the_device(family):
     with HostDeviceTraffic() as traffic, MultiLayerCam(model, layers, FAMILIES[family].channels_last_output) as cams:
         out = cams(x, {"pred": None, "label": y}, fast, 32)
         heat = out.maps[("pred", layers[0], "gradcam")]
-        stats = heatmap_stats(heat) | localisation(heat, torch.zeros(8, 32, 32, dtype=torch.bool, device=META))
-        constant = constant_maps(out.raw_peak[("pred", layers[0], "gradcam")], 16, 16)
+        grid = out.grid[("pred", layers[0], "gradcam")]
+        stats = heatmap_stats(heat, grid)
+        stats |= localisation(heat, torch.zeros(8, 32, 32, dtype=torch.bool, device=META), stats["peak_y"], stats["peak_x"], tuple(grid.shape[-2:]))
+        constant = constant_maps(out.spread[("pred", layers[0], "gradcam")], 16, 16)
         settings = FaithfulnessSettings(steps=4, images=128)
         curves = deletion_insertion(model, x, heat, y, 4, blurred(x, settings.blur_sigma))
         baselines = {"centre": centre_prior(8, 32, settings.centre_sigma, META), "edge": edge_map(x)}
     assert len(out.maps) == 2 * len(layers) * len(fast)
-    assert {t.device for t in [*out.maps.values(), *out.raw_peak.values(), *stats.values(), constant, *curves, *baselines.values()]} == {META}
+    assert {t.device for t in [*out.maps.values(), *out.spread.values(), *stats.values(), constant, *curves, *baselines.values()]} == {META}
     assert heat.shape == (8, 32, 32)
     assert traffic.events == []

@@ -1,9 +1,11 @@
 """Heatmap statistics, localisation and faithfulness on cases whose answer is known."""
 
+import pytest
 import torch
 
 from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map, sample
 from cifarcam.cam.heatmap_metrics import constant_maps, localisation
+from cifarcam.cam.methods import relative_spread
 
 
 class _LooksAtTopLeft(torch.nn.Module):
@@ -35,6 +37,10 @@ def test_deletion_starts_at_the_image_and_ends_at_the_fill():
     assert torch.allclose(deletion, (p_image + p_fill) / 2) and torch.allclose(insertion, (p_image + p_fill) / 2)
 
 
+def _point(y: float, x: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([float(y)]), torch.tensor([float(x)])
+
+
 def test_localisation_counts_the_pointing_game_with_its_tolerance():
     masks = torch.zeros(3, 32, 32, dtype=torch.bool)
     masks[:, 10:14, 10:14] = True
@@ -42,18 +48,82 @@ def test_localisation_counts_the_pointing_game_with_its_tolerance():
     maps[0, 11, 11] = 1  # on the object
     maps[1, 15, 11] = 1  # 2 px below it: a pointing hit, not an exact one
     maps[2, 20, 20] = 1  # far away
-    found = localisation(maps, masks)
+    peak_y, peak_x = torch.tensor([11.0, 15.0, 20.0]), torch.tensor([11.0, 11.0, 20.0])
+    found = localisation(maps, masks, peak_y, peak_x, (32, 32))
     assert found["peak_in_object"].tolist() == [True, False, False]
     assert found["pointing_hit"].tolist() == [True, True, False]
+    assert found["pointing_hit_cell"].tolist() == [True, False, False]  # on a 32x32 grid a cell is a pixel
     assert found["mass_on_object"].tolist() == [1.0, 0.0, 0.0]
     assert torch.allclose(found["object_area"], torch.full((3,), 16 / 1024))
-    uniform = localisation(torch.ones(1, 32, 32), masks[:1])
+    uniform = localisation(torch.ones(1, 32, 32), masks[:1], *_point(0, 0), (32, 32))
     assert torch.allclose(uniform["mass_on_object"], uniform["object_area"])  # a uniform map scores chance
+
+
+def test_a_peak_between_pixels_and_the_tolerance_in_cells():
+    """A 4x4 map's peak in cell (1, 1) is the point (11.5, 11.5): the four pixels around it are its
+    nearest. A one-pixel object at (15, 15) is 3 px from the square of the nearest pixel (12, 12):
+    no hit at 2 px; but it lies in the same cell (pixels 8-15), which the tolerance in cells counts."""
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, 15, 15] = True
+    masks[1, 12, 12] = True  # one of the four pixels nearest the peak
+    peak = torch.tensor([11.5, 11.5])
+    found = localisation(torch.ones(2, 32, 32), masks, peak, peak, (4, 4))
+    assert found["peak_in_object"].tolist() == [False, True]
+    assert found["pointing_hit"].tolist() == [False, True]
+    assert found["pointing_hit_cell"].tolist() == [True, True]
+    assert found["object_cell_share"].tolist() == [1 / 16, 1 / 16]
+    masks[0, 14, 14] = True  # 2 px from (12, 12)'s square: a hit
+    masks[0, 15, 16] = True  # and one more cell, (1, 2)
+    again = localisation(torch.ones(2, 32, 32), masks, peak, peak, (4, 4))
+    assert again["pointing_hit"][0].item() and again["object_cell_share"][0].item() == 2 / 16
 
 
 def test_constant_maps_are_flagged():
     assert constant_maps(torch.tensor([0.0, 0.5, 1e-15]), 4, 4).tolist() == [True, False, True]
     assert constant_maps(torch.tensor([0.5]), 1, 1).tolist() == [True]
+
+
+def test_a_map_is_constant_by_its_shape_never_by_its_scale():
+    """The threshold is relative: a map of tiny activations with a real peak says something; a map
+    of large ones that differ by rounding noise says nothing. An absolute threshold (the old
+    1e-12) gets both wrong."""
+    shape = torch.zeros(4, 4)
+    shape[1, 2] = 1.0
+    maps = torch.stack([shape * 1e-14, 1000.0 + shape * 1e-7, torch.zeros(4, 4), 3.0 + shape])
+    assert constant_maps(relative_spread(maps), 4, 4).tolist() == [False, True, True, False]
+
+
+def test_the_deletion_auc_of_the_right_map_is_known():
+    """16 steps of 64 pixels: the first removes the whole 8x8 block the model reads, so the curve is
+    sigmoid(10), then 0.5 fifteen more times; its trapezoid AUC is ((sigmoid(10) + 0.5) / 2 + 15 x 0.5) / 16."""
+    x, fill = torch.ones(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)
+    right = torch.zeros(2, 32, 32)
+    right[:, :8, :8] = 1
+    deletion, insertion = deletion_insertion(_LooksAtTopLeft(), x, right, torch.zeros(2, dtype=torch.long), 16, fill)
+    expected = ((torch.sigmoid(torch.tensor(10.0)).item() + 0.5) / 2 + 15 * 0.5) / 16
+    assert expected == pytest.approx(0.515624, abs=1e-6)
+    assert deletion.tolist() == pytest.approx([expected] * 2, abs=1e-6)
+    s10 = torch.sigmoid(torch.tensor(10.0)).item()  # insertion: 0.5 from the fill, then sigmoid(10) once the block is back
+    assert insertion.tolist() == pytest.approx([((0.5 + s10) / 2 + 15 * s10) / 16] * 2, abs=1e-6)
+
+
+def test_the_tie_break_orders_equal_values_and_nothing_else():
+    """A constant map is removed in the tie-break's order: with the right map as the tie-break it
+    scores as the right map does, and without one (raster order) it does not. A map with a
+    real order keeps it whatever the tie-break."""
+    x, fill = torch.ones(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)
+    model, classes = _LooksAtTopLeft(), torch.zeros(1, dtype=torch.long)
+    right = torch.zeros(1, 32, 32)
+    right[:, :8, :8] = 1
+    flat = torch.zeros(1, 32, 32)
+
+    def auc(heat, tie_break=None):
+        return deletion_insertion(model, x, heat, classes, 16, fill, tie_break)[0].item()
+
+    assert auc(flat, tie_break=right) == pytest.approx(auc(right))
+    assert auc(flat) > auc(right) + 0.05  # raster order: the first 64 pixels hold half the block
+    assert auc(right, tie_break=torch.rand(1, 32, 32)) == pytest.approx(auc(right))
+    assert auc(right, tie_break=1 - right) == pytest.approx(auc(right))
 
 
 def test_baselines_know_nothing_of_the_model():

@@ -86,7 +86,7 @@ def test_the_reports_words_follow_its_numbers(demo_run):
     assert len(rows)
     for r in rows.itertuples(index=False):
         name = f"{r.model} {r.layer} {r.method}"
-        said_not = f"{name}: not more faithful on" in faithfulness
+        said_not = f"{name}: not shown more faithful on" in faithfulness
         said_better = re.search(rf"Better than every baseline on both curves: [^.]*{re.escape(name)}", faithfulness) is not None
         assert said_not != said_better, name  # exactly one verdict in words
         if r.worst_deletion_margin <= 0:  # a per-image average cannot beat a baseline it trails on average

@@ -61,3 +61,34 @@ def test_a_map_blind_to_the_weights_above_fails_and_gradcam_passes(monkeypatch):
     # randomising the explained layer itself changes even the activation map
     last = {(r["layer"], r["method"]): r["spearman"] for r in rows if r["randomised_to"] == "layer2"}
     assert last[("layer2", "activations")] < 0.9
+
+
+def test_a_cam_layer_that_owns_no_parameters_gets_its_own_step():
+    """A ReLU given to --layers owns no weights: its step randomises what lies between it and the
+    CAM layer below (before: max() of an empty list)."""
+    model = build_model(ModelSpec("resnet_tiny", 10))
+    steps = cascade(model, ["layer2", "layer3.0.act2"], torch.zeros(1, 3, 32, 32))
+    assert [s.name for s in steps] == ["head", "layer3.0.act2", "layer2"]
+    assert any(m is model.layer3[0].conv1 for m in steps[1].modules) and not any(m is model.fc for m in steps[1].modules)
+
+
+def test_a_map_the_randomisation_made_constant_counts_as_changed_completely(monkeypatch):
+    """Once the weights above are random, this method's map is all zeros (a constant): it changed
+    completely, rho = 0, and its share is reported. Dropping the NaN (as before) left no image,
+    and the mean rho undefined, for the map that changed most."""
+    trained_state = {}
+
+    def trained_only(a, g):
+        return a.sum(1) if trained_state.setdefault("calls", 0) == 0 else torch.zeros_like(a[:, 0])
+
+    def first_call_then_zero(a, g):
+        out = trained_only(a, g)
+        trained_state["calls"] += 1
+        return out
+
+    monkeypatch.setitem(methods.METHODS, "fades", CamMethod("fades", reference="none", fast=first_call_then_zero))
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet_tiny", 10)).eval()
+    rows = randomisation_rows(model, torch.randn(8, 3, 32, 32), ["layer3"], ["fades"], False, 32)
+    check = next(r for r in rows if r["check"])
+    assert check["images"] == 8 and check["became_constant"] == 1.0 and check["spearman"] == 0.0

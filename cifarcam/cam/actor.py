@@ -21,12 +21,14 @@ from cifarcam import results
 from cifarcam.cam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion, seeded_noise
 from cifarcam.cam.faithfulness import sample as faithfulness_sample
 from cifarcam.cam.heatmap_metrics import constant_maps, heatmap_stats, localisation
-from cifarcam.cam.methods import MultiLayerCam
+from cifarcam.cam.methods import MultiLayerCam, normalise_maps
 from cifarcam.cam.settings import CamSettings
 from cifarcam.data import ImageSet
 from cifarcam.training import FAMILIES, CamLayer, ModelSpec, load_model, to_model_input
 
 SIDE = results.HEATMAP_SIZE  # the stored images' side: heatmaps are stored at their resolution
+# Measured for every map, constant or not: they describe the image and the layer, not the map.
+FACTS_OF_THE_IMAGE = ("object_area", "object_cell_share")
 OUTPUT_SCHEMA = pa.schema(list(results.CAMS) + [pa.field(name, pa.string()) for name in results.CAM_PARTITIONS])
 
 
@@ -99,10 +101,13 @@ class CamActor:
         self.cams = MultiLayerCam(self.model, [layer.name for layer in layers], FAMILIES[self.spec.family].channels_last_output)
         self.progress = progress  # an ImageCounter actor, or None
 
-    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, chosen: np.ndarray, maps: dict, constant: dict) -> tuple[dict, dict]:
-        """Deletion and insertion AUCs for the sampled ``rows`` (NaN for the others, and for
-        constant maps), whose image indices are ``chosen``: (baseline column -> (B,) array,
-        map key -> (deletion, insertion))."""
+    def _faithfulness(self, x: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor, chosen: np.ndarray, maps: dict) -> tuple[dict, dict, dict]:
+        """Deletion and insertion AUCs for the sampled ``rows`` (NaN for the others), whose image
+        indices are ``chosen``: (baseline column -> (B,) array, layer name -> its coarse_random
+        columns -> (B,) array, map key -> (deletion, insertion)).
+        A constant map is scored as what it is: its pixels are removed in the tie-break's order,
+        i.e. at random. Leaving it out would score a method only where it said something, and
+        flatter the methods with many constant maps."""
         n, f = len(x), self.settings.faithfulness
         xs, cs = x[rows], classes[rows]
         # sigma is in CIFAR pixels: at input_size 224 the image is 7x larger, and so is the blur
@@ -122,11 +127,16 @@ class CamActor:
         for name, heat in baseline_maps(xs, f, random_map).items():
             deletion, insertion = scores(heat).cpu().numpy()
             baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = deletion, insertion
+        coarse = {}  # one draw per grid size, shared by the layers of that size
+        for grid in sorted({(layer.height, layer.width) for layer in self.layers}):
+            noise = normalise_maps(seeded_noise(chosen, f.seed + 2, grid).to(x.device), SIDE)
+            deletion, insertion = scores(noise).cpu().numpy()
+            coarse[grid] = {"deletion_auc_coarse_random": deletion, "insertion_auc_coarse_random": insertion}
+        per_layer = {layer.name: coarse[(layer.height, layer.width)] for layer in self.layers}
         per_map = {}
         for key, heat in maps.items():
-            full = torch.where(constant[key], float("nan"), scores(heat[rows]))  # no boolean-mask indexing: no host sync
-            per_map[key] = tuple(full.cpu().numpy())
-        return baselines, per_map
+            per_map[key] = tuple(scores(heat[rows]).cpu().numpy())
+        return baselines, per_layer, per_map
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n, b = batch.num_rows, _decode(batch, self.device)
@@ -141,7 +151,7 @@ class CamActor:
         sample_index = np.flatnonzero(b.in_sample)
         sample_rows = torch.from_numpy(sample_index).to(self.device)
         layer_of = {layer.name: layer for layer in self.layers}
-        constant = {key: constant_maps(spread, layer_of[key[1]].height, layer_of[key[1]].width) for key, spread in out.raw_peak.items()}
+        constant = {key: constant_maps(spread, layer_of[key[1]].height, layer_of[key[1]].width) for key, spread in out.spread.items()}
         shared = {"image_index": b.image_index, "label": b.labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == b.labels).cpu().numpy()}
         parts = []
         for kind in self.settings.targets:
@@ -149,12 +159,15 @@ class CamActor:
             target = {"target": [kind] * n, "target_class": classes.cpu().numpy(), "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy()}
             faithful = kind == "pred" and self.settings.faithfulness.enabled
             kind_maps = {key: heat for key, heat in out.maps.items() if key[0] == kind}
-            baselines, per_map = self._faithfulness(x, classes, sample_rows, b.image_index[sample_index], kind_maps, constant) if faithful else ({}, {})
+            baselines, per_layer, per_map = self._faithfulness(x, classes, sample_rows, b.image_index[sample_index], kind_maps) if faithful else ({}, {}, {})
             for layer in self.layers:
                 for method in self.settings.methods:
                     key = (kind, layer.name, method)
                     heat, null = out.maps[key], constant[key].cpu().numpy()
-                    measured = heatmap_stats(heat) | (localisation(heat, b.masks) if b.masks is not None else {})
+                    measured = heatmap_stats(heat, out.grid[key])
+                    if b.masks is not None:
+                        grid_hw = tuple(out.grid[key].shape[-2:])
+                        measured |= localisation(heat, b.masks, measured["peak_y"], measured["peak_x"], grid_hw)
                     columns = {
                         **shared,
                         **target,
@@ -168,11 +181,11 @@ class CamActor:
                         "heatmap": list((heat * 255).round().to(torch.uint8).flatten(1).cpu().numpy()),
                         "degenerate": null,
                         # a constant map has no peak, spread or object overlap: null, not 0
-                        **{name: _nullable(name, values.cpu().numpy(), null & (name != "object_area")) for name, values in measured.items()},
+                        **{name: _nullable(name, values.cpu().numpy(), null & (name not in FACTS_OF_THE_IMAGE)) for name, values in measured.items()},
                         "faithfulness_sample": b.in_sample & faithful,
                     }
                     if faithful:
-                        auc = dict(zip(("deletion_auc", "insertion_auc"), per_map[key], strict=False)) | baselines
+                        auc = dict(zip(("deletion_auc", "insertion_auc"), per_map[key], strict=False)) | baselines | per_layer[layer.name]
                         columns |= {name: _nullable(name, values, np.isnan(values)) for name, values in auc.items()}
                     parts.append(_table(columns, n))
         if self.progress is not None:

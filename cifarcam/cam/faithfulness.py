@@ -61,6 +61,7 @@ class FaithfulnessSettings:
             "target": "pred",
             "curve": "softmax probability, trapezoid AUC",
             "random_map_and_ties": "uniform noise seeded by (seed, image_index)",
+            "coarse_random": "uniform noise on the layer's grid seeded by (seed + 2, image_index), upsampled as the maps are",
         }
 
 
@@ -83,13 +84,14 @@ def blurred(x: Tensor, sigma: float) -> Tensor:
     return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
 
 
-def seeded_noise(image_index: np.ndarray, seed: int, size: int) -> Tensor:
-    """(N, size, size) uniform noise, a function of each image's index and the seed alone: the same
-    whichever actor, block order or device draws it (a CPU generator per image). A batch may hold
-    none of the sampled images: then (0, size, size)."""
+def seeded_noise(image_index: np.ndarray, seed: int, size: int | tuple[int, int]) -> Tensor:
+    """(N, h, w) uniform noise (``size``: h = w, or (h, w)), a function of each image's index and
+    the seed alone: the same whichever actor, block order or device draws it (a CPU generator per
+    image). A batch may hold none of the sampled images: then (0, h, w)."""
+    h, w = (size, size) if isinstance(size, int) else size
     if len(image_index) == 0:
-        return torch.empty(0, size, size)
-    return torch.stack([torch.rand(size, size, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in image_index])
+        return torch.empty(0, h, w)
+    return torch.stack([torch.rand(h, w, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i))) for i in image_index])
 
 
 def _ranks(maps: Tensor, tie_break: Tensor | None) -> Tensor:
@@ -162,7 +164,8 @@ def edge_map(x: Tensor) -> Tensor:
 
 
 def baseline_maps(x: Tensor, settings: FaithfulnessSettings, noise: Tensor) -> dict[str, Tensor]:
-    """The three trivial maps for inputs ``x``; ``noise`` (N, h, w) is the random map."""
+    """The trivial maps of each image for inputs ``x``; ``noise`` (N, h, w) is the random map.
+    (coarse_random depends on the layer too: the actor draws it per grid size.)"""
     n, _, hh, ww = x.shape
     return {
         "random": noise,

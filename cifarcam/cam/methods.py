@@ -101,17 +101,18 @@ def fast_methods(names: Iterable[str] | None = None) -> list[str]:
     return [m for m in (METHODS if names is None else names) if METHODS[m].is_fast]
 
 
+def minmax(x: Tensor) -> Tensor:
+    """Each map (N, ...) scaled to [0, 1]: minus its min, over its max + 1e-7 (pytorch-grad-cam's)."""
+    flat = x.flatten(1)
+    flat = flat - flat.min(1, keepdim=True).values
+    flat = flat / (flat.max(1, keepdim=True).values + 1e-7)
+    return flat.view_as(x)
+
+
 def normalise_maps(cams: Tensor, size: int) -> Tensor:
     """pytorch-grad-cam's scale_cam_image, batched: per map subtract min, divide by max + 1e-7,
     resize bilinearly to ``size`` (cv2.INTER_LINEAR = half-pixel bilinear), then the same again
     (its multi-layer aggregation step, which for one layer is a second min-max scaling)."""
-
-    def minmax(x: Tensor) -> Tensor:
-        flat = x.flatten(1)
-        flat = flat - flat.min(1, keepdim=True).values
-        flat = flat / (flat.max(1, keepdim=True).values + 1e-7)
-        return flat.view_as(x)
-
     scaled = minmax(cams.float())
     if scaled.shape[-2:] != (size, size):
         scaled = F.interpolate(scaled[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
@@ -122,7 +123,8 @@ def normalise_maps(cams: Tensor, size: int) -> Tensor:
 class CamBatch:
     logits: Tensor  # (B, classes)
     maps: dict[tuple[str, str, str], Tensor]  # (target kind, layer, method) -> (B, size, size) in [0, 1]
-    raw_peak: dict[tuple[str, str, str], Tensor]  # max - min of the map before scaling: 0 means constant
+    grid: dict[tuple[str, str, str], Tensor]  # the same maps on the layer's own grid (B, h, w), in [0, 1]
+    spread: dict[tuple[str, str, str], Tensor]  # (max - min) / largest magnitude, before scaling: 0 means constant
 
 
 class MultiLayerCam:
@@ -175,7 +177,8 @@ class MultiLayerCam:
         x_graph = x.detach().requires_grad_(True)  # the graph starts here; parameters stay out of it
         logits = self.model(x_graph)
         acts = [self.activations[name] for name in self.layers]
-        maps, raw_peak, grads = {}, {}, []
+        maps, grid, spread, grads = {}, {}, {}, []
+        grid_size = {name: self._nchw(a).shape[-2:] for name, a in zip(self.layers, acts, strict=True)}
         kinds = list(targets)
         classes_of = {kind: targets[kind] if targets[kind] is not None else logits.argmax(1) for kind in kinds}
         for i, kind in enumerate(kinds):
@@ -185,7 +188,8 @@ class MultiLayerCam:
                 a, g = self._nchw(a.detach()).float(), self._nchw(g).float()
                 for method in fast:
                     cam = METHODS[method].fast(a, g).clamp(min=0)
-                    raw_peak[(kind, layer, method)] = _spread(cam)
+                    spread[(kind, layer, method)] = relative_spread(cam)
+                    grid[(kind, layer, method)] = minmax(cam)
                     maps[(kind, layer, method)] = normalise_maps(cam, size)
         # The forward graph (kept alive when no method is fast) is not needed past here: without
         # it the fallback's many forwards (ScoreCAM, AblationCAM) do not share memory with it.
@@ -198,15 +202,20 @@ class MultiLayerCam:
                     heat = reference_maps(self.model, x, layer, method, classes_of[kind], self.channels_last_output).to(x.device)
                     heat = F.interpolate(heat[:, None], size=(size, size), mode="bilinear")[:, 0]
                     maps[(kind, layer, method)] = heat
-                    raw_peak[(kind, layer, method)] = _spread(heat)
+                    # pytorch-grad-cam returns the input's size: the grid is its mean over each cell
+                    grid[(kind, layer, method)] = minmax(F.adaptive_avg_pool2d(heat[:, None].float(), grid_size[layer])[:, 0])
+                    spread[(kind, layer, method)] = relative_spread(heat)
         self.activations.clear()  # the hooks saw the fallback's forwards too
-        return CamBatch(logits, maps, raw_peak)
+        return CamBatch(logits, maps, grid, spread)
 
 
-def _spread(cams: Tensor) -> Tensor:
-    """(B,) max - min of each map: 0 for a constant one (``heatmap_metrics.constant_maps``)."""
+def relative_spread(cams: Tensor) -> Tensor:
+    """(B,) each map's max - min over its largest magnitude: 0 for a constant map, tiny for one
+    that varies by rounding noise alone, whatever the map's scale (``heatmap_metrics.constant_maps``)."""
     flat = cams.flatten(1)
-    return flat.max(1).values - flat.min(1).values
+    top, bottom = flat.max(1).values, flat.min(1).values
+    scale = torch.maximum(top.abs(), bottom.abs())
+    return torch.where(scale > 0, (top - bottom) / scale.clamp(min=torch.finfo(scale.dtype).tiny), torch.zeros_like(scale))
 
 
 def reference_maps(model: nn.Module, x: Tensor, layer: str, method: str, classes: Tensor, channels_last_output: bool = False) -> Tensor:

@@ -27,7 +27,7 @@ from cifarcam.cam.methods import MultiLayerCam, fast_methods
 from cifarcam.run_layout import RunLayout
 
 # Changes whenever the cascade's steps do, so that files computed the old way are recomputed.
-CASCADE_VERSION = 2
+CASCADE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,11 @@ class CascadeStep:
     modules: list[nn.Module]  # modules whose own parameters are re-initialised at this step
 
 
-def _leaves_in_order(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """Modules that own parameters, in the order the forward pass runs them."""
+def _leaves_in_order(model: nn.Module, x: torch.Tensor, layers: list[str]) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters, and the CAM layers themselves (a ReLU given to --layers owns
+    none), in the order the forward pass runs them."""
     order: list[tuple[str, nn.Module]] = []
-    owners = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    owners = [(name, m) for name, m in model.named_modules() if name in layers or any(True for _ in m.parameters(recurse=False))]
     hooks = [m.register_forward_hook(lambda m, _i, _o, name=name: order.append((name, m))) for name, m in owners]
     try:
         with torch.no_grad():
@@ -55,7 +56,7 @@ def cascade(model: nn.Module, layers: list[str], x: torch.Tensor) -> list[Cascad
     """Top-down steps that together cover every module with parameters: the head (what runs after
     the last CAM layer), then each CAM layer together with everything between it and the CAM layer
     below it (the blocks between two CAM layers, and the stem below the first, are random too)."""
-    leaves = _leaves_in_order(model, x)
+    leaves = _leaves_in_order(model, x, layers)
 
     def inside(name: str, layer: str) -> bool:
         return name == layer or name.startswith(layer + ".")
@@ -121,8 +122,14 @@ def randomisation_rows(
         for layer in layers:
             for method in fast:
                 key = ("pred", layer, method)
-                rho = spearman(trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy())
-                valid = rho[np.isfinite(rho)]
+                before, after = trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy()
+                rho = spearman(before, after)
+                # A trained map that is constant has nothing to compare: left out. One that the
+                # randomisation made constant has changed completely: rho = 0, not left out
+                # (leaving it out would raise the mean exactly where the map changed most).
+                informative = np.ptp(before, axis=1) > 0
+                became_constant = informative & (np.ptp(after, axis=1) == 0)
+                valid = np.where(became_constant, 0.0, rho)[informative]
                 rows.append(
                     {
                         "layer": layer,
@@ -130,6 +137,7 @@ def randomisation_rows(
                         "step": step,
                         "randomised_to": cut.name,
                         "images": int(len(valid)),
+                        "became_constant": float(became_constant[informative].mean()) if informative.any() else None,
                         "spearman": float(valid.mean()) if len(valid) else None,
                         "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
                         "above_random": step >= check_step[layer],  # every layer above this one is random

@@ -13,6 +13,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from cifarcam.report import verdicts
 from cifarcam.report.views import run_sql
 from cifarcam.results import BASELINES
 
@@ -113,6 +114,7 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
         con,
         """select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
                   avg(pointing_hit::int) as pointing_hit, avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
+                  avg(pointing_hit_cell::int) as cell_hit, avg(object_cell_share) as chance_cell,
                   avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance
            from cams where correct and object_area is not null and target = ?
            group by model, layer, method order by model, h desc, method""",
@@ -120,18 +122,12 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
     )
 
 
-def _verdict(margin: float, se: float) -> str:
-    if not (np.isfinite(margin) and np.isfinite(se)):  # no image, or one (no standard error)
-        return "n/a"
-    if margin > 2 * se:
-        return "better"
-    return "worse" if margin < -2 * se else "tie"
-
-
 def faithfulness(con: Con) -> pd.DataFrame:
-    """Per map: deletion and insertion AUCs, and on each curve the margin over the strongest
-    baseline (the smallest margin), its standard error, which baseline that is, and a verdict
-    (better / tie / worse at 2 SE). Margins are paired per image, so the SE is of the difference."""
+    """Per map: deletion and insertion AUCs, the share of its scored maps that were constant
+    (scored by the tie-break alone, i.e. as a random map), and on each curve a verdict on every
+    baseline (``verdicts``): the verdict, the baseline its words name, that margin (positive:
+    the map is better), its standard error and the Holm-adjusted p. Margins are paired per
+    image, so the SE is of the difference."""
     columns = []
     for b in BASELINES:
         columns += [
@@ -140,20 +136,25 @@ def faithfulness(con: Con) -> pd.DataFrame:
         ]
     raw = run_sql(
         con,
-        f"""select model, layer, any_value(layer_h) as h, method, count(*) as images,
+        f"""select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
                    avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, {", ".join(columns)}
             from cams where faithfulness_sample and deletion_auc is not null
             group by model, layer, method order by model, h desc, method""",
     )
-    out = raw[["model", "layer", "method", "images", "deletion", "insertion"]].copy()
-    for curve, short in (("deletion", "del"), ("insertion", "ins")):
-        margins = raw[[f"{short}_margin_{b}" for b in BASELINES]].to_numpy()
-        strongest = np.nanargmin(np.where(np.isnan(margins), np.inf, margins), axis=1)
-        rows = np.arange(len(raw))
-        out[f"{curve}_margin"] = margins[rows, strongest]
-        out[f"{curve}_se"] = raw[[f"{short}_se_{b}" for b in BASELINES]].to_numpy()[rows, strongest]
-        out[f"{curve}_strongest"] = [BASELINES[i] for i in strongest]
-        out[f"{curve}_verdict"] = [_verdict(m, e) for m, e in zip(out[f"{curve}_margin"], out[f"{curve}_se"])]
+    out = raw[["model", "layer", "method", "images", "constant_share", "deletion", "insertion"]].copy()
+    curves = (("deletion", "del"), ("insertion", "ins"))
+    margins = np.stack([raw[[f"{short}_margin_{b}" for b in BASELINES]].to_numpy(float) for _, short in curves], 1)
+    ses = np.stack([raw[[f"{short}_se_{b}" for b in BASELINES]].to_numpy(float) for _, short in curves], 1)
+    judged = verdicts.curve_verdicts(margins, ses, raw["images"].to_numpy())
+    rows = np.arange(len(raw))
+    for c, (curve, _) in enumerate(curves):
+        named = judged["named"][:, c]
+        out[f"{curve}_verdict"] = judged["verdict"][:, c]
+        out[f"{curve}_baseline"] = [BASELINES[i] for i in named]
+        out[f"{curve}_margin"] = margins[rows, c, named]
+        out[f"{curve}_se"] = ses[rows, c, named]
+        out[f"{curve}_p_holm"] = judged["p"][:, c]
+    out.attrs["tests"] = judged["tests"]
     return out
 
 
@@ -165,7 +166,7 @@ def sanity_checks(con: Con) -> pd.DataFrame:
     """The step at which every layer above the explained one is random, per map."""
     return run_sql(
         con,
-        """select model, layer, method, randomised_to as random_above, images, spearman, spearman_se
+        """select model, layer, method, randomised_to as random_above, images, became_constant, spearman, spearman_se
            from sanity where "check" order by model, layer, method""",
     )
 

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from cifarcam.report import figures as fig
 from cifarcam.report import queries as q
+from cifarcam.report import verdicts
 from cifarcam.report.console import print_sections
 from cifarcam.report.run_folder import ReportRun, Section
 from cifarcam.report.views import has_view
@@ -47,18 +48,20 @@ def _size_text(frame: pd.DataFrame) -> str:
             parts.append(f"{row.feature_size}: every map is constant, so it has no peak, spread or localisation (shown empty)")
         elif row.h <= 2:
             parts.append(f"{row.feature_size}: the map can only name a quadrant ({row.constant_share:.0%} constant)")
-    text = "Statistics cover informative maps only; a constant map's are missing, not zero."
+    text = "Statistics cover informative maps only; a constant map's are missing, not zero. Entropy is over the layer's own cells (its log count is 1), so upsampling adds none."
     return text + (" " + "; ".join(parts) + "." if parts else " No layer here is 2x2 or smaller.")
 
 
 def _localisation_text(frame: pd.DataFrame) -> str:
     """Correct images only. pointing_hit: the peak within 2 px of the object; exact_peak: on it
-    (chance_exact: what a random point scores); mass_vs_chance: share of map mass on the object over
+    (chance_exact: what a random point scores); cell_hit: the object touches the peak's cell
+    (chance_cell: what a random cell scores); mass_vs_chance: share of map mass on the object over
     the object's share of the image (1 = a uniform map)."""
     text = (
-        "Correctly classified images with an object mask. pointing_hit: the map's peak lies within 2 px of the object; exact_peak: on it"
-        " (chance_exact: a random point's rate); mass_vs_chance: the map's share of mass on the object over the object's share of the image"
-        " (1 = no better than a uniform map)."
+        "Correctly classified images with an object mask. Each map's peak is taken on its layer's own grid, at the centre of its cell."
+        " pointing_hit: the peak lies within 2 px of the object; exact_peak: on it (chance_exact: a random point's rate);"
+        " cell_hit: the object touches the peak's cell, the tolerance a coarse layer can honour (chance_cell: a random cell's rate);"
+        " mass_vs_chance: the map's share of mass on the object over the object's share of the image (1 = no better than a uniform map)."
     )
     weak = [f"{r.model} {r.layer} {r.method} ({r.pointing_hit:.2f})" for r in frame.itertuples(index=False) if r.pointing_hit < 0.5]
     best = frame.sort_values("pointing_hit", ascending=False).iloc[0] if len(frame) else None
@@ -70,29 +73,33 @@ def _localisation_text(frame: pd.DataFrame) -> str:
 
 
 def _faithfulness_text(frame: pd.DataFrame) -> str:
+    """The verdicts in words; each names the baseline it rests on, its margin and adjusted p."""
     lines = []
     for r in frame.itertuples(index=False):
         name = f"{r.model} {r.layer} {r.method}"
         if "n/a" in (r.deletion_verdict, r.insertion_verdict):
-            lines.append(f"{name}: too few scored images to judge ({r.images}).")
+            lines.append(f"{name}: too few scored images to judge ({r.images}; a verdict needs {verdicts.MIN_IMAGES}).")
             continue
-        verdicts = {
-            "deletion": (r.deletion_verdict, r.deletion_strongest, r.deletion_margin),
-            "insertion": (r.insertion_verdict, r.insertion_strongest, r.insertion_margin),
-        }
         failing = [
-            f"{curve} ({verdict} than the {baseline} map, margin {margin:+.3f})"
-            for curve, (verdict, baseline, margin) in verdicts.items()
+            f"{curve} ({'no better' if verdict == 'tie' else 'worse'} than the {baseline} map, margin {margin:+.3f}, p = {p:.2g})"
+            for curve, verdict, baseline, margin, p in (
+                ("deletion", r.deletion_verdict, r.deletion_baseline, r.deletion_margin, r.deletion_p_holm),
+                ("insertion", r.insertion_verdict, r.insertion_baseline, r.insertion_margin, r.insertion_p_holm),
+            )
             if verdict != "better"
         ]
         if failing:
-            prior = " It does not beat the centre prior." if any(b == "centre" for curve, (v, b, _) in verdicts.items() if v != "better") else ""
-            lines.append(f"{name}: not more faithful on " + " and ".join(failing).replace("tie than", "no better than") + "." + prior)
-    if not lines:
-        return "Every map beats every baseline on both curves by more than two standard errors."
+            lines.append(f"{name}: not shown more faithful on " + " and ".join(failing) + ".")
     better = [f"{r.model} {r.layer} {r.method}" for r in frame.itertuples(index=False) if r.deletion_verdict == r.insertion_verdict == "better"]
+    if not lines:
+        return "Every map beats every baseline on both curves."
     summary = ("Better than every baseline on both curves: " + ", ".join(better) + ". ") if better else "No map beats every baseline on both curves. "
     return summary + " ".join(lines)
+
+
+# Methods whose weights are ReLU(gradient): with post-ReLU activations their maps are
+# non-negative mixtures of the layer's activation maps, whatever the head (issue 22).
+NONNEGATIVE_MIXTURES = ("gradcam++", "layercam")
 
 
 class RunReport(ReportRun):
@@ -134,7 +141,7 @@ class RunReport(ReportRun):
             return Section("Heatmaps by layer feature size", "No cams in this run.")
         frame = q.by_feature_size(self.con)
         measures = {
-            "mean_entropy": "entropy (1 = uniform)",
+            "mean_entropy": "entropy over the layer's cells (1 = uniform)",
             "mean_top10_mass": "mass in top 10% of pixels",
             "pointing_hit": "peak within 2 px of the object",
             "constant_share": "constant maps",
@@ -159,9 +166,13 @@ class RunReport(ReportRun):
         frame = q.faithfulness(self.con)
         text = (
             f"Deletion (lower is better) and insertion (higher is better) AUCs of the predicted class on a seeded sample of {q.faithfulness_images(self.con)} test images,"
-            " removed pixels filled with a blurred copy of the image. Each map is compared with three maps that know nothing of the model"
-            " (random, a centre Gaussian, the image's Sobel edges); margin = how much better than the *strongest* of them, per curve,"
-            " with its standard error over images (error bars: 2 SE). " + _faithfulness_text(frame)
+            " removed pixels filled with a blurred copy of the image. Each map is compared with four maps that know nothing of the model"
+            " (random, a centre Gaussian, the image's Sobel edges, and coarse_random: noise on the explained layer's own grid, upsampled as"
+            " its maps are, which separates a coarse map from a meaningful one). A map is better on a curve when it beats each of them:"
+            f" one-sided paired t-tests per baseline, Holm-adjusted over this report's {frame.attrs['tests']} tests, at {verdicts.ALPHA:.0%}."
+            " Margin (positive: the map is better) and SE are against the baseline the verdict names: the one the map is least surely"
+            " better than, or for 'worse' the one that beats it (error bars: 2 SE). A constant map is scored as what it is, pixels"
+            " removed in random order (constant_share: their share). " + _faithfulness_text(frame)
         )
         return Section(title, text, frame, [fig.faithfulness_margins(self.out / "faithfulness.png", frame)] if len(frame) else [])
 
@@ -175,8 +186,18 @@ class RunReport(ReportRun):
             "Cascading randomisation (Adebayo et al., 2018) on a seeded sample: the weights are re-initialised from the head down, and each"
             " map is compared with the trained model's map of the same image and class (Spearman rank correlation, 1 = unchanged)."
             f" Shown: the step at which every layer above the explained one is random. At {FAIL_SPEARMAN} or more a map is flagged"
-            " 'insensitive': it depends more on the image than on what the model learned above that layer."
+            " 'insensitive': once the head and every layer above the explained one are random, the map barely changes, so it"
+            " shows little of what the model learned above that layer (the explained layer and those below it are still trained"
+            " at this step). A map the randomisation made constant has changed completely and counts as rho = 0"
+            " (became_constant: their share)."
         )
+        by_construction = sorted({r.method for r in frame.itertuples(index=False) if r.method in NONNEGATIVE_MIXTURES})
+        if by_construction:
+            text += (
+                f" Expected by construction, not a finding: {', '.join(by_construction)} weigh the activations by ReLU(gradient),"
+                " so after a ReLU their maps are non-negative mixtures of the layer's own activation maps whatever the layers"
+                " above it hold, and a high rho there says little."
+            )
         flagged = [f"{r.model} {r.layer} {r.method} ({r.spearman:.2f})" for r in frame.itertuples(index=False) if r.verdict == "insensitive"]
         text += (" Flagged: " + ", ".join(flagged) + ".") if flagged else " No map is flagged."
         unmeasured = [f"{r.model} {r.layer} {r.method}" for r in frame.itertuples(index=False) if r.verdict == "n/a"]
