@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import uuid
@@ -116,14 +117,16 @@ HEATMAP_SIZE = 32  # heatmaps are stored at CIFAR's resolution, whatever the mod
 
 # One row per test image x model x layer x method x target. The folder layout
 # cams/model=<m>/layer=<l>/method=<k>/*.parquet carries model, layer and method (hive partitions).
-# results/README.md explains every column; CAMS_VERSION changes whenever a column does, so that
-# partitions written by an older version are refused instead of mixed in.
-CAMS_VERSION = 3
+# results/README.md explains every column. CAMS_VERSION (below the schema) changes whenever a
+# column does, so that partitions written by an older version are refused instead of mixed in.
+# CAMS_MEANING: bump it when a column keeps its name and type but changes what it measures.
+CAMS_MEANING = 3
 # The orderings each map's faithfulness is compared with (cifarcam.cam.faithfulness computes them).
 # coarse_random: noise drawn on the explained layer's own grid and upsampled as its maps are, the
 # control that separates "coarse" from "meaningful" (pixel noise cannot); per layer, the others per image.
 BASELINES = ("random", "centre", "edge", "coarse_random")
-_FAITHFULNESS_COLUMNS = [(f"{curve}_auc{suffix}", pa.float64()) for suffix in ("", *(f"_{b}" for b in BASELINES)) for curve in ("deletion", "insertion")]
+CAM_FAITHFULNESS = tuple(f"{curve}_auc{suffix}" for suffix in ("", *(f"_{b}" for b in BASELINES)) for curve in ("deletion", "insertion"))
+_FAITHFULNESS_COLUMNS = [(name, pa.float64()) for name in CAM_FAITHFULNESS]
 CAMS = pa.schema(
     [
         ("run", pa.string()),
@@ -157,6 +160,11 @@ CAMS = pa.schema(
         *_FAITHFULNESS_COLUMNS,
     ]
 )
+# The CAM columns a batch leaves null by leaving them out: localisation where the images have no
+# object mask, faithfulness outside its sample and target. Every other column must be filled.
+CAM_LOCALISATION = ("peak_in_object", "pointing_hit", "pointing_hit_cell", "mass_on_object", "object_area", "object_cell_share")
+CAM_OPTIONAL = frozenset(CAM_LOCALISATION + CAM_FAITHFULNESS)
+CAMS_VERSION = f"{CAMS_MEANING}-" + hashlib.sha256(";".join(f"{f.name}:{f.type}" for f in CAMS).encode()).hexdigest()[:12]
 # The cascading-randomisation sanity check (cifarcam.cam.sanity): once every layer above the
 # explained one is random, a rank correlation this high means that the map barely depends on what
 # the model learned there (Adebayo et al. flag visually similar maps).

@@ -279,3 +279,15 @@ def test_a_worker_given_no_gpu_stays_on_the_cpu_where_cuda_is_visible(checkpoint
     assert len(actor(images_table(test_set)).to_pylist()) == len(test_set)
     rows = check_checkpoint(str(folder), ["layer2"], ["gradcam"], test_set.images[:2], 0, device="cpu")
     assert rows and all(r["method"] == "gradcam" for r in rows)
+
+
+def test_cam_rows_are_written_strictly():
+    """A filled column the schema lacks (a new baseline, say) is an error, not silently dropped; a
+    required column left out is an error, not a column of nulls."""
+    from cifarcam import results
+    from cifarcam.cam.actor import _table
+
+    with pytest.raises(ValueError, match=r"not in the schema \['deletion_auc_new_baseline'\], left out \[.*'heatmap'"):
+        _table({"deletion_auc_new_baseline": [0.5]}, 1)
+    assert results.CAMS_VERSION.startswith(f"{results.CAMS_MEANING}-")
+    assert set(results.CAM_FAITHFULNESS) == {f"{c}_auc{s}" for c in ("deletion", "insertion") for s in ["", *(f"_{b}" for b in BASELINES)]}

@@ -91,3 +91,11 @@ def test_the_reports_words_follow_the_verdicts_from_parquet_rows():
     text = _faithfulness_text(frame)
     assert text.startswith("No map beats every baseline on both curves.")
     assert "m l gradcam: not shown more faithful on deletion (no better than the random map, margin +0.050, p = " in text
+
+
+def test_a_map_is_said_to_miss_the_object_only_when_its_rate_is_below_half_by_two_se():
+    from cifarcam.report.writer import _localisation_text
+
+    frame = pd.DataFrame({"model": "m", "layer": ["a", "b"], "method": "gradcam", "pointing_hit": [0.45, 0.30], "pointing_se": [0.05, 0.05]})
+    text = _localisation_text(frame)
+    assert "m b gradcam (0.30 ± 0.05)" in text and "m a gradcam" not in text.split("than they find it")[1]

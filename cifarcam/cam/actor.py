@@ -81,7 +81,12 @@ def _nullable(name: str, values: np.ndarray, null: np.ndarray) -> pa.Array:
 
 
 def _table(columns: dict[str, Any], n: int) -> pa.Table:
-    """``columns`` as an OUTPUT_SCHEMA table; the columns not given are null."""
+    """``columns`` as an OUTPUT_SCHEMA table, strictly: a column the schema lacks, or a required
+    one left out, is a bug (a new baseline computed and silently dropped, say), never a null."""
+    unknown = set(columns) - set(OUTPUT_SCHEMA.names)
+    missing = set(OUTPUT_SCHEMA.names) - set(columns) - results.CAM_OPTIONAL
+    if unknown or missing:
+        raise ValueError(f"CAM rows do not match results.CAMS: not in the schema {sorted(unknown)}, left out {sorted(missing)}")
     return pa.Table.from_pydict({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
 
 

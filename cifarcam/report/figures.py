@@ -105,7 +105,9 @@ def grouped_bars(path: Path, frame: pd.DataFrame, measures: Mapping[str, str], x
         x = np.arange(len(frame))
         width = 0.8 / len(shown)
         for k, column in enumerate(shown):
-            ax.bar(x + (k - (len(shown) - 1) / 2) * width, frame[column].fillna(0), width, label=measures[column])
+            values = frame[column].to_numpy(float)
+            present = ~np.isnan(values)  # a missing measurement is no bar, never a zero-height one
+            ax.bar((x + (k - (len(shown) - 1) / 2) * width)[present], values[present], width, label=measures[column])
         ax.set_xticks(x, frame.iloc[:, 0])
         ax.set_xlabel(xlabel)
         ax.set_ylim(0, 1)

@@ -98,14 +98,16 @@ def heatmaps(con: Con, model: str, method: str, target: str, image_indices: Sequ
     return {(int(r.image_index), r.layer): np.asarray(r.heatmap, np.uint8) for r in frame.itertuples(index=False)}
 
 
-def by_feature_size(con: Con) -> pd.DataFrame:
+def by_feature_size(con: Con, target: str) -> pd.DataFrame:
+    # One target: a correct image's pred and label maps are the same map, counted twice otherwise.
     # Statistics of constant maps are null: the averages cover the informative maps only.
     return run_sql(
         con,
         """select layer_h || 'x' || layer_w as feature_size, any_value(layer_h) as h, count(distinct model || layer) as layers,
                   count(*) as maps, avg(degenerate::int) as constant_share, avg(entropy) as mean_entropy,
                   avg(top10_mass) as mean_top10_mass, avg(pointing_hit::int) as pointing_hit
-           from cams group by layer_h, layer_w order by layer_h desc""",
+           from cams where target = ? group by layer_h, layer_w order by layer_h desc""",
+        [target],
     )
 
 
@@ -113,7 +115,8 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
     return run_sql(
         con,
         """select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
-                  avg(pointing_hit::int) as pointing_hit, avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
+                  avg(pointing_hit::int) as pointing_hit, stddev_samp(pointing_hit::int) / sqrt(count(pointing_hit)) as pointing_se,
+                  avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
                   avg(pointing_hit_cell::int) as cell_hit, avg(object_cell_share) as chance_cell,
                   avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance
            from cams where correct and object_area is not null and target = ?

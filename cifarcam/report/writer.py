@@ -63,12 +63,17 @@ def _localisation_text(frame: pd.DataFrame) -> str:
         " cell_hit: the object touches the peak's cell, the tolerance a coarse layer can honour (chance_cell: a random cell's rate);"
         " mass_vs_chance: the map's share of mass on the object over the object's share of the image (1 = no better than a uniform map)."
     )
-    weak = [f"{r.model} {r.layer} {r.method} ({r.pointing_hit:.2f})" for r in frame.itertuples(index=False) if r.pointing_hit < 0.5]
+    # "misses more often than it finds" is a claim about the rate, not one sample's: below 1/2 by 2 SE
+    weak = [
+        f"{r.model} {r.layer} {r.method} ({r.pointing_hit:.2f} ± {r.pointing_se:.2f})"
+        for r in frame.itertuples(index=False)
+        if r.pointing_hit + 2 * r.pointing_se < 0.5
+    ]
     best = frame.sort_values("pointing_hit", ascending=False).iloc[0] if len(frame) else None
     if best is not None and pd.notna(best.pointing_hit):
         text += f" Best: {best.model} {best.layer} {best.method}, peak within 2 px of the object for {best.pointing_hit:.0%} of images."
     if weak:
-        text += " Maps that miss the object more often than they find it: " + ", ".join(weak) + "."
+        text += " Maps that miss the object more often than they find it (pointing_hit below 1/2 by more than two standard errors): " + ", ".join(weak) + "."
     return text
 
 
@@ -139,7 +144,7 @@ class RunReport(ReportRun):
     def degenerate(self) -> Section:
         if not self.has_cams:
             return Section("Heatmaps by layer feature size", "No cams in this run.")
-        frame = q.by_feature_size(self.con)
+        frame = q.by_feature_size(self.con, q.explained_target(self.con))
         measures = {
             "mean_entropy": "entropy over the layer's cells (1 = uniform)",
             "mean_top10_mass": "mass in top 10% of pixels",
