@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 
 # Two pytest-xdist workers (a serial run, TEST_WORKERS=0, keeps 2 cores about three quarters
 # idle, waiting on Ray's start-ups and SLURM), each expensive fixture on one (tests/conftest.py).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 0
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
