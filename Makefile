@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m jobs.pipeline --config configs/demo.yaml --out results/demo $(DEMO_CAM)
 
-# Two pytest-xdist workers (a serial run, TEST_WORKERS=0, keeps 2 cores about three quarters
-# idle, waiting on Ray's start-ups and SLURM), each expensive fixture on one (tests/conftest.py).
+# Serial by default. TEST_WORKERS=2: two pytest-xdist workers, each expensive fixture on one
+# (tests/conftest.py); not faster on 2 cores, where two Ray clusters oversubscribe (README).
 TEST_WORKERS ?= 0
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)

@@ -155,7 +155,7 @@ CAMS = pa.schema(
         ("object_area", pa.float64()),  # share of the image the object covers (= chance for mass_on_object)
         ("object_cell_share", pa.float64()),  # share of the grid's cells the object touches (= chance for pointing_hit_cell)
         # faithfulness, on a seeded sample of images, predicted class only (null elsewhere):
-        # deletion (lower = better) and insertion (higher = better), for the map and 3 baselines
+        # deletion (lower = better) and insertion (higher = better), for the map and each of BASELINES
         ("faithfulness_sample", pa.bool_()),
         *_FAITHFULNESS_COLUMNS,
     ]

@@ -127,18 +127,23 @@ def _init(address: str | None, num_cpus: int | None, num_gpus: int | None = None
     # Ray's own clients inside it (Ray Train's PlacementGroupCleaner asks the state API with no
     # address) otherwise pick whichever cluster on this host started last, and a trial stopped
     # while its cleaner asked the wrong one keeps its CPUs (two jobs, or two tests, on one host).
-    address = f"127.0.0.1:{free_port('127.0.0.1')}"
-    os.environ.update(RAY_GCS_SERVER_PORT=address.rpartition(":")[2], RAY_ADDRESS=address)
+    # (A port the user set in RAY_GCS_SERVER_PORT is kept.) While the cluster runs, the driver's
+    # own state-API calls (the placement watch) find it through RAY_ADDRESS too.
+    before = {name: os.environ.get(name) for name in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    port = before["RAY_GCS_SERVER_PORT"] or str(free_port("127.0.0.1"))
+    os.environ.update(RAY_GCS_SERVER_PORT=port, RAY_ADDRESS=f"127.0.0.1:{port}")
+    started = False
     try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-        )
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        started = True
     finally:
-        del os.environ["RAY_GCS_SERVER_PORT"]  # a later head this process starts picks its own
+        for name, value in before.items():
+            if name == "RAY_ADDRESS" and started:
+                continue
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def free_port(host: str) -> int:

@@ -51,7 +51,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     grouped by its module (its module fixtures: the faulty search, the Ray head, SLURM): each
     expensive fixture runs once. Two Ray clusters on one host are then the rule: each cluster's
     processes carry their own RAY_ADDRESS (jobs/common.py), or Ray Train's PlacementGroupCleaner
-    could not tell which to ask."""
+    could not tell which to ask. Not the default (Makefile's TEST_WORKERS): on 2 cores it is no
+    faster (README)."""
 
     if not getattr(config.option, "loadgroup", False):  # a serial run keeps pytest's order
         return

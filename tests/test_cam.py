@@ -100,11 +100,13 @@ def test_a_coarse_maps_peak_is_its_cells_centre_not_the_plateaus_first_pixel(cel
         assert divmod(first, 32) == (0, 0)  # what the old argmax reported, 3.5 px off in each axis
 
 
-def test_cells_tied_for_the_peak_give_their_centroid():
+def test_cells_tied_for_the_peak_give_the_first_cells_centre():
+    """Exact ties go to the first cell in row order, never to a centroid: two tied cells in
+    opposite corners would put it in the middle, where the map is low."""
     grid = torch.zeros(1, 4, 4)
-    grid[0, 1, 1] = grid[0, 1, 2] = 1.0  # two cells: centres (11.5, 11.5) and (11.5, 19.5)
+    grid[0, 0, 3] = grid[0, 3, 0] = 1.0
     stats = heatmap_stats(normalise_maps(grid, 32), grid)
-    assert (stats["peak_y"].item(), stats["peak_x"].item()) == (11.5, 15.5)
+    assert (stats["peak_y"].item(), stats["peak_x"].item()) == (3.5, 27.5)
 
 
 def test_entropy_counts_the_layers_cells_not_the_upsampled_pixels():

@@ -60,19 +60,19 @@ def test_localisation_counts_the_pointing_game_with_its_tolerance():
 
 
 def test_a_peak_between_pixels_and_the_tolerance_in_cells():
-    """A 4x4 map's peak in cell (1, 1) is the point (11.5, 11.5): the four pixels around it are its
-    nearest. A one-pixel object at (15, 15) is 3 px from the square of the nearest pixel (12, 12):
-    no hit at 2 px; but it lies in the same cell (pixels 8-15), which the tolerance in cells counts."""
+    """A 4x4 map's peak in cell (1, 1) is the point (11.5, 11.5), held by pixel (12, 12). A
+    one-pixel object at (15, 15) is 3 px from it: no hit at 2 px; but it lies in the same cell
+    (pixels 8-15), which the tolerance in cells counts."""
     masks = torch.zeros(2, 32, 32, dtype=torch.bool)
     masks[0, 15, 15] = True
-    masks[1, 12, 12] = True  # one of the four pixels nearest the peak
+    masks[1, 12, 12] = True  # the peak's pixel
     peak = torch.tensor([11.5, 11.5])
     found = localisation(torch.ones(2, 32, 32), masks, peak, peak, (4, 4))
     assert found["peak_in_object"].tolist() == [False, True]
     assert found["pointing_hit"].tolist() == [False, True]
     assert found["pointing_hit_cell"].tolist() == [True, True]
     assert found["object_cell_share"].tolist() == [1 / 16, 1 / 16]
-    masks[0, 14, 14] = True  # 2 px from (12, 12)'s square: a hit
+    masks[0, 14, 14] = True  # 2 px from (12, 12): a hit
     masks[0, 15, 16] = True  # and one more cell, (1, 2)
     again = localisation(torch.ones(2, 32, 32), masks, peak, peak, (4, 4))
     assert again["pointing_hit"][0].item() and again["object_cell_share"][0].item() == 2 / 16

@@ -90,7 +90,7 @@ def test_the_reports_words_follow_the_verdicts_from_parquet_rows():
     assert row.deletion_margin == pytest.approx(0.05) and row.deletion_se == pytest.approx(0.03)
     text = _faithfulness_text(frame)
     assert text.startswith("No map beats every baseline on both curves.")
-    assert "m l gradcam: not shown more faithful on deletion (no better than the random map, margin +0.050, p = " in text
+    assert "m l gradcam: not shown more faithful on deletion (not shown better than the random map, margin +0.050, p = " in text
 
 
 def test_a_map_is_said_to_miss_the_object_only_when_its_rate_is_below_half_by_two_se():

@@ -157,18 +157,21 @@ class CamActor:
         sample_rows = torch.from_numpy(sample_index).to(self.device)
         layer_of = {layer.name: layer for layer in self.layers}
         constant = {key: constant_maps(spread, layer_of[key[1]].height, layer_of[key[1]].width) for key, spread in out.spread.items()}
+        # A constant map is all zeros, stored and scored: not rounding noise stretched to 0-255
+        # (where on the device, by torch.where: no host sync).
+        maps = {key: torch.where(constant[key][:, None, None], torch.zeros_like(heat), heat) for key, heat in out.maps.items()}
         shared = {"image_index": b.image_index, "label": b.labels.cpu().numpy(), "pred": pred.cpu().numpy(), "correct": (pred == b.labels).cpu().numpy()}
         parts = []
         for kind in self.settings.targets:
             classes = pred if kind == "pred" else b.labels
             target = {"target": [kind] * n, "target_class": classes.cpu().numpy(), "target_prob": probs.gather(1, classes[:, None])[:, 0].cpu().numpy()}
             faithful = kind == "pred" and self.settings.faithfulness.enabled
-            kind_maps = {key: heat for key, heat in out.maps.items() if key[0] == kind}
+            kind_maps = {key: heat for key, heat in maps.items() if key[0] == kind}
             baselines, per_layer, per_map = self._faithfulness(x, classes, sample_rows, b.image_index[sample_index], kind_maps) if faithful else ({}, {}, {})
             for layer in self.layers:
                 for method in self.settings.methods:
                     key = (kind, layer.name, method)
-                    heat, null = out.maps[key], constant[key].cpu().numpy()
+                    heat, null = maps[key], constant[key].cpu().numpy()
                     measured = heatmap_stats(heat, out.grid[key])
                     if b.masks is not None:
                         grid_hw = tuple(out.grid[key].shape[-2:])

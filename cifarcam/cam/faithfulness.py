@@ -14,9 +14,10 @@ this CPU): 128 images x 16 steps x 2 curves x 9 maps is 4.3 minutes per model, a
 batched forward per curve step for the blur, on the device.
 
 A trivial map can score well on these curves (blurry maps are rewarded, arXiv 2304.13836, and an
-upsampled 4x4 map is blurry), so every image is also scored with three baselines that know
-nothing of the model: a random map, a fixed Gaussian on the image centre, and the image's edge
-map (Sobel magnitude). A method earns trust only by its margin over the strongest of them.
+upsampled 4x4 map is blurry), so every image is also scored with baselines that know nothing of
+the model (results.BASELINES): a random map, a fixed Gaussian on the image centre, the image's
+edge map (Sobel magnitude), and per layer noise drawn on the layer's own grid and upsampled as its
+maps are. A method earns trust only by beating each of them (cifarcam.report.verdicts).
 
 Every step of every map of a batch runs in batched forward passes of FORWARD_CHUNK images.
 """

@@ -40,20 +40,23 @@ def constant_maps(spread: Tensor, layer_h: int, layer_w: int) -> Tensor:
 def grid_peak(grid: Tensor, side: int) -> tuple[Tensor, Tensor]:
     """Each map's peak, taken on its layer's own grid (N, h, w), as the (row, column) in pixels of
     a ``side`` x ``side`` image of its cell's centre: cell (0, 0) of a 4x4 grid at 32 px is
-    (3.5, 3.5), cell (3, 3) is (27.5, 27.5). Cells tied for the maximum: their centroid.
+    (3.5, 3.5), cell (3, 3) is (27.5, 27.5). Exact ties between cells (rare: a constant map is
+    null) go to the first in row order; a centroid of distant tied cells could land where the
+    map is low.
 
     Why not the argmax of the upsampled map: bilinear upsampling leaves flat plateaus at the
     borders, and argmax takes a plateau's first pixel in row order, so a coarse map's peak in
     cell (0, 0) would read as pixel (0, 0), always towards the top-left, by up to 7.5 px at 2x2."""
     n, h, w = grid.shape
-    flat = grid.flatten(1).float()
-    top = flat.max(1, keepdim=True).values
-    tied = (flat >= top - 1e-6 * top.abs()).float()
-    cell = torch.arange(h * w, device=grid.device)
-    count = tied.sum(1)
-    row = (tied * (cell // w)).sum(1) / count
-    col = (tied * (cell % w)).sum(1) / count
-    return (row + 0.5) * side / h - 0.5, (col + 0.5) * side / w - 0.5
+    cell = grid.flatten(1).argmax(1)
+    return ((cell // w).float() + 0.5) * side / h - 0.5, ((cell % w).float() + 0.5) * side / w - 0.5
+
+
+def peak_pixel(peak: Tensor, side: int) -> Tensor:
+    """The pixel (row or column index) that holds a peak coordinate: the nearest, and for a cell
+    centre between two pixels (x.5) the one after it, a fixed half-pixel offset (a 1 px window
+    keeps a uniformly placed object's chance at its area, which a 2x2 window would not)."""
+    return (peak + 0.5).floor().long().clamp(0, side - 1)
 
 
 def heatmap_stats(maps: Tensor, grid: Tensor) -> dict[str, Tensor]:
@@ -78,11 +81,8 @@ def localisation(
     """Per stored map (N, H, W), object mask (N, H, W, bool, same size), peak (``grid_peak``) and
     the layer's grid size:
 
-    - ``peak_in_object``: the object covers the pixel(s) nearest the peak (1, or 2 or 4 when the
-      peak is a cell's centre between pixels);
-    - ``pointing_hit``: the object comes within ``tolerance`` pixels of the peak (the pointing
-      game; a pixel's distance is to its square, so on a pixel centre this is the old
-      (2 * tolerance + 1)-pixel window);
+    - ``peak_in_object``: the object covers the peak's pixel (``peak_pixel``);
+    - ``pointing_hit``: it lies within ``tolerance`` pixels of that pixel (the pointing game);
     - ``pointing_hit_cell``: the object touches the peak's cell of the layer's grid (the
       tolerance in cells: what a coarse map can say), and ``object_cell_share``: the share of
       cells it touches, which is the hit rate of a cell picked at random;
@@ -92,20 +92,15 @@ def localisation(
     """
     n, side, _ = masks.shape
     flat, on = maps.flatten(1), masks.flatten(1).float()
-    pixels = torch.arange(side, device=masks.device, dtype=torch.float32)
-    dy, dx = (pixels[None] - peak_y[:, None]).abs(), (pixels[None] - peak_x[:, None]).abs()
-
-    def object_within(distance: float) -> Tensor:
-        window = (dy <= distance)[:, :, None] & (dx <= distance)[:, None, :]
-        return (window & masks).flatten(1).any(1)
-
+    pixel = peak_pixel(peak_y, side) * side + peak_pixel(peak_x, side)
+    near = F.max_pool2d(masks.float()[:, None], 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0].flatten(1)
     h, w = grid_hw
     object_cells = F.adaptive_max_pool2d(masks.float()[:, None], (h, w))[:, 0].flatten(1)
     cell_row = ((peak_y + 0.5) * h / side).floor().long().clamp(0, h - 1)
     cell_col = ((peak_x + 0.5) * w / side).floor().long().clamp(0, w - 1)
     return {
-        "peak_in_object": object_within(0.5),
-        "pointing_hit": object_within(tolerance + 0.5),
+        "peak_in_object": on.gather(1, pixel[:, None])[:, 0] > 0,
+        "pointing_hit": near.gather(1, pixel[:, None])[:, 0] > 0,
         "pointing_hit_cell": object_cells.gather(1, (cell_row * w + cell_col)[:, None])[:, 0] > 0,
         "object_cell_share": object_cells.mean(1),
         "mass_on_object": (flat * on).sum(1) / flat.sum(1).clamp(min=1e-12),

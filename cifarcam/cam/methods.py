@@ -178,7 +178,6 @@ class MultiLayerCam:
         logits = self.model(x_graph)
         acts = [self.activations[name] for name in self.layers]
         maps, grid, spread, grads = {}, {}, {}, []
-        grid_size = {name: self._nchw(a).shape[-2:] for name, a in zip(self.layers, acts, strict=True)}
         kinds = list(targets)
         classes_of = {kind: targets[kind] if targets[kind] is not None else logits.argmax(1) for kind in kinds}
         for i, kind in enumerate(kinds):
@@ -199,11 +198,12 @@ class MultiLayerCam:
         for method in (m for m in methods if not METHODS[m].is_fast):
             for kind in kinds:
                 for layer in self.layers:
-                    heat = reference_maps(self.model, x, layer, method, classes_of[kind], self.channels_last_output).to(x.device)
+                    layer_map: list = []
+                    heat = reference_maps(self.model, x, layer, method, classes_of[kind], self.channels_last_output, layer_map).to(x.device)
                     heat = F.interpolate(heat[:, None], size=(size, size), mode="bilinear")[:, 0]
                     maps[(kind, layer, method)] = heat
-                    # pytorch-grad-cam returns the input's size: the grid is its mean over each cell
-                    grid[(kind, layer, method)] = minmax(F.adaptive_avg_pool2d(heat[:, None].float(), grid_size[layer])[:, 0])
+                    # its own layer map, not one pooled back from the upsampled one (which blurs)
+                    grid[(kind, layer, method)] = minmax(torch.from_numpy(layer_map[-1]).float().clamp(min=0).to(x.device))
                     spread[(kind, layer, method)] = relative_spread(heat)
         self.activations.clear()  # the hooks saw the fallback's forwards too
         return CamBatch(logits, maps, grid, spread)
@@ -218,9 +218,12 @@ def relative_spread(cams: Tensor) -> Tensor:
     return torch.where(scale > 0, (top - bottom) / scale.clamp(min=torch.finfo(scale.dtype).tiny), torch.zeros_like(scale))
 
 
-def reference_maps(model: nn.Module, x: Tensor, layer: str, method: str, classes: Tensor, channels_last_output: bool = False) -> Tensor:
+def reference_maps(
+    model: nn.Module, x: Tensor, layer: str, method: str, classes: Tensor, channels_last_output: bool = False, grid: list | None = None
+) -> Tensor:
     """pytorch-grad-cam's own output for one layer (the reference, and the path for methods
-    without a fast implementation). Returns (B, H, W) float at the input resolution."""
+    without a fast implementation). Returns (B, H, W) float at the input resolution; ``grid``, if
+    given, receives its map at the layer's own resolution, before the ReLU and upsampling."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -231,6 +234,9 @@ def reference_maps(model: nn.Module, x: Tensor, layer: str, method: str, classes
     reshape = (lambda t: t.permute(0, 3, 1, 2)) if channels_last_output else None
     try:
         with cls(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
+            if grid is not None:  # every method computes its layer map here before scaling it up
+                compute = cam.get_cam_image
+                cam.get_cam_image = lambda *args, **kwargs: grid.append(compute(*args, **kwargs)) or grid[-1]
             out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
     finally:
         for p, flag in flags:

@@ -23,6 +23,7 @@ import torch
 from scipy.stats import rankdata
 from torch import nn
 
+from cifarcam.cam.heatmap_metrics import constant_maps
 from cifarcam.cam.methods import MultiLayerCam, fast_methods
 from cifarcam.run_layout import RunLayout
 
@@ -127,8 +128,10 @@ def randomisation_rows(
                 # A trained map that is constant has nothing to compare: left out. One that the
                 # randomisation made constant has changed completely: rho = 0, not left out
                 # (leaving it out would raise the mean exactly where the map changed most).
-                informative = np.ptp(before, axis=1) > 0
-                became_constant = informative & (np.ptp(after, axis=1) == 0)
+                # Constant as the CAM stage judges it (relative spread), not by exact equality.
+                h, w = trained.grid[key].shape[-2:]
+                informative = ~constant_maps(trained.spread[key], h, w).cpu().numpy()
+                became_constant = informative & constant_maps(now.spread[key], h, w).cpu().numpy()
                 valid = np.where(became_constant, 0.0, rho)[informative]
                 rows.append(
                     {

@@ -118,7 +118,8 @@ def grouped_bars(path: Path, frame: pd.DataFrame, measures: Mapping[str, str], x
 
 
 def faithfulness_margins(path: Path, frame: pd.DataFrame) -> str:
-    """Each map's deletion and insertion margins over its strongest baseline, with 2-SE bars."""
+    """Each map's deletion and insertion margins over the baseline its verdict names (the one it is
+    least surely better than, or the one that beats it), with 2-SE bars."""
 
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
@@ -128,7 +129,7 @@ def faithfulness_margins(path: Path, frame: pd.DataFrame) -> str:
         ax.bar(x + 0.2, frame.insertion_margin, 0.4, yerr=2 * frame.insertion_se, label="insertion margin")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(x, labels, fontsize=6)
-        ax.set_ylabel("margin over the strongest baseline")
+        ax.set_ylabel("margin over the verdict's baseline")
         ax.legend(fontsize=7)
         fig.tight_layout()
 

@@ -86,7 +86,7 @@ def _faithfulness_text(frame: pd.DataFrame) -> str:
             lines.append(f"{name}: too few scored images to judge ({r.images}; a verdict needs {verdicts.MIN_IMAGES}).")
             continue
         failing = [
-            f"{curve} ({'no better' if verdict == 'tie' else 'worse'} than the {baseline} map, margin {margin:+.3f}, p = {p:.2g})"
+            f"{curve} ({'not shown better' if verdict == 'tie' else 'worse'} than the {baseline} map, margin {margin:+.3f}, p = {p:.2g})"
             for curve, verdict, baseline, margin, p in (
                 ("deletion", r.deletion_verdict, r.deletion_baseline, r.deletion_margin, r.deletion_p_holm),
                 ("insertion", r.insertion_verdict, r.insertion_baseline, r.insertion_margin, r.insertion_p_holm),
@@ -199,9 +199,10 @@ class RunReport(ReportRun):
         by_construction = sorted({r.method for r in frame.itertuples(index=False) if r.method in NONNEGATIVE_MIXTURES})
         if by_construction:
             text += (
-                f" Expected by construction, not a finding: {', '.join(by_construction)} weigh the activations by ReLU(gradient),"
-                " so after a ReLU their maps are non-negative mixtures of the layer's own activation maps whatever the layers"
-                " above it hold, and a high rho there says little."
+                f" Where the explained layer's activations are non-negative (it ends in a ReLU, as a ResNet's blocks do),"
+                f" a high rho is expected by construction for {', '.join(by_construction)}: they weigh the activations by"
+                " ReLU(gradient), so their maps are non-negative mixtures of the layer's own activation maps whatever the layers"
+                " above it hold. There it is no finding; elsewhere (MobileNet's and EfficientNet's linear block outputs) it is."
             )
         flagged = [f"{r.model} {r.layer} {r.method} ({r.spearman:.2f})" for r in frame.itertuples(index=False) if r.verdict == "insensitive"]
         text += (" Flagged: " + ", ".join(flagged) + ".") if flagged else " No map is flagged."
