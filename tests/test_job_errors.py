@@ -453,3 +453,21 @@ def test_a_report_that_cannot_be_written_fails_before_any_work(tiny_run, capsys)
     proc = in_process(capsys, "jobs.report", "--run", str(tiny_run))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tiny_run / 'report'}: cannot write the report there (File exists); copy the run folder somewhere writable"
+
+
+def test_a_report_on_cams_an_older_version_wrote_says_how_to_recompute_them(tiny_run, capsys):
+    """CAM files from before a column existed: one line naming the rerun, before any work (not a
+    DuckDB binder error half-way through the report)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tiny_run / "config.yaml").write_text("name: old\ndata: {source: synthetic, synthetic: {num_classes: 10, train_size: 40, test_size: 20}}\n")
+    part = tiny_run / "cams" / "model=resnet_tiny" / "layer=layer2" / "method=gradcam"
+    part.mkdir(parents=True)
+    pq.write_table(pa.table({"image_index": [0], "peak_y": [3], "peak_x": [4]}), part / "part-0.parquet")
+    proc = in_process(capsys, "jobs.report", "--run", str(tiny_run))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: {tiny_run}: its cams were written by an older cifarcam (no column run, layer_h, layer_w …); "
+        f"rerun `python -m jobs.cam --run {tiny_run}` to recompute them"
+    )

@@ -49,7 +49,24 @@ class ReportRun:
         self.position = {int(i): n for n, i in enumerate(self.test.index)}  # image_index -> row
         self.names = list(self.test.class_names)
         self.has_cams = has_view(self.con, "cams")
+        self._refuse_older_columns()
         self.title = f"Report: {self.cfg.name}"
+
+    def _refuse_older_columns(self) -> None:
+        """CAM or sanity files an older cifarcam wrote lack columns the report reads: one line that
+        says how to recompute them, before any work, not a DuckDB binder error half-way."""
+        from cifarcam.results import CAMS, SANITY
+
+        for view, schema in (("cams", CAMS), ("sanity", SANITY)):
+            if not has_view(self.con, view):
+                continue
+            present = {row[0] for row in self.con.execute(f"describe {view}").fetchall()}
+            missing = [name for name in schema.names if name not in present]
+            if missing:
+                raise UserError(
+                    f"{self.run_dir}: its {view} were written by an older cifarcam (no column {', '.join(missing[:3])}"
+                    f"{' …' if len(missing) > 3 else ''}); rerun `python -m jobs.cam --run {self.run_dir}` to recompute them"
+                )
 
     def image(self, image_index: int) -> np.ndarray:
         """A test image by its index in the Parquet (the CAM rows' image_index)."""
