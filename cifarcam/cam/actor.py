@@ -80,6 +80,17 @@ def _nullable(name: str, values: np.ndarray, null: np.ndarray) -> pa.Array:
     return pa.array(values, type=OUTPUT_SCHEMA.field(name).type, mask=null)
 
 
+def _measured_columns(measured: dict[str, torch.Tensor], null: np.ndarray) -> dict[str, pa.Array]:
+    """A map's statistics as columns, copied to the host in one transfer (one sync per map, not
+    one per statistic); a constant map's are null, the facts about the image are not."""
+    host = torch.stack([values.float() for values in measured.values()]).cpu().numpy()
+    columns = {}
+    for name, values in zip(measured, host, strict=True):
+        kind = OUTPUT_SCHEMA.field(name).type
+        columns[name] = _nullable(name, values > 0.5 if kind == pa.bool_() else values.astype(np.float64), null & (name not in FACTS_OF_THE_IMAGE))
+    return columns
+
+
 def _table(columns: dict[str, Any], n: int) -> pa.Table:
     """``columns`` as an OUTPUT_SCHEMA table, strictly: a column the schema lacks, or a required
     one left out, is a bug (a new baseline computed and silently dropped, say), never a null."""
@@ -189,7 +200,7 @@ class CamActor:
                         "heatmap": list((heat * 255).round().to(torch.uint8).flatten(1).cpu().numpy()),
                         "degenerate": null,
                         # a constant map has no peak, spread or object overlap: null, not 0
-                        **{name: _nullable(name, values.cpu().numpy(), null & (name not in FACTS_OF_THE_IMAGE)) for name, values in measured.items()},
+                        **_measured_columns(measured, null),
                         "faithfulness_sample": b.in_sample & faithful,
                     }
                     if faithful:
