@@ -178,6 +178,7 @@ SANITY = pa.schema(
         ("step", pa.int64()),  # 0: the head randomised; then one more CAM layer per step, top down
         ("randomised_to", pa.string()),  # "head" or the CAM layer randomised at this step
         ("images", pa.int64()),  # images whose trained map is not constant
+        ("draws", pa.int64()),  # independent randomisations; each image's rho is its mean over them
         ("became_constant", pa.float64()),  # share of them whose randomised map is constant (counted as rho = 0)
         ("spearman", pa.float64()),  # mean rank correlation with the trained model's map (1 = unchanged)
         ("spearman_se", pa.float64()),

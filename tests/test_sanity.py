@@ -92,3 +92,20 @@ def test_a_map_the_randomisation_made_constant_counts_as_changed_completely(monk
     rows = randomisation_rows(model, torch.randn(8, 3, 32, 32), ["layer3"], ["fades"], False, 32)
     check = next(r for r in rows if r["check"])
     assert check["images"] == 8 and check["became_constant"] == 1.0 and check["spearman"] == 0.0
+
+
+def test_the_randomisation_is_seeded_and_averaged_over_draws():
+    """The same seed gives the same rows; another seed, or another number of draws, other
+    correlations; the rows say how many draws each image's rho averages."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet_tiny", 10)).eval()
+    x = torch.randn(6, 3, 32, 32)
+
+    def check(seed, draws):
+        rows = randomisation_rows(model, x, ["layer3"], ["gradcam"], False, 32, seed=seed, draws=draws)
+        (row,) = [r for r in rows if r["check"]]
+        return row
+
+    first = check(0, 2)
+    assert first["draws"] == 2 and first == check(0, 2)
+    assert check(5, 2)["spearman"] != first["spearman"] and check(0, 1)["spearman"] != first["spearman"]

@@ -137,7 +137,7 @@ def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, setting
     work = []  # (plan, layers, the settings it is computed with, methods still missing)
     for p in plans:
         layers = [layer.name for layer in p.layers]
-        wanted = {"images": len(images), "seed": 0, "layers": layers, "cascade": CASCADE_VERSION}
+        wanted = {"images": len(images), "seed": settings.sanity_seed, "draws": settings.sanity_draws, "layers": layers, "cascade": CASCADE_VERSION}
         methods = [m for m in fast if not is_current(sanity_file(run_dir, p.spec.family, m), p.source.weights_sha256, wanted)]
         if methods:
             work.append((p, layers, wanted, methods))
@@ -148,7 +148,9 @@ def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, setting
     gpus = 1 if ray.cluster_resources().get("GPU", 0) and settings.gpus_per_actor else 0
     task = ray.remote(num_gpus=gpus, num_cpus=0 if gpus else 1)(check_checkpoint)
     device = "cuda" if gpus else "cpu"  # what the task was given: a task without a GPU may still see them
-    results = ray.get([task.remote(p.model.checkpoint, layers, methods, images, 0, device) for p, layers, _, methods in work])
+    results = ray.get(
+        [task.remote(p.model.checkpoint, layers, methods, images, settings.sanity_seed, device, settings.sanity_draws) for p, layers, _, methods in work]
+    )
     written = []
     for (p, _, wanted, methods), rows in zip(work, results, strict=True):
         for method in methods:

@@ -28,7 +28,7 @@ from cifarcam.cam.methods import MultiLayerCam, fast_methods
 from cifarcam.run_layout import RunLayout
 
 # Changes whenever the cascade's steps do, so that files computed the old way are recomputed.
-CASCADE_VERSION = 3
+CASCADE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -96,57 +96,69 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def randomisation_rows(
-    model: nn.Module, x: torch.Tensor, layers: list[str], methods: list[str], channels_last_output: bool, size: int, seed: int = 0
+    model: nn.Module, x: torch.Tensor, layers: list[str], methods: list[str], channels_last_output: bool, size: int, seed: int = 0, draws: int = 2
 ) -> list[dict]:
     """One row per (cascade step, layer, method): the mean and standard error over images of the
     rank correlation between the trained model's map and the randomised model's, for the class
-    the trained model predicts. ``model`` is not modified (a copy is randomised)."""
+    the trained model predicts. The cascade is drawn ``draws`` times (seeds ``seed``,
+    ``seed`` + 1, ...): each image's correlation is its mean over the draws, so that one lucky
+    initialisation cannot decide a verdict. ``model`` is not modified (copies are randomised)."""
     fast = fast_methods(methods)
     if not fast:
         return []
     with MultiLayerCam(model, layers, channels_last_output) as cams:
         trained = cams(x, {"pred": None}, fast, size)
     classes = trained.logits.argmax(1)
-    randomised = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    steps = cascade(randomised, layers, x)
+    names: list[str] = []
+    per_draw: dict[tuple[int, str, str], list[np.ndarray]] = {}  # (step, layer, method) -> rho per image, per draw
+    constant: dict[tuple[int, str, str], list[np.ndarray]] = {}
+    informative = {}
+    for draw in range(draws):
+        randomised = copy.deepcopy(model)
+        generator = torch.Generator().manual_seed(seed + draw)
+        steps = cascade(randomised, layers, x)
+        names = [step.name for step in steps]
+        for step, cut in enumerate(steps):
+            for module in cut.modules:
+                reinitialise(module, generator)
+            with MultiLayerCam(randomised, layers, channels_last_output) as cams:
+                now = cams(x, {"pred": classes}, fast, size)
+            for layer in layers:
+                for method in fast:
+                    key = ("pred", layer, method)
+                    before, after = trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy()
+                    # A trained map that is constant has nothing to compare: left out. One that the
+                    # randomisation made constant has changed completely: rho = 0, not left out
+                    # (leaving it out would raise the mean exactly where the map changed most).
+                    # Constant as the CAM stage judges it (relative spread), not by exact equality.
+                    h, w = trained.grid[key].shape[-2:]
+                    informative[key] = ~constant_maps(trained.spread[key], h, w).cpu().numpy()
+                    became_constant = constant_maps(now.spread[key], h, w).cpu().numpy()
+                    per_draw.setdefault((step, layer, method), []).append(np.where(became_constant, 0.0, spearman(before, after)))
+                    constant.setdefault((step, layer, method), []).append(became_constant)
     # The step after which every layer above a CAM layer is random: the head for the last one,
     # else the CAM layer just above it. That step's correlation is the check.
-    names = [step.name for step in steps]
     check_step = {layer: names.index(layer) - 1 for layer in layers}
     rows = []
-    for step, cut in enumerate(steps):
-        for module in cut.modules:
-            reinitialise(module, generator)
-        with MultiLayerCam(randomised, layers, channels_last_output) as cams:
-            now = cams(x, {"pred": classes}, fast, size)
-        for layer in layers:
-            for method in fast:
-                key = ("pred", layer, method)
-                before, after = trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy()
-                rho = spearman(before, after)
-                # A trained map that is constant has nothing to compare: left out. One that the
-                # randomisation made constant has changed completely: rho = 0, not left out
-                # (leaving it out would raise the mean exactly where the map changed most).
-                # Constant as the CAM stage judges it (relative spread), not by exact equality.
-                h, w = trained.grid[key].shape[-2:]
-                informative = ~constant_maps(trained.spread[key], h, w).cpu().numpy()
-                became_constant = informative & constant_maps(now.spread[key], h, w).cpu().numpy()
-                valid = np.where(became_constant, 0.0, rho)[informative]
-                rows.append(
-                    {
-                        "layer": layer,
-                        "method": method,
-                        "step": step,
-                        "randomised_to": cut.name,
-                        "images": int(len(valid)),
-                        "became_constant": float(became_constant[informative].mean()) if informative.any() else None,
-                        "spearman": float(valid.mean()) if len(valid) else None,
-                        "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
-                        "above_random": step >= check_step[layer],  # every layer above this one is random
-                        "check": step == check_step[layer],
-                    }
-                )
+    for (step, layer, method), rhos in per_draw.items():
+        kept = informative[("pred", layer, method)]
+        valid = np.mean(rhos, axis=0)[kept]
+        became = np.mean(constant[(step, layer, method)], axis=0)[kept]
+        rows.append(
+            {
+                "layer": layer,
+                "method": method,
+                "step": step,
+                "randomised_to": names[step],
+                "images": int(len(valid)),
+                "draws": draws,
+                "became_constant": float(became.mean()) if len(valid) else None,
+                "spearman": float(valid.mean()) if len(valid) else None,
+                "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
+                "above_random": step >= check_step[layer],  # every layer above this one is random
+                "check": step == check_step[layer],
+            }
+        )
     return rows
 
 
@@ -170,7 +182,9 @@ def is_current(path: Path, source_sha256: str, settings: dict) -> bool:
     return json.loads(meta.get(b"source_sha256", b"null")) == source_sha256 and json.loads(meta.get(b"settings", b"null")) == settings
 
 
-def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int, device: str | None = None) -> list[dict]:
+def check_checkpoint(
+    checkpoint: str, layers: list[str], methods: list[str], images: np.ndarray, seed: int, device: str | None = None, draws: int = 2
+) -> list[dict]:
     """The rows for one checkpoint (run as a Ray task on a cluster), on ``device``: the one the task
     was given (a task given no GPU may still see them all), or CUDA if there is any."""
     from cifarcam.results import HEATMAP_SIZE
@@ -180,7 +194,7 @@ def check_checkpoint(checkpoint: str, layers: list[str], methods: list[str], ima
     model, meta = load_model(checkpoint, device)
     spec = ModelSpec(**meta["model"])
     x = to_model_input(torch.from_numpy(np.array(images)).to(device), spec.input_size)  # a writable copy of Ray's read-only array
-    rows = randomisation_rows(model, x, layers, methods, FAMILIES[spec.family].channels_last_output, HEATMAP_SIZE, seed)
+    rows = randomisation_rows(model, x, layers, methods, FAMILIES[spec.family].channels_last_output, HEATMAP_SIZE, seed, draws)
     return [{"model": spec.family} | row for row in rows]
 
 

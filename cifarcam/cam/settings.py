@@ -52,6 +52,8 @@ class CamSettings:
     faithfulness_steps: int = 16  # deletion / insertion steps; 0 turns faithfulness off
     faithfulness_images: int = 128  # the seeded sample it is measured on
     sanity_images: int = 64  # the randomisation sanity check's sample; 0 turns it off
+    sanity_seed: int = 0  # the randomisations' first seed
+    sanity_draws: int = 2  # independent randomisations, each image's rho averaged over them
     actors: int | None = None  # None: one per GPU share, else one per CPU but the writer's
     gpus_per_actor: float = 1.0  # where the cluster has GPUs; 0: CPU actors even there
 
@@ -71,6 +73,8 @@ class CamSettings:
         for name in ("faithfulness_steps", "faithfulness_images", "sanity_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if self.sanity_draws < 1:
+            raise ConfigError(f"--sanity-draws: must be >= 1, got {self.sanity_draws}")
         if self.actors is not None and self.actors <= 0:
             raise ConfigError(f"--actors: must be > 0, got {self.actors}")
         if not 0 <= self.gpus_per_actor <= 1:  # an actor computes on one device: more would sit idle
@@ -99,6 +103,8 @@ CLI: dict[str, tuple[str, str]] = {
     "faithfulness_steps": ("--faithfulness-steps", "deletion / insertion steps per heatmap; 0 turns faithfulness off"),
     "faithfulness_images": ("--faithfulness-images", "the seeded sample of test images faithfulness is measured on"),
     "sanity_images": ("--sanity-images", "test images for the weight-randomisation sanity check; 0 turns it off"),
+    "sanity_seed": ("--sanity-seed", "first seed of the sanity check's weight randomisations"),
+    "sanity_draws": ("--sanity-draws", "independent weight randomisations of the sanity check (each image's correlation is their mean)"),
     "actors": ("--actors", "CAM actors (default: one per GPU share, else one per CPU but one, which Ray Data's writer keeps)"),
     "gpus_per_actor": ("--gpus-per-actor", "GPU share of each actor where the cluster has GPUs; 0 runs CPU actors there"),
 }

@@ -169,7 +169,7 @@ def sanity_checks(con: Con) -> pd.DataFrame:
     """The step at which every layer above the explained one is random, per map."""
     return run_sql(
         con,
-        """select model, layer, method, randomised_to as random_above, images, became_constant, spearman, spearman_se
+        """select model, layer, method, randomised_to as random_above, images, draws, became_constant, spearman, spearman_se
            from sanity where "check" order by model, layer, method""",
     )
 

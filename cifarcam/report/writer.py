@@ -189,7 +189,8 @@ class RunReport(ReportRun):
         frame["verdict"] = np.where(frame.spearman.isna(), "n/a", np.where(frame.spearman >= FAIL_SPEARMAN, "insensitive", "changes"))
         text = (
             "Cascading randomisation (Adebayo et al., 2018) on a seeded sample: the weights are re-initialised from the head down, and each"
-            " map is compared with the trained model's map of the same image and class (Spearman rank correlation, 1 = unchanged)."
+            " map is compared with the trained model's map of the same image and class (Spearman rank correlation, 1 = unchanged),"
+            " each image's correlation averaged over independent randomisations (draws)."
             f" Shown: the step at which every layer above the explained one is random. At {FAIL_SPEARMAN} or more a map is flagged"
             " 'insensitive': once the head and every layer above the explained one are random, the map barely changes, so it"
             " shows little of what the model learned above that layer (the explained layer and those below it are still trained"
