@@ -109,10 +109,15 @@ def randomisation_rows(
     with MultiLayerCam(model, layers, channels_last_output) as cams:
         trained = cams(x, {"pred": None}, fast, size)
     classes = trained.logits.argmax(1)
+    # Constant as the CAM stage judges it (relative spread), not by exact equality. A trained map
+    # that is constant has nothing to compare: left out. One that the randomisation made constant
+    # has changed completely: rho = 0, not left out (leaving it out would raise the mean exactly
+    # where the map changed most).
+    grid_size = {key: grid.shape[-2:] for key, grid in trained.grid.items()}
+    informative = {key: ~constant_maps(trained.spread[key], *grid_size[key]).cpu().numpy() for key in trained.spread}
     names: list[str] = []
     per_draw: dict[tuple[int, str, str], list[np.ndarray]] = {}  # (step, layer, method) -> rho per image, per draw
     constant: dict[tuple[int, str, str], list[np.ndarray]] = {}
-    informative = {}
     for draw in range(draws):
         randomised = copy.deepcopy(model)
         generator = torch.Generator().manual_seed(seed + draw)
@@ -127,13 +132,7 @@ def randomisation_rows(
                 for method in fast:
                     key = ("pred", layer, method)
                     before, after = trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy()
-                    # A trained map that is constant has nothing to compare: left out. One that the
-                    # randomisation made constant has changed completely: rho = 0, not left out
-                    # (leaving it out would raise the mean exactly where the map changed most).
-                    # Constant as the CAM stage judges it (relative spread), not by exact equality.
-                    h, w = trained.grid[key].shape[-2:]
-                    informative[key] = ~constant_maps(trained.spread[key], h, w).cpu().numpy()
-                    became_constant = constant_maps(now.spread[key], h, w).cpu().numpy()
+                    became_constant = constant_maps(now.spread[key], *grid_size[key]).cpu().numpy()
                     per_draw.setdefault((step, layer, method), []).append(np.where(became_constant, 0.0, spearman(before, after)))
                     constant.setdefault((step, layer, method), []).append(became_constant)
     # The step after which every layer above a CAM layer is random: the head for the last one,

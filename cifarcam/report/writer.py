@@ -23,7 +23,7 @@ from cifarcam.report import verdicts
 from cifarcam.report.console import print_sections
 from cifarcam.report.run_folder import ReportRun, Section
 from cifarcam.report.views import has_view
-from cifarcam.results import FAIL_SPEARMAN
+from cifarcam.results import BASELINES, FAIL_SPEARMAN
 
 # The seed paper: Table 1 (parameters, millions) and Table 2 (CIFAR-100 test top-1, %, 40 epochs).
 PAPER_PARAMS_M = {"efficientnetv2": 22.0, "mobilenetv3": 4.3, "regnet": 3.3, "resnet34": 21.3, "resnet50": 23.7, "resnet101": 42.7, "swin": 28.3}
@@ -48,7 +48,7 @@ def _size_text(frame: pd.DataFrame) -> str:
             parts.append(f"{row.feature_size}: every map is constant, so it has no peak, spread or localisation (shown empty)")
         elif row.h <= 2:
             parts.append(f"{row.feature_size}: the map can only name a quadrant ({row.constant_share:.0%} constant)")
-    text = "Statistics cover informative maps only; a constant map's are missing, not zero. Entropy is over the layer's own cells (its log count is 1), so upsampling adds none."
+    text = "Statistics cover informative maps only; a constant map's are missing, not zero. Entropy is over the layer's own cells, normalised by the log of their count, so upsampling adds none."
     return text + (" " + "; ".join(parts) + "." if parts else " No layer here is 2x2 or smaller.")
 
 
@@ -171,7 +171,7 @@ class RunReport(ReportRun):
         frame = q.faithfulness(self.con)
         text = (
             f"Deletion (lower is better) and insertion (higher is better) AUCs of the predicted class on a seeded sample of {q.faithfulness_images(self.con)} test images,"
-            " removed pixels filled with a blurred copy of the image. Each map is compared with four maps that know nothing of the model"
+            f" removed pixels filled with a blurred copy of the image. Each map is compared with {len(BASELINES)} maps that know nothing of the model"
             " (random, a centre Gaussian, the image's Sobel edges, and coarse_random: noise on the explained layer's own grid, upsampled as"
             " its maps are, which separates a coarse map from a meaningful one). A map is better on a curve when it beats each of them:"
             f" one-sided paired t-tests per baseline, Holm-adjusted over this report's {frame.attrs['tests']} tests, at {verdicts.ALPHA:.0%}."
