@@ -52,8 +52,13 @@ device-rehearsal: $(VENV)/.installed
 
 # Outside CI: the pipeline at full size (paper.yaml's 7 families on real CIFAR-10, 1 epoch on a
 # subsample; the CAM stage on all 10,000 test images), with checks; within 45 minutes on 2 cores.
+# Then what CI leaves out for time: the tests that read the demo at its full size (pytest -m full:
+# a trained model's maps; the demo alone is about 9 minutes here) and the whole device rehearsal
+# (CI's runs with --quick).
 full-check: $(VENV)/.installed
 	$(PY) benchmarks/full_check.py --out results/full-check
+	$(PY) -m pytest -m full
+	$(PY) benchmarks/device_rehearsal.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .device-kit .device-rehearsal

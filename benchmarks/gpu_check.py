@@ -1,6 +1,6 @@
 """The GPU check, in two parts of at most 6 minutes each on one H200, runnable offline.
 
-    python benchmarks/gpu_check.py --part tests|measure|all [--kit .device-kit] [--cpu] [--out DIR] [--data DIR]
+    python benchmarks/gpu_check.py --part tests|measure|all [--kit .device-kit] [--cpu [--quick]] [--out DIR] [--data DIR]
 
 --part tests    `pytest -m gpu` (tests/test_gpu.py): training with bf16 + channels_last + compile
                 learns, evaluate agrees with predict, the CAM fast path equals pytorch-grad-cam on
@@ -23,6 +23,9 @@ section crashes or runs out of time; performance goals are reported as met or un
             read DIR's data: what the device tool's GPU machine needs, which downloads nothing.
 --cpu       the same code at small sizes on the CPU, the GPU tests included (the rehearsal);
             its figures say nothing about a GPU.
+--quick     with --cpu: leave out the GPU tests that read a whole jobs.pipeline run (CI's
+            rehearsal: tests/test_pipeline_job.py runs the pipeline on the CPU, and the measure
+            part's stage section runs Ray from the kit); `make device-rehearsal` runs them.
 
 This parent imports neither torch nor the project: it holds no CUDA context, so each section has
 the GPU to itself, and the kit can be installed before anything needs it.
@@ -125,13 +128,14 @@ def run_child(command: list[str], timeout: float, env: dict) -> tuple[str, int |
     return status, proc.returncode
 
 
-def gpu_tests(timeout: float, env: dict, data: Path, scratch: Path) -> dict:
+def gpu_tests(timeout: float, env: dict, data: Path, scratch: Path, quick: bool = False) -> dict:
     junit = scratch / "gpu_tests.xml"
     test_env = {**env, "CIFARCAM_DATA": str(data.parent)}
     # Each test's own limit (pytest-timeout) stays inside the section's, so that a slow test fails
     # alone and pytest still writes its report; test_gpu.py sizes its pipeline's limit likewise.
     per_test = int(max(timeout - 40, 30))
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", "-o", f"timeout={per_test}"]
+    marks = "gpu and not pipeline" if quick else "gpu"
+    command = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rs", "-p", "no:cacheprovider", "-o", f"timeout={per_test}"]
     command += ["--junitxml", str(junit), "tests/test_gpu.py"]
     status, code = run_child(command, timeout, test_env)
     if not junit.exists():
@@ -166,8 +170,8 @@ def section(name: str, timeout: float, env: dict, data: Path, scratch: Path) -> 
     return {"status": "ok", **measured}
 
 
-def run_part(part: str, mode: str, env: dict, data: Path, out: Path) -> bool:
-    figures: dict = {"part": part, "mode": mode, "sections": {}}
+def run_part(part: str, mode: str, env: dict, data: Path, out: Path, quick: bool = False) -> bool:
+    figures: dict = {"part": part, "mode": mode, "quick": quick, "sections": {}}
     started = time.monotonic()
     deadline = started + PART_BUDGET_S[mode]
     scale = CPU_TIMEOUT_SCALE if mode == "cpu" else 1
@@ -180,7 +184,7 @@ def run_part(part: str, mode: str, env: dict, data: Path, out: Path) -> bool:
             if timeout < 5:  # a test that cannot run fails the check; a measurement only says so
                 result = {"status": "skipped: no time left", "failed_checks": [f"{name}: no time left"] if name == "gpu_tests" else []}
             elif name == "gpu_tests":
-                result = gpu_tests(timeout, env, data, Path(scratch))
+                result = gpu_tests(timeout, env, data, Path(scratch), quick)
             else:
                 result = section(name, timeout, env, data, Path(scratch))
             result["seconds"] = time.monotonic() - began
@@ -305,9 +309,12 @@ def main() -> None:
     p.add_argument("--part", choices=("tests", "measure", "all"), default="all")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-check", help="folder for <part>.json and <part>.md")
     p.add_argument("--cpu", action="store_true", help="the small CPU mode even where CUDA exists (the rehearsal)")
+    p.add_argument("--quick", action="store_true", help="with --cpu: without the GPU tests that read a whole pipeline run (CI)")
     p.add_argument("--kit", type=Path, help="install this device kit's wheels offline first, and read its data")
     p.add_argument("--data", type=Path, help="CIFAR-10 Parquet folder (default: the kit's, else ../shared/data/cifar10-jpeg)")
     args = p.parse_args()
+    if args.quick and not args.cpu:
+        p.error("--quick: only with --cpu (on a GPU the check runs whole)")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if args.cpu:  # hide the GPUs from every section, the local Ray it starts included
         env |= {"CUDA_VISIBLE_DEVICES": "", "CIFARCAM_CHECK_DEVICE": "cpu"}
@@ -323,7 +330,7 @@ def main() -> None:
         data = args.data or (args.kit / "data" / "cifar10-jpeg" if args.kit else ROOT.parent / "shared" / "data" / "cifar10-jpeg")
         args.out.mkdir(parents=True, exist_ok=True)
         parts = ("tests", "measure") if args.part == "all" else (args.part,)
-        passed = [run_part(part, mode, env, data.resolve(), args.out) for part in parts]
+        passed = [run_part(part, mode, env, data.resolve(), args.out, args.quick) for part in parts]
     sys.exit(0 if all(passed) else 1)
 
 

@@ -4,6 +4,7 @@ groups that let pytest-xdist run the suite on two workers (`make test` does)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -32,16 +33,49 @@ def cifar10_parquet(shared_data: Path) -> Path:
     return shared_data / "cifar10-jpeg"
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, shared_data):
-    """The README's demo: `jobs.pipeline --config configs/demo.yaml` on a real local Ray."""
+# The demo at test size: configs/demo.yaml's grid, search and scaling (2 models x 2 optimizers, ASHA,
+# 2 DDP workers per trial) on fewer images and epochs. Its models barely learn the hard shapes, so
+# the tests that read it check what the pipeline writes and says, not what a trained model shows;
+# those read the demo itself (full_demo_run) and run in `make full-check`.
+DEMO_AT_TEST_SIZE = {"data.synthetic.train_size": 1500, "data.synthetic.test_size": 200, "train.epochs": 2}
+
+
+def _pipeline(out: Path, config: Path) -> Path:
     from helpers import demo_cam_options, run_job
 
-    out = tmp_path_factory.mktemp("demo") / "run"
-    proc = run_job("jobs.pipeline", "--config", "configs/demo.yaml", "--out", str(out), "--num-cpus", "2", *demo_cam_options(), timeout=900)
+    proc = run_job("jobs.pipeline", "--config", str(config), "--out", str(out), "--num-cpus", "2", *demo_cam_options(), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (out.parent / "terminal.txt").write_text(proc.stdout + proc.stderr)  # what the user saw
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, shared_data):
+    """The README's demo at test size (DEMO_AT_TEST_SIZE), with `make demo`'s CAM options, on a
+    real local Ray."""
+    from cifarcam.config import dump_config, load_config
+
+    folder = tmp_path_factory.mktemp("demo")
+    config = folder / "demo.yaml"
+    config.write_text(dump_config(load_config(ROOT / "configs" / "demo.yaml", DEMO_AT_TEST_SIZE)))
+    return _pipeline(folder / "run", config)
+
+
+@pytest.fixture(scope="session")
+def full_demo_run(tmp_path_factory, shared_data):
+    """The README's demo as `make demo` runs it (about 9 minutes here): for the `full` tests."""
+    return _pipeline(tmp_path_factory.mktemp("full-demo") / "run", ROOT / "configs" / "demo.yaml")
+
+
+def _skip_full_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`full` tests (a trained demo model) run where asked for (-m full: `make full-check`), else
+    they are reported as skipped, with where they run."""
+    if re.search(r"(?<!not )\bfull\b", config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="reads the full-size demo: runs in make full-check (pytest -m full)")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
@@ -54,11 +88,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     could not tell which to ask. Not the default (Makefile's TEST_WORKERS): on 2 cores it is no
     faster (README)."""
 
+    _skip_full_unless_asked(config, items)
     if not getattr(config.option, "loadgroup", False):  # a serial run keeps pytest's order
         return
 
     def group(item: pytest.Item) -> str:
-        return "demo" if "demo_run" in getattr(item, "fixturenames", ()) else item.path.name
+        fixtures = getattr(item, "fixturenames", ())
+        return "demo" if "demo_run" in fixtures else "full-demo" if "full_demo_run" in fixtures else item.path.name
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))

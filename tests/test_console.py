@@ -1,17 +1,19 @@
 """A quiet terminal: the README's demo shows the project's own lines, and Ray's go to the run."""
 
+from cifarcam.config import load_config
 from helpers import assert_quiet
 
 
 def test_the_demo_terminal_shows_the_projects_lines_and_ray_logs_go_to_the_run(demo_run):
     terminal = (demo_run.parent / "terminal.txt").read_text()
     assert_quiet(terminal, demo_run)
+    test_images = load_config(demo_run / "config.yaml").data.synthetic.test_size
     # the project's own lines: what was loaded, the search, the CAM stage, the report, warnings
     for expected in (
-        "data: synthetic: 4500 train",
+        f"val / {test_images} test, 10 classes",
         "search: trial ",
         "best trial per model",
-        "cams resnet_tiny (gradcam): 500/500 images",
+        f"cams resnet_tiny (gradcam): {test_images}/{test_images} images",
         f"report: {demo_run}",
     ):
         assert expected in terminal, expected

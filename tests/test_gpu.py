@@ -156,6 +156,7 @@ def gpu_run(tmp_path_factory, cifar10_parquet):
     return out
 
 
+@pytest.mark.pipeline
 @pytest.mark.timeout(PIPELINE_TIMEOUT_S + 60)  # the fixture runs the whole pipeline
 def test_ray_train_trials_ran_on_the_gpus(gpu_run):
     rows = duckdb.sql(f"select status, epochs_run from '{gpu_run}/trials.parquet'").fetchall()
@@ -166,6 +167,7 @@ def test_ray_train_trials_ran_on_the_gpus(gpu_run):
     assert accuracy["resnet_tiny"] > learns, accuracy  # chance is 0.10
 
 
+@pytest.mark.pipeline
 @pytest.mark.timeout(PIPELINE_TIMEOUT_S + 60)
 def test_gpu_pipeline_parquet_is_complete_and_consistent(gpu_run):
     cams = CAMS.format(out=gpu_run)
