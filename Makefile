@@ -46,7 +46,7 @@ device-kit: $(VENV)/.installed
 	$(PY) benchmarks/device_kit.py --out .device-kit
 
 # Both parts of the GPU check with --cpu in a fresh environment holding only the device's
-# packages and a kit built for this Python, offline. CI runs it (tests/test_device_kit.py).
+# packages and a kit built for this Python, offline. CI runs it with --quick (tests/test_device_kit.py).
 device-rehearsal: $(VENV)/.installed
 	$(PY) benchmarks/device_rehearsal.py
 

@@ -231,6 +231,8 @@ def markdown(figures: dict) -> str:
     tests = _figures(sections, "gpu_tests")
     if tests:
         lines += ["", "| GPU test | outcome |", "|---|---|"] + [f"| {name} | {outcome} |" for name, outcome in tests["outcomes"].items()]
+        if figures.get("quick"):
+            lines += ["", "--quick: the GPU tests that read a whole jobs.pipeline run (marked `pipeline`) were left out."]
     training = _figures(sections, "training")
     if training:
         lines += ["", "| training | batch | compile | images/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]

@@ -69,12 +69,13 @@ def full_demo_run(tmp_path_factory, shared_data):
 
 def _skip_full_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`full` tests (a trained demo model) run where asked for (-m full: `make full-check`), else
-    they are reported as skipped, with where they run."""
+    they are reported as skipped, with where they run. Asked for = the -m expression names `full`
+    other than as `not full` (so `-m "not (full and gpu)"` counts as asking: say `not full`)."""
     if re.search(r"(?<!not )\bfull\b", config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="reads the full-size demo: runs in make full-check (pytest -m full)")
     for item in items:
-        if "full" in item.keywords:
+        if item.get_closest_marker("full"):
             item.add_marker(skip)
 
 
@@ -104,4 +105,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: LONGEST_FIRST.index(group(item)) if group(item) in LONGEST_FIRST else len(LONGEST_FIRST))
 
 
-LONGEST_FIRST = ["demo", "test_device_kit.py", "test_slurm.py", "test_faults.py", "test_search_job.py"]
+LONGEST_FIRST = ["full-demo", "demo", "test_device_kit.py", "test_slurm.py", "test_faults.py", "test_search_job.py"]

@@ -35,6 +35,7 @@ def test_two_jobs_on_one_run_lose_nothing_and_a_rerun_recomputes_nothing(demo_ru
     ]
     with BackgroundJob(tmp_path / "a.log", *common, "--methods", "gradcam++") as first:
         time.sleep(5)  # the second starts while the first computes: it must not touch the first's files
+        assert first.proc.poll() is None, first.output()[-3000:]  # still computing: the jobs overlap
         with BackgroundJob(tmp_path / "b.log", *common, "--methods", "xgradcam") as second:
             assert second.finish() == 0, second.output()[-3000:]
         assert first.finish() == 0, first.output()[-3000:]

@@ -10,6 +10,7 @@ def test_the_demo_terminal_shows_the_projects_lines_and_ray_logs_go_to_the_run(d
     test_images = load_config(demo_run / "config.yaml").data.synthetic.test_size
     # the project's own lines: what was loaded, the search, the CAM stage, the report, warnings
     for expected in (
+        "data: synthetic: ",
         f"val / {test_images} test, 10 classes",
         "search: trial ",
         "best trial per model",

@@ -55,8 +55,9 @@ def test_rehearsal_installs_the_kit_offline_and_both_parts_pass(tmp_path):
     # every test ran on the CPU but the one that needs two GPUs: none was skipped for want of CUDA
     skipped = [name for name, outcome in outcomes.items() if outcome == "skipped"]
     assert skipped == ["test_gpu::test_sync_batchnorm_validation_with_uneven_shards_on_two_gpus"], outcomes
-    assert len(outcomes) >= 6 and all(outcome in ("passed", "skipped") for outcome in outcomes.values())
+    assert len(outcomes) == 7 and all(outcome in ("passed", "skipped") for outcome in outcomes.values())
     assert tests["quick"] and not [name for name in outcomes if "pipeline" in name or "ray_train" in name]
+    assert outcomes["test_gpu::test_every_job_and_its_libraries_import_here"] == "passed"  # Tune, Train, the report: from the kit
     stage = measure["sections"]["stage"]["figures"]
     assert stage["rows_written"] == stage["rows_expected"] > 0
     assert all(r["images_per_s"] > 0 for r in measure["sections"]["training"]["figures"]["runs"])

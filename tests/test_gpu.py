@@ -68,6 +68,20 @@ def trained(cifar10):
     return model, fit(model, cfg, train, val)
 
 
+# What the pipeline tests use, imported where the check runs: with --quick (CI's rehearsal) they
+# are left out, and this is what still proves that the kit carries Tune, Train and the report.
+JOBS_AND_LIBRARIES = "jobs.pipeline jobs.search jobs.cam jobs.report jobs.query cifarcam.search.tuner cifarcam.search.train_worker cifarcam.cam.actor cifarcam.report.writer ray.tune ray.train.torch ray.data pytorch_grad_cam duckdb matplotlib"
+
+
+def test_every_job_and_its_libraries_import_here():
+    import subprocess
+    import sys
+
+    code = "import importlib, sys; [importlib.import_module(name) for name in sys.argv[1:]]"
+    proc = subprocess.run([sys.executable, "-c", code, *JOBS_AND_LIBRARIES.split()], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_fit_with_bf16_channels_last_and_compile_learns(trained):
     _, history = trained
     print("val top-1 per epoch:", [round(h.val_top1, 3) for h in history], "images/s:", [round(h.images_per_s) for h in history])

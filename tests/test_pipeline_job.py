@@ -42,13 +42,14 @@ def test_cams_agree_with_predictions(demo_run):
 PINNED_MODEL, PINNED_LAYER = "resnet_tiny", FAMILIES["resnet_tiny"].cam_layers[0]
 
 
-def _pinned_layers_maps(demo_run, columns: str) -> tuple[np.ndarray, list[tuple]]:
+def _pinned_layers_maps(demo_run, columns: str, correct_only: bool = True) -> tuple[np.ndarray, list[tuple]]:
     """The regenerated object masks, and ``columns`` of the pinned layer's informative label maps
-    of correctly classified images."""
+    (of correctly classified images only, unless told otherwise)."""
     masks = load_splits(load_config(demo_run / "config.yaml").data).test.masks
+    correct = "and correct " if correct_only else ""
     rows = duckdb.sql(
         f"select {columns} from {CAMS.format(out=demo_run)} where model = '{PINNED_MODEL}' and layer = '{PINNED_LAYER}' "
-        "and target = 'label' and correct and not degenerate order by image_index"
+        f"and target = 'label' {correct}and not degenerate order by image_index"
     ).fetchall()
     return masks, rows
 
@@ -79,8 +80,8 @@ def test_stored_peaks_sit_where_the_stored_maps_are_high(demo_run):
     """The stored peak is the centre of the peak's cell on the layer's own 16x16 grid, between two
     pixels in each axis, held by the pixel after it: the stored map is high there, and the stored
     peak_in_object is the mask looked up there, like with like (any model, trained or not)."""
-    masks, rows = _pinned_layers_maps(demo_run, "image_index, heatmap, peak_y, peak_x, peak_in_object")
-    assert len(rows) >= 10, len(rows)
+    masks, rows = _pinned_layers_maps(demo_run, "image_index, heatmap, peak_y, peak_x, peak_in_object", correct_only=False)
+    assert len(rows) >= 100, len(rows)
     n = np.arange(len(rows))
     maps = _stored_maps(rows)
     on = masks[np.array([r[0] for r in rows])]

@@ -117,7 +117,7 @@ def test_the_page_has_report_mds_sections_tables_and_decoded_figures(page, demo_
     assert [alt for alt, *_ in figures] == linked
     for name, complete, width, height in figures:
         assert complete and (width, height) == _png_size((demo_run / "report" / name).read_bytes()), name
-    first_model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc limit 1").fetchall()[0][0]
+    first_model = duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by test_top1 desc, model limit 1").fetchall()[0][0]
     table2 = page.find_elements(By.CSS_SELECTOR, "#section-1 table tbody tr")
     assert table2 and table2[0].find_elements(By.TAG_NAME, "td")[0].text == first_model
 

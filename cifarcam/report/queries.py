@@ -45,7 +45,7 @@ def accuracy(con: Con, device_per_worker: float, configured_workers: int, unit: 
                    epochs, optimizer, scheduler, round(train_time_s, 1) as train_time_s,
                    round(train_time_s * coalesce(w.workers, ?) * ? / 3600, 4) as "{unit}", round(images_per_s) as images_per_s
             from accuracy a left join (select trial_id, max(workers) as workers from epochs group by trial_id) w using (trial_id)
-            order by test_top1 desc""",
+            order by test_top1 desc, model""",
         [configured_workers, device_per_worker],
     )
 
