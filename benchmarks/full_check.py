@@ -27,6 +27,7 @@ written to <out>/full-check.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -183,10 +184,11 @@ def checks(run: Path, models: list[str], settings: CamSettings, test_images: int
             failed.append(f"{model}/{layer}/{method}: faithfulness on {len(images)} images, not the seeded sample of {len(sample)}")
     if len(per_partition) != len(parts):
         failed.append(f"faithfulness in {len(per_partition)} of {len(parts)} partitions")
-    ((total,),) = duckdb.sql(f"select count(*) from {cams}").fetchall()
+    # The report's table counts the predicted class's maps (one per image, layer and method).
+    ((total,),) = duckdb.sql(f"select count(*) from {cams} where target = 'pred'").fetchall()
     reported = report_map_count(run / "report" / "report.md")
     if reported != total:
-        failed.append(f"report.md counts {reported} maps; the Parquet holds {total}")
+        failed.append(f"report.md counts {reported} maps; the Parquet holds {total} of the predicted class")
     if not (run / "report" / "report.html").is_file():
         failed.append("no report.html")
     return failed
@@ -195,8 +197,9 @@ def checks(run: Path, models: list[str], settings: CamSettings, test_images: int
 def report_map_count(report: Path) -> int | None:
     """The sum of the `maps` column of report.md's "Heatmaps by layer feature size" table."""
     text = report.read_text()
-    section = text.split("Heatmaps by layer feature size", 1)[-1]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
+    section = text.split("Heatmaps by layer feature size", 1)[-1].splitlines()
+    first = next((i for i, line in enumerate(section) if line.startswith("|")), len(section))
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), section[first:]))  # that table only: others follow
     if len(lines) < 3:
         return None
     header = [c.strip() for c in lines[0].strip("|").split("|")]

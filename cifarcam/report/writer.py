@@ -41,14 +41,18 @@ def with_paper_columns(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
 # -- words that follow the numbers -------------------------------------------------------------
 
 
-def _size_text(frame: pd.DataFrame) -> str:
+def _size_text(frame: pd.DataFrame, target: str) -> str:
     parts = []
     for row in frame.itertuples(index=False):
         if row.constant_share >= 0.999:
             parts.append(f"{row.feature_size}: every map is constant, so it has no peak, spread or localisation (shown empty)")
         elif row.h <= 2:
             parts.append(f"{row.feature_size}: the map can only name a quadrant ({row.constant_share:.0%} constant)")
-    text = "Statistics cover informative maps only; a constant map's are missing, not zero. Entropy is over the layer's own cells, normalised by the log of their count, so upsampling adds none."
+    whose = "the predicted class" if target == "pred" else "the true class"
+    text = (
+        f"Maps of {whose} (one per image, layer and method; a correct image's other map is the same map). "
+        "Statistics cover informative maps only; a constant map's are missing, not zero. Entropy is over the layer's own cells, normalised by the log of their count, so upsampling adds none."
+    )
     return text + (" " + "; ".join(parts) + "." if parts else " No layer here is 2x2 or smaller.")
 
 
@@ -144,7 +148,8 @@ class RunReport(ReportRun):
     def degenerate(self) -> Section:
         if not self.has_cams:
             return Section("Heatmaps by layer feature size", "No cams in this run.")
-        frame = q.by_feature_size(self.con, q.explained_target(self.con))
+        target = q.explained_target(self.con)
+        frame = q.by_feature_size(self.con, target)
         measures = {
             "mean_entropy": "entropy over the layer's cells (1 = uniform)",
             "mean_top10_mass": "mass in top 10% of pixels",
@@ -152,7 +157,7 @@ class RunReport(ReportRun):
             "constant_share": "constant maps",
         }
         figure = fig.grouped_bars(self.out / "degenerate_by_size.png", frame, measures, "CAM layer feature map")
-        return Section("Heatmaps by layer feature size", _size_text(frame), frame.drop(columns="h"), [figure])
+        return Section("Heatmaps by layer feature size", _size_text(frame, target), frame.drop(columns="h"), [figure])
 
     def localisation(self) -> Section:
         title = "Localisation: do the maps point at the object?"
