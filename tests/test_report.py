@@ -96,6 +96,11 @@ def test_the_reports_words_follow_its_numbers(demo_run):
         assert (f"{model} {layer} {method} ({rho:.2f})" in sanity) == (rho >= 0.5)
     if "No map is flagged." in sanity:
         assert run_sql(con, 'select count(*) as n from sanity where "check" and spearman >= 0.5')["n"][0] == 0
+    # the feature-size table counts one target's maps, and says whose: its count is DuckDB's
+    sizes = text.split("## Heatmaps by layer feature size")[1].split("\n## ")[0]
+    assert "Maps of the predicted class (one per image, layer and method" in sizes
+    counted = sum(int(line.split("|")[3]) for line in sizes.splitlines() if re.match(r"^\| \d+x\d+ ", line))
+    assert counted == run_sql(con, "select count(*) as n from cams where target = 'pred'")["n"][0]
 
 
 def test_the_papers_accuracies_stand_beside_ours_for_cifar100_only():
