@@ -2,6 +2,7 @@
 
 import re
 import struct
+import sys
 from pathlib import Path
 
 import duckdb
@@ -9,6 +10,10 @@ import pytest
 
 from cifarcam.report.views import connect, run_sql
 from helpers import ROOT, run_job
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from full_check import report_map_count  # noqa: E402  the full-size check's reading of the same table
 
 SECTIONS = [
     "Table 2: accuracy of each model",
@@ -99,8 +104,7 @@ def test_the_reports_words_follow_its_numbers(demo_run):
     # the feature-size table counts one target's maps, and says whose: its count is DuckDB's
     sizes = text.split("## Heatmaps by layer feature size")[1].split("\n## ")[0]
     assert "Maps of the predicted class (one per image, layer and method" in sizes
-    counted = sum(int(line.split("|")[3]) for line in sizes.splitlines() if re.match(r"^\| \d+x\d+ ", line))
-    assert counted == run_sql(con, "select count(*) as n from cams where target = 'pred'")["n"][0]
+    assert report_map_count(demo_run / "report" / "report.md") == run_sql(con, "select count(*) as n from cams where target = 'pred'")["n"][0]
 
 
 def test_the_papers_accuracies_stand_beside_ours_for_cifar100_only():
