@@ -11,7 +11,8 @@ nothing is downloaded. Exit status 1 when the kit is over its limit or either pa
     python benchmarks/device_rehearsal.py [--work .device-rehearsal] [--kit KIT] [--quick]
 
 --kit: an existing kit (default: build one). --quick: CI's rehearsal, without the GPU tests that
-read a whole jobs.pipeline run (gpu_check.py --quick says what covers them).
+read a whole jobs.pipeline run and the measure sections that only time code the others run from
+the kit (gpu_check.py --quick says which, and what covers them).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / ".device-rehearsal", help="scratch folder (replaced)")
     p.add_argument("--kit", type=Path, help="an existing kit for this Python (default: build one in --work)")
-    p.add_argument("--quick", action="store_true", help="CI's rehearsal: without the GPU tests that read a whole pipeline run")
+    p.add_argument("--quick", action="store_true", help="CI's rehearsal: gpu_check.py --quick")
     args = p.parse_args()
     if args.work.exists():
         shutil.rmtree(args.work)

@@ -23,9 +23,11 @@ section crashes or runs out of time; performance goals are reported as met or un
             read DIR's data: what the device tool's GPU machine needs, which downloads nothing.
 --cpu       the same code at small sizes on the CPU, the GPU tests included (the rehearsal);
             its figures say nothing about a GPU.
---quick     with --cpu: leave out the GPU tests that read a whole jobs.pipeline run (CI's
-            rehearsal: tests/test_pipeline_job.py runs the pipeline on the CPU, and the measure
-            part's stage section runs Ray from the kit); `make device-rehearsal` runs them.
+--quick     with --cpu: CI's rehearsal. It leaves out the GPU tests that read a whole jobs.pipeline
+            run (tests/test_pipeline_job.py runs the pipeline on the CPU, and the measure part's
+            stage section runs Ray from the kit), and the measure sections that only time code
+            the other sections run from the same packages (QUICK_LEAVES_OUT); `make
+            device-rehearsal` runs them all.
 
 This parent imports neither torch nor the project: it holds no CUDA context, so each section has
 the GPU to itself, and the kit can be installed before anything needs it.
@@ -53,6 +55,11 @@ PARTS = {
     "tests": ("environment", "gpu_tests"),
     "measure": ("environment", "training", "baseline", "cam", "stage", "paper_epoch", "packing"),
 }
+# What --quick leaves out of the measure part (about 90 s of CI's rehearsal on 2 cores): they time
+# what the GPU tests and the kept sections run from the kit (fit() and the DataLoader, the CAM fast
+# path against pytorch-grad-cam, one more epoch; packing measures nothing without a GPU). Kept:
+# training (fit() through the throughput code) and stage (Ray Data from the kit).
+QUICK_LEAVES_OUT = ("baseline", "cam", "paper_epoch", "packing")
 # A part's budget: the 6 minutes on the GPU with margin (the kit's install and the
 # machine's start are outside it); the rehearsal's CPU sizes on 2 cores need longer.
 PART_BUDGET_S = {"gpu": 335, "cpu": 900}
@@ -177,7 +184,7 @@ def run_part(part: str, mode: str, env: dict, data: Path, out: Path, quick: bool
     scale = CPU_TIMEOUT_SCALE if mode == "cpu" else 1
     print(f"== part {part} ({mode} mode): budget {PART_BUDGET_S[mode]} s", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        for name in PARTS[part]:
+        for name in [n for n in PARTS[part] if not (quick and n in QUICK_LEAVES_OUT)]:
             timeout = min(SECTION_TIMEOUT_S[name] * scale, deadline - time.monotonic())
             began = time.monotonic()
             print(f"-- {name} (at most {timeout:.0f} s)", flush=True)
@@ -247,6 +254,8 @@ def markdown(figures: dict) -> str:
     rows = _measurement_rows(sections)
     if rows:
         lines += ["", "| measurement | figure |", "|---|---|", *rows]
+    if figures["part"] == "measure" and figures.get("quick"):
+        lines += ["", f"--quick: the sections {', '.join(QUICK_LEAVES_OUT)} were left out."]
     if figures["part"] == "measure":
         lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
         for key, (text, target) in GOALS.items():
@@ -311,7 +320,7 @@ def main() -> None:
     p.add_argument("--part", choices=("tests", "measure", "all"), default="all")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-check", help="folder for <part>.json and <part>.md")
     p.add_argument("--cpu", action="store_true", help="the small CPU mode even where CUDA exists (the rehearsal)")
-    p.add_argument("--quick", action="store_true", help="with --cpu: without the GPU tests that read a whole pipeline run (CI)")
+    p.add_argument("--quick", action="store_true", help="with --cpu: CI's rehearsal, without the GPU tests that read a whole pipeline run and QUICK_LEAVES_OUT")
     p.add_argument("--kit", type=Path, help="install this device kit's wheels offline first, and read its data")
     p.add_argument("--data", type=Path, help="CIFAR-10 Parquet folder (default: the kit's, else ../shared/data/cifar10-jpeg)")
     args = p.parse_args()

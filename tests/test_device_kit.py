@@ -4,8 +4,9 @@
 device's, makes a fresh environment with only the device's preinstalled packages, installs the kit
 with pip --no-index behind closed proxies, and runs both parts of the check with --cpu. Here with
 --quick: the two GPU tests that read a whole jobs.pipeline run are left out (tests/test_pipeline_job.py
-runs the pipeline on the CPU; the measure part's stage section runs Ray Data from the kit);
-`make device-rehearsal` runs them.
+runs the pipeline on the CPU; the measure part's stage section runs Ray Data from the kit), and so
+are the measure sections that only time code the others run (gpu_check.QUICK_LEAVES_OUT);
+`make device-rehearsal` and `make full-check` run them all.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def test_rehearsal_installs_the_kit_offline_and_both_parts_pass(tmp_path):
     assert len(outcomes) == 7 and all(outcome in ("passed", "skipped") for outcome in outcomes.values())
     assert tests["quick"] and not [name for name in outcomes if "pipeline" in name or "ray_train" in name]
     assert outcomes["test_gpu::test_every_job_and_its_libraries_import_here"] == "passed"  # Tune, Train, the report: from the kit
+    # --quick: the measure sections that put fit() and Ray Data from the kit to work (gpu_check.QUICK_LEAVES_OUT)
+    assert list(measure["sections"]) == ["environment", "training", "stage"] and measure["quick"]
     stage = measure["sections"]["stage"]["figures"]
     assert stage["rows_written"] == stage["rows_expected"] > 0
     assert all(r["images_per_s"] > 0 for r in measure["sections"]["training"]["figures"]["runs"])

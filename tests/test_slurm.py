@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import ROOT, write_config
+from helpers import ROOT, SMALL_SEARCH, write_config
 
 STATE = Path("/tmp/cifarcam-slurm")
 SLURM_ENV = {**os.environ, "SLURM_STATE_DIR": str(STATE), "SLURM_NODES": "2", "SLURM_NETNS": "1"}
@@ -71,8 +71,14 @@ def _popen(cmd: list[str]) -> subprocess.Popen:
     return proc
 
 
+# The search of tests/test_search_job.py, explained on 100 test images instead of 300: what runs on
+# SLURM is the rendezvous, the requeue and the resume, not the CAM stage's volume.
+SLURM_SEARCH = SMALL_SEARCH.replace("test_size: 300", "test_size: 100")
+TEST_IMAGES = 100
+
+
 def _launch(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    config = write_config(tmp_path)
+    config = write_config(tmp_path, text=SLURM_SEARCH)
     return _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), *extra, "--", "--config", str(config), "--out", str(tmp_path / "run"), *PIPELINE])
 
 
@@ -147,7 +153,7 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     head_log = (logs / "attempt-1" / "ray-head.log").read_text()
     assert "10.77.0.1" in head_log and "Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
     ((n, distinct),) = duckdb.sql(f"select count(*), count(distinct image_index) from '{run}/cams/**/*.parquet'").fetchall()
-    assert n == distinct == 300
+    assert n == distinct == TEST_IMAGES
     assert (run / "report" / "report.md").is_file()
     driver_log = (logs / f"{job}_0_log.out").read_text()
     assert "search: trial " in driver_log and "TrainingReport" not in driver_log and list((run / "logs").glob("pipeline-*/ray-workers.log"))
