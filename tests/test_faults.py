@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -55,15 +56,20 @@ def _checkpoints(run: Path, trial: str = "*") -> list[Path]:
     return sorted((run / "train").glob(f"trial_*{trial}/checkpoint_*"))
 
 
-def _checkpointed_epoch(run: Path, trial: str) -> int:
-    """The latest epoch a complete checkpoint of ``trial`` holds (0: none yet)."""
-    epochs = [0]
+def _committed(job: BackgroundJob, trial: str, epoch: int) -> bool:
+    """The search printed ``trial``'s ``epoch``: Tune has its result, so Train has registered the
+    epoch's checkpoint (a checkpoint folder on disk alone may not be registered yet)."""
+    return re.search(rf"search: trial \S+_{trial} (\(\S+\) )?epoch {epoch}:", job.output()) is not None
+
+
+def _history(run: Path, trial: str, epoch: int) -> dict:
+    """``epoch``'s entry in the history that ``trial``'s checkpoints carry (each holds every epoch so far)."""
     for folder in _checkpoints(run, trial):
-        try:
-            epochs.append(json.loads((folder / "meta.json").read_text())["epoch"])
-        except (OSError, ValueError, KeyError):
-            continue  # being written, or deleted (keep_checkpoints) under the glob
-    return max(epochs)
+        history = json.loads((folder / "meta.json").read_text())["history"]
+        found = [entry for entry in history if entry["epoch"] == epoch]
+        if found:
+            return found[0]
+    raise AssertionError(f"no checkpoint of trial {trial} holds epoch {epoch}")
 
 
 def _processes(job: BackgroundJob, kind: str) -> set[int]:
@@ -74,24 +80,26 @@ def _processes(job: BackgroundJob, kind: str) -> set[int]:
 def faulty_run(tmp_path_factory):
     """One search through every fault, in order: the first trial's loss explodes; a DDP worker of
     the second trial is killed mid-epoch 2; the search driver (with its local Ray) is killed once the
-    replacement workers checkpointed epoch 2; the search is resumed, and the resumed trial's own
+    replacement workers' epoch 2 is registered; the search is resumed, and the resumed trial's own
     driver is killed before it trains epoch 3."""
     folder = tmp_path_factory.mktemp("faults")
     run = folder / "run"
     config = write_config(folder, "faults", FAULTS)
     search = ["jobs.search", "--config", str(config), "--out", str(run), "--num-cpus", "2"]
     with BackgroundJob(folder / "job.log", *search) as job:
-        job.wait_for(lambda: _checkpointed_epoch(run, "00001") >= 1, "the second trial's first checkpoint")
+        job.wait_for(lambda: _committed(job, "00001", 1), "the second trial's first epoch")
+        trained = {1: _history(run, "00001", 1)}
         workers, drivers = _processes(job, "RayTrainWorker"), _processes(job, "ImplicitFunc")
         assert len(workers) == 2 and len(drivers) == 1, descendants(job.proc.pid)
-        time.sleep(0.5)  # into epoch 2
+        time.sleep(0.5)  # into epoch 2 (an epoch takes about 7 s here)
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
         # Train replaces the whole worker group: new worker processes appear...
         job.wait_for(lambda: _processes(job, "RayTrainWorker") - workers, "a replacement worker group")
         # ...under the same trial driver: Train restarted its workers, Tune did not restart the trial
         replaced_mid_trial = _processes(job, "ImplicitFunc") == drivers
-        job.wait_for(lambda: _checkpointed_epoch(run, "00001") >= 2, "the replacement workers' checkpoint of epoch 2")
+        job.wait_for(lambda: _committed(job, "00001", 2), "the replacement workers' epoch 2")
+        trained[2] = _history(run, "00001", 2)
         job.kill()  # the search driver and the local Ray it started, as a crash would
     killed_at = time.time()
     finished = {p: p.stat().st_mtime for p in _checkpoints(run, "00000")}
@@ -104,23 +112,26 @@ def faulty_run(tmp_path_factory):
         resumed.wait_for(lambda: _processes(resumed, "ImplicitFunc"), "the resumed trial's driver")
         os.kill(_processes(resumed, "ImplicitFunc").pop(), signal.SIGKILL)
         assert resumed.finish() == 0, resumed.output()[-5000:]
-        return run, victim, replaced_mid_trial, first_log + resumed.output(), killed_at, finished, trial_dirs
+        return run, victim, replaced_mid_trial, trained, first_log + resumed.output(), killed_at, finished, trial_dirs
 
 
 def test_killed_worker_restarts_from_its_checkpoint_and_finishes(faulty_run):
-    run, victim, replaced_mid_trial, *_ = faulty_run
+    run, victim, replaced_mid_trial, trained, *_ = faulty_run
     assert not Path(f"/proc/{victim}").exists()
     assert replaced_mid_trial
     diverged, good = _trials(run)
     # the second trial lost a worker, then its search driver, then its own driver: it completed
     assert good == (0.05, "completed", 3)
-    # every epoch exactly once: the restarted workers (and drivers) went on from their checkpoint, not from scratch
     assert [epochs for _, epochs in _epochs(run)] == [[1], [1, 2, 3]]
+    # every epoch exactly once: the replacement workers went on from epoch 1's checkpoint, the
+    # resumed and restarted trial from epoch 2's; an epoch trained again would have other timings
+    stored = duckdb.sql(f"select epoch, epoch_time_s from '{run}/epochs.parquet' where trial_id like '%_00001' and epoch <= 2 order by epoch").fetchall()
+    assert stored == [(epoch, trained[epoch]["epoch_time_s"]) for epoch in (1, 2)]
     assert duckdb.sql(f"select min(best_val_top1) from '{run}/trials.parquet' where status = 'completed'").fetchall()[0][0] > 0.3
 
 
 def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(faulty_run):
-    run, _, _, log, *_ = faulty_run
+    run, _, _, _, log, *_ = faulty_run
     ((lr, status, epochs_run, error, best),) = duckdb.sql(
         f"select lr, status, epochs_run, error, best_checkpoint from '{run}/trials.parquet' where lr > 1000"
     ).fetchall()
@@ -143,25 +154,40 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(faulty_run):
     assert {f"trial_{t}" for t, _ in _epochs(run)} == trial_dirs
 
 
+def _cam_layers(model_folder: Path) -> int:
+    from cifarcam.training.models import FAMILIES
+
+    return len(FAMILIES[model_folder.name.removeprefix("model=")].cam_layers)
+
+
 def test_killed_cam_job_reruns_to_a_complete_table_without_duplicates(demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "report", ".staging"))
     cam_args = ["--run", str(run), "--num-cpus", "2", "--methods", "gradcam,layercam", "--targets", "pred", "--faithfulness-steps", "0"]
+
     # A model's folder exists from plan time (it holds the checkpoint's claim); a model is done
-    # once partitions with their completion markers are published in it.
-    first_model = lambda: [p for p in (run / "cams").glob("model=*") if any(p.glob("layer=*/method=*/_COMPLETE.json"))]  # noqa: E731
+    # once every one of its partitions (each CAM layer x 2 methods) is published with its marker.
+    def first_model() -> list[Path]:
+        return [p for p in (run / "cams").glob("model=*") if len(list(p.glob("layer=*/method=*/_COMPLETE.json"))) == 2 * _cam_layers(p)]
+
     with BackgroundJob(tmp_path / "job.log", "jobs.cam", *cam_args) as job:
         job.wait_for(first_model, "the first model's partitions")
         job.kill()  # mid-way: the second model is being computed and written
     (done,) = first_model()
-    kept = {p: p.stat().st_mtime_ns for p in done.rglob("*.parquet")}
-    assert kept and len(first_model()) == 1
+    # One published partition of the finished model goes missing too: the rerun computes that one
+    # (layer, method) of it again, and leaves the model's others alone.
+    missing, *complete = sorted(done.glob("layer=*/method=*"))
+    shutil.rmtree(missing)
+    kept = {p: p.stat().st_mtime_ns for part in complete for p in part.rglob("*.parquet")}
+    assert kept
 
     rerun = run_job("jobs.cam", *cam_args)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
-    skipped = int(rerun.stdout.split(" partitions written, ")[1].split(" already complete")[0])
-    assert skipped == len(list(done.glob("layer=*/method=*"))) > 0
-    assert {p: p.stat().st_mtime_ns for p in done.rglob("*.parquet")} == kept  # finished parts untouched
+    written, skipped = (int(n) for n in re.search(r"cams: (\d+) partitions written, (\d+) already complete", rerun.stdout).groups())
+    assert skipped == len(complete) > 0
+    assert written == 1 + sum(2 * _cam_layers(m) for m in (run / "cams").glob("model=*") if m != done)  # the missing one, the other model
+    assert {p: p.stat().st_mtime_ns for part in complete for p in part.rglob("*.parquet")} == kept  # finished parts untouched
+    assert list(missing.glob("_COMPLETE.json"))  # the missing one computed again
     assert not (run / ".staging").exists()
     test_images = duckdb.sql(f"select count(distinct image_index) from '{run}/predictions.parquet'").fetchall()[0][0]
     counts = duckdb.sql(

@@ -35,6 +35,7 @@ def in_process(capsys, module: str, *args: str) -> SimpleNamespace:
 
     main = importlib.import_module(module).main
     argv, sys.argv = sys.argv, [module, *args]
+    address = os.environ.pop("RAY_ADDRESS", None)  # as run_job: no cluster unless the case names one
     try:
         run(main)
         code = 0
@@ -42,6 +43,8 @@ def in_process(capsys, module: str, *args: str) -> SimpleNamespace:
         code = exit.code
     finally:
         sys.argv = argv
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
     out = capsys.readouterr()
     assert not ray.is_initialized()
     return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)

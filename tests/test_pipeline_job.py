@@ -10,7 +10,7 @@ import pytest
 from cifarcam.config import load_config
 from cifarcam.data.splits import load_splits
 from cifarcam.training.models import FAMILIES
-from helpers import demo_cam_options, run_job
+from helpers import demo_cam_options
 
 CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"
 
@@ -151,24 +151,11 @@ def test_pandas_reads_the_cams_without_ray(demo_run):
     assert int(proc.stdout.strip()) == duckdb.sql(f"select count(*) from {CAMS.format(out=demo_run)}").fetchall()[0][0]
 
 
-def test_rerun_skips_complete_partitions_and_redoes_a_missing_one(demo_run):
-    import shutil
+def test_bad_layer_and_method_fail_before_any_work(demo_run, capsys):
+    from test_job_errors import in_process  # the job's entry point in this process, which never starts Ray
 
-    parts = sorted((demo_run / "cams").glob("model=*/layer=*/method=*"))
-    before = {p: sorted(f.name for f in p.iterdir()) for p in parts}
-    shutil.rmtree(parts[0])
-    proc = run_job("jobs.cam", "--run", str(demo_run), "--num-cpus", "2", *demo_cam_options(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"cams: 1 partitions written, {len(parts) - 1} already complete" in proc.stdout
-    after = {p: sorted(f.name for f in p.iterdir()) for p in parts}
-    assert all(after[p] == before[p] for p in parts[1:])  # untouched
-    assert after[parts[0]]  # recomputed
-    assert not (demo_run / ".staging").exists() or not any((demo_run / ".staging").iterdir())
-
-
-def test_bad_layer_and_method_fail_before_any_work(demo_run):
-    proc = run_job("jobs.cam", "--run", str(demo_run), "--layers", "layer9", *demo_cam_options(), timeout=120)
+    proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--layers", "layer9", *demo_cam_options())
     assert proc.returncode == 2 and "has no layer 'layer9'" in proc.stderr.strip().splitlines()[-1]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in proc.stdout  # no cluster time
-    proc = run_job("jobs.cam", "--run", str(demo_run), "--methods", "gradcan", *demo_cam_options(), timeout=120)
+    proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--methods", "gradcan", *demo_cam_options())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --methods: unknown CAM method 'gradcan'; did you mean 'gradcam'?"

@@ -2,11 +2,12 @@
 
 import pytest
 from ray.tune.schedulers.async_hyperband import _Bracket
+from test_job_errors import in_process  # a job's entry point in this process
 
 from cifarcam.config import load_config
 from cifarcam.errors import ConfigError
 from cifarcam.search.planning import asha_rungs, expected_epochs_per_trial, plan_resources, plan_search
-from helpers import ROOT, run_job
+from helpers import ROOT
 
 PAPER = ROOT / "configs" / "paper.yaml"
 
@@ -34,10 +35,9 @@ def test_device_hours_follow_the_measured_throughput():
     assert plan.trial_hours == pytest.approx(42 * (5 + 10 / 3 + 25 / 9) * 45_000 / 10_000 / 3600)
 
 
-def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
-    proc = run_job(
-        "jobs.search", "--config", str(PAPER), "--dry-run", "--images-per-s", "10000", "--num-cpus", "16", "--out", str(tmp_path / "run"), timeout=120
-    )
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
+    # in this process: in_process also checks that Ray was never started
+    proc = in_process(capsys, "jobs.search", "--config", str(PAPER), "--dry-run", "--images-per-s", "10000", "--num-cpus", "16", "--out", str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "42 trials:" and "model=resnet34, optimizer=adamw, scheduler=cosine, lr ~ loguniform(0.0003, 0.03)" in lines[1]
@@ -47,8 +47,8 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert not (tmp_path / "run").exists() and "Ray" not in proc.stderr
 
 
-def test_dry_run_of_a_trial_too_large_shows_the_plan_then_fails(tmp_path):
-    proc = run_job("jobs.search", "--config", str(PAPER), "--dry-run", "--num-cpus", "1", timeout=120)
+def test_dry_run_of_a_trial_too_large_shows_the_plan_then_fails(tmp_path, capsys):
+    proc = in_process(capsys, "jobs.search", "--config", str(PAPER), "--dry-run", "--num-cpus", "1")
     assert proc.returncode == 2
     assert "42 trials:" in proc.stdout and "per trial: does not fit this cluster" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "error: scaling: one trial needs 2 CPUs (1 workers) but the cluster has 1 CPUs and 0 GPUs"
@@ -94,9 +94,9 @@ def test_a_worker_needing_more_gpus_than_the_cluster_has_still_fails_fast():
         plan_resources(cfg, {"CPU": 16, "GPU": 1})
 
 
-def test_dry_run_on_one_gpu_plans_the_demo_as_one_worker_and_says_so():
+def test_dry_run_on_one_gpu_plans_the_demo_as_one_worker_and_says_so(capsys):
     """The planning tests above cover 0, 2 and 8 GPUs; this is the same plan through the job."""
-    proc = run_job("jobs.search", "--config", "configs/demo.yaml", "--dry-run", "--num-cpus", "16", "--num-gpus", "1", timeout=120)
+    proc = in_process(capsys, "jobs.search", "--config", str(ROOT / "configs" / "demo.yaml"), "--dry-run", "--num-cpus", "16", "--num-gpus", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert "cluster: 16 CPUs, 1 GPUs" in lines and "per trial: 1 worker(s) x (1 CPU + 1 GPU); 1 trial(s) at once" in lines

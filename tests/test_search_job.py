@@ -198,10 +198,12 @@ def test_checkpoint_rebuilds_from_its_meta_alone(search_run):
     assert meta["class_names"][:2] == ["square", "disk"]
 
 
-def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, tmp_path):
+def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, tmp_path, capsys):
+    from test_job_errors import in_process  # the job's entry point in this process, which never starts Ray
+
     out, *_ = search_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(out), timeout=120)
+    proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", str(out))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: --out {out}: already holds search 'small'; pass --resume to continue it, or choose another --out"
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
