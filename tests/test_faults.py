@@ -65,7 +65,10 @@ def _committed(job: BackgroundJob, trial: str, epoch: int) -> bool:
 def _history(run: Path, trial: str, epoch: int) -> dict:
     """``epoch``'s entry in the history that ``trial``'s checkpoints carry (each holds every epoch so far)."""
     for folder in _checkpoints(run, trial):
-        history = json.loads((folder / "meta.json").read_text())["history"]
+        try:
+            history = json.loads((folder / "meta.json").read_text())["history"]
+        except OSError:  # the previous checkpoint, deleted under the glob (keep_checkpoints)
+            continue
         found = [entry for entry in history if entry["epoch"] == epoch]
         if found:
             return found[0]
