@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,6 +63,30 @@ def run_job(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
             stdout, stderr = proc.communicate()
             raise subprocess.TimeoutExpired(proc.args, timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def in_process(capsys, module: str, *args: str) -> SimpleNamespace:
+    """Run a job's ``main`` here, as its ``python -m`` entry point would (same argv, same error
+    handling), without paying an interpreter start per case; Ray must not have been started."""
+    import ray
+
+    from jobs.common import run
+
+    main = importlib.import_module(module).main
+    argv, sys.argv = sys.argv, [module, *args]
+    address = os.environ.pop("RAY_ADDRESS", None)  # as run_job: no cluster unless the case names one
+    try:
+        run(main)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        sys.argv = argv
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
+    out = capsys.readouterr()
+    assert not ray.is_initialized()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 SMALL_SEARCH = """

@@ -5,49 +5,22 @@ this process (an interpreter start per case cost minutes); the rest run the job 
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, demo_cam_options, run_job, write_config
+from helpers import ROOT, demo_cam_options, in_process, run_job, write_config
 
 OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40, colours: per_class}}\n"
-
-
-def in_process(capsys, module: str, *args: str) -> SimpleNamespace:
-    """Run a job's ``main`` here, as its ``python -m`` entry point would (same argv, same error
-    handling), without paying an interpreter start per case; Ray must not have been started."""
-    import ray
-
-    from jobs.common import run
-
-    main = importlib.import_module(module).main
-    argv, sys.argv = sys.argv, [module, *args]
-    address = os.environ.pop("RAY_ADDRESS", None)  # as run_job: no cluster unless the case names one
-    try:
-        run(main)
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    finally:
-        sys.argv = argv
-        if address is not None:
-            os.environ["RAY_ADDRESS"] = address
-    out = capsys.readouterr()
-    assert not ray.is_initialized()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:

@@ -2,12 +2,11 @@
 
 import pytest
 from ray.tune.schedulers.async_hyperband import _Bracket
-from test_job_errors import in_process  # a job's entry point in this process
 
 from cifarcam.config import load_config
 from cifarcam.errors import ConfigError
 from cifarcam.search.planning import asha_rungs, expected_epochs_per_trial, plan_resources, plan_search
-from helpers import ROOT
+from helpers import ROOT, in_process
 
 PAPER = ROOT / "configs" / "paper.yaml"
 

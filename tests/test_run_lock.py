@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cifarcam import run_lock as lock_module
 from cifarcam.run_lock import run_lock
-from helpers import ROOT, write_config
+from helpers import ROOT, in_process, write_config
 
 HOLD = """
 import sys, time
@@ -29,8 +29,6 @@ def _holder(run: Path, job: str, seconds: float) -> subprocess.Popen:
 
 
 def test_a_second_search_on_a_run_in_use_fails_in_one_line_before_ray(tmp_path, capsys):
-    from test_job_errors import in_process
-
     run = tmp_path / "run"
     holder = _holder(run, "jobs.search", 60)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import ROOT, SMALL_SEARCH, assert_quiet, run_job, write_config
+from helpers import ROOT, SMALL_SEARCH, assert_quiet, in_process, run_job, write_config
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +199,6 @@ def test_checkpoint_rebuilds_from_its_meta_alone(search_run):
 
 
 def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, tmp_path, capsys):
-    from test_job_errors import in_process  # the job's entry point in this process, which never starts Ray
-
     out, *_ = search_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", str(out))
