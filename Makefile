@@ -46,19 +46,17 @@ device-kit: $(VENV)/.installed
 	$(PY) benchmarks/device_kit.py --out .device-kit
 
 # Both parts of the GPU check with --cpu in a fresh environment holding only the device's
-# packages and a kit built for this Python, offline. CI runs it with --quick (tests/test_device_kit.py).
+# packages and a kit built for this Python, offline. `make full-check` runs it (tests/test_device_kit.py).
 device-rehearsal: $(VENV)/.installed
 	$(PY) benchmarks/device_rehearsal.py
 
 # Outside CI: the pipeline at full size (paper.yaml's 7 families on real CIFAR-10, 1 epoch on a
 # subsample; the CAM stage on all 10,000 test images), with checks; within 45 minutes on 2 cores.
-# Then what CI leaves out for time: the tests that read the demo at its full size (pytest -m full:
-# a trained model's maps; the demo alone is about 9 minutes here) and the whole device rehearsal
-# (CI's runs with --quick).
+# Then what CI leaves out for time (pytest -m full): the tests that read the demo at its full size
+# (a trained model's maps; the demo alone is about 9 minutes here) and the whole device rehearsal.
 full-check: $(VENV)/.installed
 	$(PY) benchmarks/full_check.py --out results/full-check
 	$(PY) -m pytest -m full
-	$(PY) benchmarks/device_rehearsal.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .device-kit .device-rehearsal

@@ -8,11 +8,9 @@ only the packages the device has preinstalled (DEVICE_PACKAGES, hard-linked from
 check installs the kit with `pip --no-index`, with every proxy pointed at a closed port, so that
 nothing is downloaded. Exit status 1 when the kit is over its limit or either part fails.
 
-    python benchmarks/device_rehearsal.py [--work .device-rehearsal] [--kit KIT] [--quick]
+    python benchmarks/device_rehearsal.py [--work .device-rehearsal] [--kit KIT]
 
---kit: an existing kit (default: build one). --quick: CI's rehearsal, without the GPU tests that
-read a whole jobs.pipeline run and the measure sections that only time code the others run from
-the kit (gpu_check.py --quick says which, and what covers them).
+--kit: an existing kit (default: build one). `make full-check` runs it (tests/test_device_kit.py).
 """
 
 from __future__ import annotations
@@ -109,7 +107,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=ROOT / ".device-rehearsal", help="scratch folder (replaced)")
     p.add_argument("--kit", type=Path, help="an existing kit for this Python (default: build one in --work)")
-    p.add_argument("--quick", action="store_true", help="CI's rehearsal: gpu_check.py --quick")
     args = p.parse_args()
     if args.work.exists():
         shutil.rmtree(args.work)
@@ -128,7 +125,6 @@ def main() -> None:
     for part in ("tests", "measure"):
         began = time.monotonic()
         command = [str(python), "benchmarks/gpu_check.py", "--part", part, "--cpu", "--kit", str(kit), "--out", str(args.work / "out")]
-        command += ["--quick"] if args.quick else []
         results[part] = (subprocess.run(command, cwd=ROOT, env=env).returncode, time.monotonic() - began)
     print(f"rehearsal: kit {kit_mib:.1f} MiB (limit {LIMIT_MIB})")
     for part, (code, seconds) in results.items():

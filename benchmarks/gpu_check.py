@@ -1,6 +1,6 @@
 """The GPU check, in two parts of at most 6 minutes each on one H200, runnable offline.
 
-    python benchmarks/gpu_check.py --part tests|measure|all [--kit .device-kit] [--cpu [--quick]] [--out DIR] [--data DIR]
+    python benchmarks/gpu_check.py --part tests|measure|all [--kit .device-kit] [--cpu] [--out DIR] [--data DIR]
 
 --part tests    `pytest -m gpu` (tests/test_gpu.py): training with bf16 + channels_last + compile
                 learns, evaluate agrees with predict, the CAM fast path equals pytorch-grad-cam on
@@ -23,11 +23,6 @@ section crashes or runs out of time; performance goals are reported as met or un
             read DIR's data: what the device tool's GPU machine needs, which downloads nothing.
 --cpu       the same code at small sizes on the CPU, the GPU tests included (the rehearsal);
             its figures say nothing about a GPU.
---quick     with --cpu: CI's rehearsal. It leaves out the GPU tests that read a whole jobs.pipeline
-            run (tests/test_pipeline_job.py runs the pipeline on the CPU, and the measure part's
-            stage section runs Ray from the kit), and the measure sections that only time code
-            the other sections run from the same packages (QUICK_LEAVES_OUT); `make
-            device-rehearsal` runs them all.
 
 This parent imports neither torch nor the project: it holds no CUDA context, so each section has
 the GPU to itself, and the kit can be installed before anything needs it.
@@ -55,11 +50,6 @@ PARTS = {
     "tests": ("environment", "gpu_tests"),
     "measure": ("environment", "training", "baseline", "cam", "stage", "paper_epoch", "packing"),
 }
-# What --quick leaves out of the measure part (about 90 s of CI's rehearsal on 2 cores): they time
-# what the GPU tests and the kept sections run from the kit (fit() and the DataLoader, the CAM fast
-# path against pytorch-grad-cam, one more epoch; packing measures nothing without a GPU). Kept:
-# training (fit() through the throughput code) and stage (Ray Data from the kit).
-QUICK_LEAVES_OUT = ("baseline", "cam", "paper_epoch", "packing")
 # A part's budget: the issue's 6 minutes on the GPU with margin (the kit's install and the
 # machine's start are outside it); the rehearsal's CPU sizes on 2 cores need longer.
 PART_BUDGET_S = {"gpu": 335, "cpu": 900}
@@ -135,14 +125,13 @@ def run_child(command: list[str], timeout: float, env: dict) -> tuple[str, int |
     return status, proc.returncode
 
 
-def gpu_tests(timeout: float, env: dict, data: Path, scratch: Path, quick: bool = False) -> dict:
+def gpu_tests(timeout: float, env: dict, data: Path, scratch: Path) -> dict:
     junit = scratch / "gpu_tests.xml"
     test_env = {**env, "CIFARCAM_DATA": str(data.parent)}
     # Each test's own limit (pytest-timeout) stays inside the section's, so that a slow test fails
     # alone and pytest still writes its report; test_gpu.py sizes its pipeline's limit likewise.
     per_test = int(max(timeout - 40, 30))
-    marks = "gpu and not pipeline" if quick else "gpu"
-    command = [sys.executable, "-m", "pytest", "-m", marks, "-v", "-rs", "-p", "no:cacheprovider", "-o", f"timeout={per_test}"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", "-o", f"timeout={per_test}"]
     command += ["--junitxml", str(junit), "tests/test_gpu.py"]
     status, code = run_child(command, timeout, test_env)
     if not junit.exists():
@@ -177,21 +166,21 @@ def section(name: str, timeout: float, env: dict, data: Path, scratch: Path) -> 
     return {"status": "ok", **measured}
 
 
-def run_part(part: str, mode: str, env: dict, data: Path, out: Path, quick: bool = False) -> bool:
-    figures: dict = {"part": part, "mode": mode, "quick": quick, "sections": {}}
+def run_part(part: str, mode: str, env: dict, data: Path, out: Path) -> bool:
+    figures: dict = {"part": part, "mode": mode, "sections": {}}
     started = time.monotonic()
     deadline = started + PART_BUDGET_S[mode]
     scale = CPU_TIMEOUT_SCALE if mode == "cpu" else 1
     print(f"== part {part} ({mode} mode): budget {PART_BUDGET_S[mode]} s", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        for name in [n for n in PARTS[part] if not (quick and n in QUICK_LEAVES_OUT)]:
+        for name in PARTS[part]:
             timeout = min(SECTION_TIMEOUT_S[name] * scale, deadline - time.monotonic())
             began = time.monotonic()
             print(f"-- {name} (at most {timeout:.0f} s)", flush=True)
             if timeout < 5:  # a test that cannot run fails the check; a measurement only says so
                 result = {"status": "skipped: no time left", "failed_checks": [f"{name}: no time left"] if name == "gpu_tests" else []}
             elif name == "gpu_tests":
-                result = gpu_tests(timeout, env, data, Path(scratch), quick)
+                result = gpu_tests(timeout, env, data, Path(scratch))
             else:
                 result = section(name, timeout, env, data, Path(scratch))
             result["seconds"] = time.monotonic() - began
@@ -238,8 +227,6 @@ def markdown(figures: dict) -> str:
     tests = _figures(sections, "gpu_tests")
     if tests:
         lines += ["", "| GPU test | outcome |", "|---|---|"] + [f"| {name} | {outcome} |" for name, outcome in tests["outcomes"].items()]
-        if figures.get("quick"):
-            lines += ["", "--quick: the GPU tests that read a whole jobs.pipeline run (marked `pipeline`) were left out."]
     training = _figures(sections, "training")
     if training:
         lines += ["", "| training | batch | compile | images/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
@@ -254,8 +241,6 @@ def markdown(figures: dict) -> str:
     rows = _measurement_rows(sections)
     if rows:
         lines += ["", "| measurement | figure |", "|---|---|", *rows]
-    if figures["part"] == "measure" and figures.get("quick"):
-        lines += ["", f"--quick: the sections {', '.join(QUICK_LEAVES_OUT)} were left out."]
     if figures["part"] == "measure":
         lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
         for key, (text, target) in GOALS.items():
@@ -320,12 +305,9 @@ def main() -> None:
     p.add_argument("--part", choices=("tests", "measure", "all"), default="all")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-check", help="folder for <part>.json and <part>.md")
     p.add_argument("--cpu", action="store_true", help="the small CPU mode even where CUDA exists (the rehearsal)")
-    p.add_argument("--quick", action="store_true", help="with --cpu: CI's rehearsal, without the GPU tests that read a whole pipeline run and QUICK_LEAVES_OUT")
     p.add_argument("--kit", type=Path, help="install this device kit's wheels offline first, and read its data")
     p.add_argument("--data", type=Path, help="CIFAR-10 Parquet folder (default: the kit's, else ../shared/data/cifar10-jpeg)")
     args = p.parse_args()
-    if args.quick and not args.cpu:
-        p.error("--quick: only with --cpu (on a GPU the check runs whole)")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     if args.cpu:  # hide the GPUs from every section, the local Ray it starts included
         env |= {"CUDA_VISIBLE_DEVICES": "", "CIFARCAM_CHECK_DEVICE": "cpu"}
@@ -341,7 +323,7 @@ def main() -> None:
         data = args.data or (args.kit / "data" / "cifar10-jpeg" if args.kit else ROOT.parent / "shared" / "data" / "cifar10-jpeg")
         args.out.mkdir(parents=True, exist_ok=True)
         parts = ("tests", "measure") if args.part == "all" else (args.part,)
-        passed = [run_part(part, mode, env, data.resolve(), args.out, args.quick) for part in parts]
+        passed = [run_part(part, mode, env, data.resolve(), args.out) for part in parts]
     sys.exit(0 if all(passed) else 1)
 
 

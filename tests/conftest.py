@@ -70,12 +70,12 @@ def full_demo_run(tmp_path_factory, shared_data):
 
 
 def _skip_full_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`full` tests (a trained demo model) run where asked for (-m full: `make full-check`), else
+    """`full` tests (a trained demo model, the whole device rehearsal) run where asked for (-m full: `make full-check`), else
     they are reported as skipped, with where they run. Asked for = the -m expression names `full`
     other than as `not full` (so `-m "not (full and gpu)"` counts as asking: say `not full`)."""
     if re.search(r"(?<!not )\bfull\b", config.getoption("markexpr") or ""):
         return
-    skip = pytest.mark.skip(reason="reads the full-size demo: runs in make full-check (pytest -m full)")
+    skip = pytest.mark.skip(reason="left out of CI for time: runs in make full-check (pytest -m full)")
     for item in items:
         if item.get_closest_marker("full"):
             item.add_marker(skip)

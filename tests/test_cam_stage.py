@@ -234,6 +234,23 @@ def test_actor_layout_fits_the_cluster(cluster, options, expected):
     assert (layout.actors, layout.gpus_per_actor) == expected
 
 
+@pytest.mark.parametrize(
+    "cpus, smallest_node, actors, threads",
+    [
+        (2, None, None, 2),  # one actor on 2 cores: the writer's core computes too
+        (16, None, None, 1),  # 15 actors: one thread each
+        (16, None, 1, 16),
+        (2, 1, None, 1),  # two 1-CPU nodes: the actor's node has one core
+        (16, 8, 3, 5),
+        (16, 4, 2, 4),
+    ],
+)
+def test_cpu_actors_share_the_cluster_s_cores_within_one_node(cpus, smallest_node, actors, threads):
+    from cifarcam.cam.runner import actor_layout
+
+    assert actor_layout({"CPU": cpus}, CamSettings(actors=actors), smallest_node).threads == threads
+
+
 def test_actor_options_out_of_range_are_named():
     from cifarcam.cam.runner import actor_layout
 
@@ -291,3 +308,15 @@ def test_cam_rows_are_written_strictly():
         _table({"deletion_auc_new_baseline": [0.5]}, 1)
     assert results.CAMS_VERSION.startswith(f"{results.CAMS_MEANING}-")
     assert set(results.CAM_FAITHFULNESS) == {f"{c}_auc{s}" for c in ("deletion", "insertion") for s in ["", *(f"_{b}" for b in BASELINES)]}
+
+
+def test_a_cpu_actor_computes_with_the_threads_it_was_given(tmp_path):
+    spec = ModelSpec("resnet_tiny", 10)
+    folder = save_checkpoint(tmp_path / "c", build_model(spec), spec, {})
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            CamActor(str(folder), "run", CamSettings(), cam_layers(build_model(spec), spec)[:1], device="cpu", threads=threads)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

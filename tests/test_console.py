@@ -14,6 +14,7 @@ def test_the_demo_terminal_shows_the_projects_lines_and_ray_logs_go_to_the_run(d
         f"val / {test_images} test, 10 classes",
         "search: trial ",
         "best trial per model",
+        "cams: 1 CPU actor(s) of 1 CPU, 2 thread(s) each",  # --num-cpus 2: the writer's core computes too
         f"cams resnet_tiny (gradcam): {test_images}/{test_images} images",
         f"report: {demo_run}",
     ):

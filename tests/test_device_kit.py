@@ -2,11 +2,8 @@
 
 `benchmarks/device_rehearsal.py` builds a kit for this Python with the script that builds the
 device's, makes a fresh environment with only the device's preinstalled packages, installs the kit
-with pip --no-index behind closed proxies, and runs both parts of the check with --cpu. Here with
---quick: the two GPU tests that read a whole jobs.pipeline run are left out (tests/test_pipeline_job.py
-runs the pipeline on the CPU; the measure part's stage section runs Ray Data from the kit), and so
-are the measure sections that only time code the others run (gpu_check.QUICK_LEAVES_OUT);
-`make device-rehearsal` and `make full-check` run them all.
+with pip --no-index behind closed proxies, and runs both parts of the check with --cpu. It takes
+about 10 minutes on 2 cores, so it is marked `full`: `make full-check` runs it, CI does not.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from helpers import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from device_kit import LIMIT_MIB, folder_bytes  # noqa: E402
-from gpu_check import live_processes, run_child  # noqa: E402
+from gpu_check import PARTS, live_processes, run_child  # noqa: E402
 
 
 @pytest.mark.parametrize("timeout", [30, 1])
@@ -39,12 +36,11 @@ def test_a_section_leaves_nothing_running(tmp_path, timeout):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.timeout(2400)
 def test_rehearsal_installs_the_kit_offline_and_both_parts_pass(tmp_path):
     work = tmp_path / "rehearsal"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/device_rehearsal.py", "--work", str(work), "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=2300
-    )
+    proc = subprocess.run([sys.executable, "benchmarks/device_rehearsal.py", "--work", str(work)], cwd=ROOT, capture_output=True, text=True, timeout=2300)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert folder_bytes(work / "kit") <= LIMIT_MIB * 2**20
     tests = json.loads((work / "out" / "tests.json").read_text())
@@ -56,11 +52,10 @@ def test_rehearsal_installs_the_kit_offline_and_both_parts_pass(tmp_path):
     # every test ran on the CPU but the one that needs two GPUs: none was skipped for want of CUDA
     skipped = [name for name, outcome in outcomes.items() if outcome == "skipped"]
     assert skipped == ["test_gpu::test_sync_batchnorm_validation_with_uneven_shards_on_two_gpus"], outcomes
-    assert len(outcomes) == 7 and all(outcome in ("passed", "skipped") for outcome in outcomes.values())
-    assert tests["quick"] and not [name for name in outcomes if "pipeline" in name or "ray_train" in name]
+    assert len(outcomes) == 9 and all(outcome in ("passed", "skipped") for outcome in outcomes.values())
     assert outcomes["test_gpu::test_every_job_and_its_libraries_import_here"] == "passed"  # Tune, Train, the report: from the kit
-    # --quick: the measure sections that put fit() and Ray Data from the kit to work (gpu_check.QUICK_LEAVES_OUT)
-    assert list(measure["sections"]) == ["environment", "training", "stage"] and measure["quick"]
+    assert outcomes["test_gpu::test_gpu_pipeline_parquet_is_complete_and_consistent"] == "passed"  # jobs.pipeline from the kit
+    assert tuple(measure["sections"]) == PARTS["measure"]
     stage = measure["sections"]["stage"]["figures"]
     assert stage["rows_written"] == stage["rows_expected"] > 0
     assert all(r["images_per_s"] > 0 for r in measure["sections"]["training"]["figures"]["runs"])

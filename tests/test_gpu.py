@@ -68,8 +68,8 @@ def trained(cifar10):
     return model, fit(model, cfg, train, val)
 
 
-# What the pipeline tests use, imported where the check runs: with --quick (CI's rehearsal) they
-# are left out, and this is what still proves that the kit carries Tune, Train and the report.
+# What the jobs use, imported where the check runs: the kit must carry Tune, Train, Ray Data,
+# pytorch-grad-cam and the report's libraries, which the device lacks.
 JOBS_AND_LIBRARIES = "jobs.pipeline jobs.search jobs.cam jobs.report jobs.query cifarcam.search.tuner cifarcam.search.train_worker cifarcam.cam.actor cifarcam.report.writer ray.tune ray.train.torch ray.data pytorch_grad_cam duckdb matplotlib"
 
 
@@ -170,7 +170,6 @@ def gpu_run(tmp_path_factory, cifar10_parquet):
     return out
 
 
-@pytest.mark.pipeline
 @pytest.mark.timeout(PIPELINE_TIMEOUT_S + 60)  # the fixture runs the whole pipeline
 def test_ray_train_trials_ran_on_the_gpus(gpu_run):
     rows = duckdb.sql(f"select status, epochs_run from '{gpu_run}/trials.parquet'").fetchall()
@@ -181,7 +180,6 @@ def test_ray_train_trials_ran_on_the_gpus(gpu_run):
     assert accuracy["resnet_tiny"] > learns, accuracy  # chance is 0.10
 
 
-@pytest.mark.pipeline
 @pytest.mark.timeout(PIPELINE_TIMEOUT_S + 60)
 def test_gpu_pipeline_parquet_is_complete_and_consistent(gpu_run):
     cams = CAMS.format(out=gpu_run)

@@ -77,9 +77,9 @@ SLURM_SEARCH = SMALL_SEARCH.replace("test_size: 300", "test_size: 100")
 TEST_IMAGES = 100
 
 
-def _launch(tmp_path: Path, *extra: str) -> subprocess.Popen:
-    config = write_config(tmp_path, text=SLURM_SEARCH)
-    return _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), *extra, "--", "--config", str(config), "--out", str(tmp_path / "run"), *PIPELINE])
+def _launch(tmp_path: Path, config: Path | None = None) -> subprocess.Popen:
+    config = config or write_config(tmp_path, text=SLURM_SEARCH)
+    return _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), "--", "--config", str(config), "--out", str(tmp_path / "run"), *PIPELINE])
 
 
 def _job_id(proc: subprocess.Popen) -> str:
@@ -120,9 +120,31 @@ def test_each_node_finds_its_own_address_although_its_name_resolves_to_loopback(
     assert sorted(proc.stdout.split("\n")[:2]) == ["vnode1 127.0.1.1 10.77.0.1 eth0", "vnode2 127.0.1.1 10.77.0.2 eth0"]
 
 
+def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path):
+    """The rendezvous without training (CI's proof; the requeue below trains, in make full-check):
+    both nodes' Ray joins the head at its own address, and the driver, on the head, sizes the search
+    by the whole cluster, 2 CPUs. A trial of 3 workers cannot fit it: the driver says so in one line
+    and the job fails with the pipeline's status for a user error."""
+    config = write_config(tmp_path, text=SLURM_SEARCH.replace("workers_per_trial: 2", "workers_per_trial: 3"))
+    proc = _launch(tmp_path, config)
+    job = _job_id(proc)
+    out, err = _finish(proc, timeout=300)
+    assert proc.returncode == 2, out[-2000:] + err[-3000:]
+    assert f"job {job}: driver exit status 2" in out
+    logs = tmp_path / "logs" / job
+    assert "Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
+    assert "error: scaling: one trial needs 3 CPUs (3 workers) but the cluster has 2 CPUs and 0 GPUs" in (logs / f"{job}_0_log.err").read_text()
+    deadline = time.monotonic() + 60
+    while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _sacct_state(job) == "FAILED"
+
+
+@pytest.mark.full
 def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, tmp_path):
     """One job does both (each costs minutes here): the pipeline on 2 SLURM nodes with DDP across
-    them, and `scontrol requeue` while its first trial trains."""
+    them, and `scontrol requeue` while its first trial trains. About 6 minutes on 2 cores: it runs
+    in make full-check; CI runs the rendezvous above."""
     proc = _launch(tmp_path)
     job = _job_id(proc)
     train = tmp_path / "run" / "train"

@@ -104,10 +104,21 @@ def _table(columns: dict[str, Any], n: int) -> pa.Table:
 class CamActor:
     """A Ray Data actor: loads one checkpoint and its hooks once, then explains batches."""
 
-    def __init__(self, checkpoint: str, run: str, settings: CamSettings, layers: list[CamLayer], progress: Any = None, device: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        run: str,
+        settings: CamSettings,
+        layers: list[CamLayer],
+        progress: Any = None,
+        device: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         # The driver names the device: Ray 2.60 no longer hides the GPUs from an actor that asked
         # for none (ray-project/ray#54868), so CUDA being visible says nothing. None: CUDA if any.
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads and self.device.type == "cpu":  # Ray starts a 1-CPU actor with 1 thread; actor_layout says how many it may use
+            torch.set_num_threads(threads)
         self.model, meta = load_model(checkpoint, self.device)
         self.spec = ModelSpec(**meta["model"])
         self.run, self.settings, self.layers = run, settings, layers

@@ -70,7 +70,14 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
 
 
 def explain(
-    run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float, console: Console | None = None
+    run_dir: Path,
+    plans: list[ModelPlan],
+    test: ImageSet,
+    settings: CamSettings,
+    actors: int,
+    gpus_per_actor: float,
+    console: Console | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Run the CAM stage for the planned models; Ray must be up where anything is missing.
 
@@ -85,7 +92,7 @@ def explain(
             if not p.missing:
                 continue
             raw = staging.folder / f"raw-{uuid.uuid4().hex[:8]}"
-            _write_maps(raw, run_dir, p, test, settings, actors, gpus_per_actor, console)
+            _write_maps(raw, run_dir, p, test, settings, actors, gpus_per_actor, threads, console)
             wanted = {(p.spec.family, layer.name, method) for layer, method in p.missing}
             expected_rows = len(test) * len(settings.targets)  # one row per image and target
             written, skipped = staging.regroup_and_publish(raw, results.CAM_PARTITIONS, wanted, p.source, settings.comparable(), expected_rows)
@@ -95,7 +102,7 @@ def explain(
 
 
 def _write_maps(
-    raw: Path, run_dir: Path, p: ModelPlan, test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float, console: Console | None
+    raw: Path, run_dir: Path, p: ModelPlan, test: ImageSet, settings: CamSettings, actors: int, gpus_per_actor: float, threads: int, console: Console | None
 ) -> None:
     """One model's missing (layer, method) maps, as Ray Data's unpartitioned Parquet files in
     ``raw``. Every layer and method that misses any partition is computed for every image."""
@@ -122,6 +129,7 @@ def _write_maps(
             "layers": needed_layers,
             "progress": counter,
             "device": "cuda" if gpus_per_actor else "cpu",  # what the actor was given (cam_actor says why)
+            "threads": threads,
         },
         batch_size=settings.batch_size,
         batch_format="pyarrow",
