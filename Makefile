@@ -56,7 +56,7 @@ device-rehearsal: $(VENV)/.installed
 # (a trained model's maps; the demo alone is about 9 minutes here) and the whole device rehearsal.
 full-check: $(VENV)/.installed
 	$(PY) benchmarks/full_check.py --out results/full-check
-	$(PY) -m pytest -m full
+	CIFARCAM_REQUIRE_SLURM=1 $(PY) -m pytest -m full  # the SLURM requeue must run, not be skipped (root and apt-get)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .device-kit .device-rehearsal

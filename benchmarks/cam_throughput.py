@@ -120,6 +120,7 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
     import ray
 
     from cifarcam.cam.actor import CamActor, images_table
+    from cifarcam.cam.runner import actor_layout, cpu_share
     from cifarcam.cam.settings import CamSettings
     from cifarcam.cam.stage import ModelToExplain, explain, plan
     from cifarcam.training.checkpoint import save_checkpoint
@@ -130,15 +131,14 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_checkpoint(Path(tmp) / "ckpt", model, spec, {})
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        cpus = int(ray.cluster_resources()["CPU"])
-        gpus = ray.cluster_resources().get("GPU", 0)
-        actors = int(gpus) if gpus else max(1, cpus - 1)
-        threads = None if gpus else actors  # the loop gets the CPUs the actor pool holds
+        layout = actor_layout(ray.cluster_resources(), settings, *cpu_share())  # as the jobs size it
+        actors = layout.actors
+        threads = None if layout.gpus_per_actor else actors * layout.threads  # the loop gets the CPUs the actor pool computes with
 
         def stage(run: Path, images: ImageSet) -> float:
             plans = plan(run, [ModelToExplain(spec.family, str(ckpt))], settings)
             start = time.perf_counter()
-            explain(run, plans, images, settings, actors, 1.0 if gpus else 0.0)
+            explain(run, plans, images, settings, actors, layout.gpus_per_actor, threads=layout.threads)
             return time.perf_counter() - start
 
         # The same stage on one batch gives its fixed cost (actor start-up: a process, CUDA, the

@@ -235,20 +235,20 @@ def test_actor_layout_fits_the_cluster(cluster, options, expected):
 
 
 @pytest.mark.parametrize(
-    "cpus, smallest_node, actors, threads",
+    "cpus, nodes, free, actors, threads",
     [
-        (2, None, None, 2),  # one actor on 2 cores: the writer's core computes too
-        (16, None, None, 1),  # 15 actors: one thread each
-        (16, None, 1, 16),
-        (2, 1, None, 1),  # two 1-CPU nodes: the actor's node has one core
-        (16, 8, 3, 5),
-        (16, 4, 2, 4),
+        (2, 1, None, None, 2),  # one actor on 2 cores: the writer's core computes too
+        (16, 1, None, None, 1),  # 15 actors: one thread each
+        (16, 1, None, 1, 16),
+        (16, 1, 8, 2, 4),  # another job holds half the node
+        (2, 2, None, None, 1),  # two 1-CPU nodes
+        (16, 2, None, 3, 1),  # two 8-CPU nodes: Ray Data may put all 3 actors on one
     ],
 )
-def test_cpu_actors_share_the_cluster_s_cores_within_one_node(cpus, smallest_node, actors, threads):
+def test_cpu_actors_share_a_single_node_s_free_cores(cpus, nodes, free, actors, threads):
     from cifarcam.cam.runner import actor_layout
 
-    assert actor_layout({"CPU": cpus}, CamSettings(actors=actors), smallest_node).threads == threads
+    assert actor_layout({"CPU": cpus}, CamSettings(actors=actors), nodes, free).threads == threads
 
 
 def test_actor_options_out_of_range_are_named():

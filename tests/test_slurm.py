@@ -132,7 +132,8 @@ def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path
     assert proc.returncode == 2, out[-2000:] + err[-3000:]
     assert f"job {job}: driver exit status 2" in out
     logs = tmp_path / "logs" / job
-    assert "Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
+    assert "2 Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
+    assert "10.77.0.2" in (logs / "attempt-0" / "ray-worker-1.log").read_text()  # the second node started Ray at its own address
     assert "error: scaling: one trial needs 3 CPUs (3 workers) but the cluster has 2 CPUs and 0 GPUs" in (logs / f"{job}_0_log.err").read_text()
     deadline = time.monotonic() + 60
     while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:

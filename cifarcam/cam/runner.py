@@ -75,15 +75,16 @@ class ActorLayout:
         return f"{self.actors} CPU actor(s) of 1 CPU, {self.threads} thread(s) each"
 
 
-def actor_layout(cluster: dict[str, float], settings: CamSettings, smallest_node_cpus: int | None = None) -> ActorLayout:
+def actor_layout(cluster: dict[str, float], settings: CamSettings, cpu_nodes: int = 1, free_cpus: int | None = None) -> ActorLayout:
     """The CAM actors this cluster holds: one per GPU share where there are GPUs (unless
     ``gpus_per_actor`` is 0), else one per CPU but one. On CPUs one core stays free for Ray Data's
     write tasks: actors holding every CPU would leave the writer waiting forever.
 
-    A CPU actor reserves one CPU, but computes with the cluster's CPUs shared among the actors, at
-    most one node's (``smallest_node_cpus``; default: the cluster is one node). The writer is idle
-    most of the time: on 2 cores, one single-threaded actor left a core unused (measured: 43 of a
-    model's 57 s in the actor, on one core). From 3 CPUs on, the default gives each actor 1 thread."""
+    A CPU actor reserves one CPU. On a one-node cluster it computes with the node's free CPUs
+    (``free_cpus``, default all) shared among the actors: the writer is idle most of the time, and
+    on 2 cores one single-threaded actor left a core unused (measured: 43 of a model's 57 s in the
+    actor, on one core). From 3 CPUs on, the default gives each actor 1 thread. On several nodes
+    (``cpu_nodes``) Ray Data places actors unevenly (best effort), so each keeps 1 thread."""
     gpus, cpus = cluster.get("GPU", 0.0), int(cluster.get("CPU", 1))
     if gpus and settings.gpus_per_actor:
         fit = int(gpus / settings.gpus_per_actor + 1e-9)
@@ -93,14 +94,16 @@ def actor_layout(cluster: dict[str, float], settings: CamSettings, smallest_node
     actors = settings.actors or max(1, cpus - 1)
     if actors >= cpus:
         raise ConfigError(f"--actors {actors}: at most {cpus - 1} CPU actors fit this {cpus}-CPU cluster (one CPU is left for writing)")
-    return ActorLayout(actors, 0.0, threads=max(1, min(smallest_node_cpus or cpus, cpus // actors)))
+    threads = max(1, (cpus if free_cpus is None else free_cpus) // actors) if cpu_nodes == 1 else 1
+    return ActorLayout(actors, 0.0, threads)
 
 
-def smallest_node_cpus() -> int:
-    """The fewest CPUs of any live node that has CPUs (a connected Ray)."""
+def cpu_share() -> tuple[int, int]:
+    """(live nodes with CPUs, CPUs free now) of the connected Ray: what actor_layout shares."""
     import ray
 
-    return int(min(node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")))
+    nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU"))
+    return nodes, int(ray.available_resources().get("CPU", 0))
 
 
 def explain_run(
@@ -131,7 +134,7 @@ def explain_run(
         summary = explain(run_dir, plans, test, settings, actors=1, gpus_per_actor=0.0)
     else:
         connect()
-        layout = actor_layout(ray.cluster_resources(), settings, smallest_node_cpus())
+        layout = actor_layout(ray.cluster_resources(), settings, *cpu_share())
         if console is not None:
             console.print(f"cams: {layout}")
         summary = explain(run_dir, plans, test, settings, layout.actors, layout.gpus_per_actor, console=console, threads=layout.threads)
