@@ -1,12 +1,12 @@
 """Kill tests on a real local Ray: a Train worker dies, a trial's driver dies, the search driver
-dies, the CAM job dies, a trial's loss goes NaN. Nothing already computed is lost, and a rerun finishes the work."""
+dies, a trial's loss goes NaN. Nothing already computed is lost, and a rerun finishes the work.
+A killed CAM job: tests/test_cam_concurrency.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import BackgroundJob, descendants, run_job, write_config
+from helpers import BackgroundJob, descendants, write_config
 
 # Two trials in grid order (2 CPUs: one at a time): one whose loss explodes, then a good one that
 # meets every other fault. Two, not one per fault: each trial costs about 35 s here before its
@@ -155,49 +155,3 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(faulty_run):
     # the same experiment went on (same trial ids), the interrupted trial from its checkpoint
     assert {p.name for p in (run / "train").glob("trial_*")} == trial_dirs
     assert {f"trial_{t}" for t, _ in _epochs(run)} == trial_dirs
-
-
-def _cam_layers(model_folder: Path) -> int:
-    from cifarcam.training.models import FAMILIES
-
-    return len(FAMILIES[model_folder.name.removeprefix("model=")].cam_layers)
-
-
-def test_killed_cam_job_reruns_to_a_complete_table_without_duplicates(demo_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "report", ".staging"))
-    cam_args = ["--run", str(run), "--num-cpus", "2", "--methods", "gradcam,layercam", "--targets", "pred", "--faithfulness-steps", "0"]
-
-    # A model's folder exists from plan time (it holds the checkpoint's claim); a model is done
-    # once every one of its partitions (each CAM layer x 2 methods) is published with its marker.
-    def first_model() -> list[Path]:
-        return [p for p in (run / "cams").glob("model=*") if len(list(p.glob("layer=*/method=*/_COMPLETE.json"))) == 2 * _cam_layers(p)]
-
-    with BackgroundJob(tmp_path / "job.log", "jobs.cam", *cam_args) as job:
-        job.wait_for(first_model, "the first model's partitions")
-        job.kill()  # mid-way: the second model is being computed and written
-    (done,) = first_model()
-    # One published partition of the finished model goes missing too: the rerun computes that one
-    # (layer, method) of it again, and leaves the model's others alone.
-    missing, *complete = sorted(done.glob("layer=*/method=*"))
-    shutil.rmtree(missing)
-    kept = {p: p.stat().st_mtime_ns for part in complete for p in part.rglob("*.parquet")}
-    assert kept
-
-    rerun = run_job("jobs.cam", *cam_args)
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-4000:]
-    written, skipped = (int(n) for n in re.search(r"cams: (\d+) partitions written, (\d+) already complete", rerun.stdout).groups())
-    assert skipped == len(complete) > 0
-    assert written == 1 + sum(2 * _cam_layers(m) for m in (run / "cams").glob("model=*") if m != done)  # the missing one, the other model
-    assert {p: p.stat().st_mtime_ns for part in complete for p in part.rglob("*.parquet")} == kept  # finished parts untouched
-    assert list(missing.glob("_COMPLETE.json"))  # the missing one computed again
-    assert not (run / ".staging").exists()
-    test_images = duckdb.sql(f"select count(distinct image_index) from '{run}/predictions.parquet'").fetchall()[0][0]
-    counts = duckdb.sql(
-        f"""select model, layer, method, target, count(*) as n, count(distinct image_index) as images
-            from read_parquet('{run}/cams/**/*.parquet', hive_partitioning = true) group by all"""
-    ).fetchall()
-    models = duckdb.sql(f"select count(*) from '{run}/accuracy.parquet'").fetchall()[0][0]
-    layers = {(model, layer) for model, layer, *_ in counts}
-    assert len(counts) == len(layers) * 2 and len({m for m, *_ in counts}) == models == 2  # 2 methods, 1 target
-    assert all(n == images == test_images for *_, n, images in counts)

@@ -23,7 +23,6 @@ from helpers import run_job
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-APT = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver"
 MAX_HTML_BYTES = 15 * 1024 * 1024
 
 
@@ -38,7 +37,7 @@ def browser():
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             _unavailable("Chromium is not installed and installing it needs root and apt-get")
-        proc = subprocess.run(["bash", "-c", APT], capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(["bash", str(Path(__file__).parent / "install-browser.sh")], capture_output=True, text=True, timeout=1200)
         if proc.returncode != 0:
             _unavailable(f"apt-get could not install chromium: {proc.stderr[-2000:]}")
     from selenium import webdriver
