@@ -107,4 +107,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: LONGEST_FIRST.index(group(item)) if group(item) in LONGEST_FIRST else len(LONGEST_FIRST))
 
 
-LONGEST_FIRST = ["full-demo", "demo", "test_device_kit.py", "test_slurm.py", "test_faults.py", "test_search_job.py"]
+LONGEST_FIRST = ["full-demo", "demo", "test_device_kit.py", "test_slurm.py", "test_search_job.py"]

@@ -124,14 +124,17 @@ class BackgroundJob:
     """A job in the background, in its own session, so that a test can kill it and everything it
     started (its local Ray included) as one process group. Output goes to a file (a pipe nobody
     reads would fill up and stall the job). As a context manager it never outlives a failed test:
-    an orphaned job would compete with the next test's Ray for the 2 CPUs."""
+    an orphaned job would compete with the next test's Ray for the 2 CPUs. ``command`` (with
+    ``env``) runs something else than ``python -m args``, e.g. `ray job submit`."""
 
-    def __init__(self, log: Path, *args: str) -> None:
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-        env.pop("RAY_ADDRESS", None)
+    def __init__(self, log: Path, *args: str, command: list[str] | None = None, env: dict | None = None) -> None:
+        if env is None:
+            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+            env.pop("RAY_ADDRESS", None)
         self.log = log
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            argv = command if command is not None else [sys.executable, "-m", *args]
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> "BackgroundJob":
         return self

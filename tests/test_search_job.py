@@ -1,21 +1,31 @@
 """End to end: `python -m jobs.search` on a real Ray head (`ray start`, dashboard and job server on
-127.0.0.1) through `ray job submit`, 2 trials x 2 DDP workers (gloo). The one search first meets a
-cluster that cannot place its trial (issue 19's hang) and ends in one line; its --resume then runs
-it to the end, and the tests below read that run."""
+127.0.0.1) through `ray job submit`, 3 trials x 2 DDP workers (gloo), and every fault a search
+meets, in one scenario (each trial costs about 20 s here before its first step):
+
+1. the search first meets a cluster that cannot place its trial (issue 19's hang) and ends in one
+   line;
+2. its --resume runs: the first trial's loss explodes; a DDP worker of the second is killed
+   mid-epoch 2; the search's driver is killed once epoch 2 is recorded everywhere;
+3. a second --resume goes on, and the resumed trial's own driver is killed before it trains
+   epoch 3; the search then ends, the third trial stopped by ASHA.
+
+The tests below read that run. A killed CAM job: tests/test_cam_concurrency.py."""
 
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from helpers import ROOT, SMALL_SEARCH, assert_quiet, in_process, run_job, write_config
+from helpers import ROOT, BackgroundJob, assert_quiet, descendants, in_process, run_job, write_config
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +42,7 @@ def ray_head():
     try:
         up = subprocess.run(["bash", "cluster/ray-head-up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         assert up.returncode == 0, up.stderr
-        yield up.stdout.strip(), env
+        yield up.stdout.strip(), env, int((state / "head.pid").read_text())
     finally:  # by PID, also when start-up failed half-way
         subprocess.run(["bash", "cluster/ray-head-down.sh"], cwd=ROOT, env=env, timeout=60)
         shutil.rmtree(state, ignore_errors=True)
@@ -49,11 +59,41 @@ else:
     remove_placement_group(get_placement_group("leftover"))
 """
 
+# Three trials in grid order (2 CPUs: one at a time). SGD, so that lr 1e5 makes the loss infinite
+# (Adam's steps do not grow with the gradient). The second trial meets every kill.
+FAULTY_SEARCH = """
+name: {name}
+data:
+  source: synthetic
+  # the easy variant: these tests check plumbing and need a model that learns in seconds
+  synthetic: {{num_classes: 10, train_size: 2000, test_size: 300, colours: per_class}}
+train:
+  model: resnet_tiny
+  optimizer: sgd
+  epochs: 3
+  batch_size: 64
+  lr: 0.05
+  warmup_epochs: 0
+search:
+  grid:
+    lr: [100000.0, 0.05, 0.000001]  # diverges; learns; cannot learn in one epoch: ASHA must stop it
+  early_stopping: asha
+  grace_period: 1
+  reduction_factor: 2
+  keep_checkpoints: 1
+  worker_restarts: 2
+  trial_restarts: 1
+scaling:
+  workers_per_trial: 2
+  cpus_per_worker: 1
+  start_timeout_s: 30
+"""
+GOOD = "00001"  # the trial that meets the faults
 
-def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+
+def _submit_command(address: str, *args: str) -> list[str]:
     ray = str(ROOT / ".venv" / "bin" / "ray")
-    cmd = [ray, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return [ray, "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", *args]
 
 
 def _leftover(env: dict, action: str) -> None:
@@ -61,29 +101,103 @@ def _leftover(env: dict, action: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def _checkpoints(run: Path, trial: str = "*") -> list[Path]:
+    return sorted((run / "train").glob(f"trial_*{trial}/checkpoint_*"))
+
+
+def _committed(job: BackgroundJob, trial: str, epoch: int) -> bool:
+    """The search printed ``trial``'s ``epoch``: Tune has its result, so Train has registered the
+    epoch's checkpoint (a checkpoint folder on disk alone may not be registered yet)."""
+    return re.search(rf"search: trial \S+_{trial} (\(\S+\) )?epoch {epoch}:", job.output()) is not None
+
+
+def _history(run: Path, trial: str, epoch: int) -> dict:
+    """``epoch``'s entry in the history that ``trial``'s checkpoints carry (each holds every epoch so far)."""
+    for folder in _checkpoints(run, trial):
+        try:
+            history = json.loads((folder / "meta.json").read_text())["history"]
+        except OSError:  # the previous checkpoint, deleted under the glob (keep_checkpoints)
+            continue
+        found = [entry for entry in history if entry["epoch"] == epoch]
+        if found:
+            return found[0]
+    raise AssertionError(f"no checkpoint of trial {trial} holds epoch {epoch}")
+
+
+def _processes(head_pid: int, kind: str) -> set[int]:
+    """The head's processes whose command line holds ``kind`` (Ray names its actors' processes
+    ``ray::RayTrainWorker``, ``ray::ImplicitFunc`` (Tune's trial driver), ...)."""
+    return {pid for pid, cmd in descendants(head_pid).items() if kind in cmd}
+
+
+def _search_driver(head_pid: int) -> int:
+    """The job's entrypoint, the search's driver (not the shell that Ray's job supervisor may wrap it in)."""
+    (pid,) = [pid for pid, cmd in descendants(head_pid).items() if "jobs.search" in cmd and cmd.split()[0].endswith(("python", "python3"))]
+    return pid
+
+
 @pytest.fixture(scope="module")
 def search_run(ray_head, tmp_path_factory):
     """Half the head's CPUs are held by a placement group that nothing uses, so a trial of 2
     workers cannot be placed: Ray Train alone retries forever, silently (issue 19). The search must
-    end within scaling.start_timeout_s with one line; once the CPUs are free, --resume (with
-    --mlflow: a real local tracking store, read back below) runs it to the end."""
-    address, env = ray_head
+    end within scaling.start_timeout_s with one line. Once the CPUs are free, --resume (with
+    --mlflow: a real local tracking store, read back below) meets the faults of the module's
+    docstring, and a second --resume runs it to the end."""
+    address, env, head = ray_head
     folder = tmp_path_factory.mktemp("search")
     out = folder / "run"
-    config = write_config(folder, "small", SMALL_SEARCH.replace("scaling:\n", "scaling:\n  start_timeout_s: 30\n"))
-    job = ["jobs.search", "--config", str(config), "--out", str(out)]
+    uri = f"sqlite:///{folder}/mlflow.db"
+    job = ["jobs.search", "--config", str(write_config(folder, "small", FAULTY_SEARCH)), "--out", str(out)]
+    resume = [*job, "--resume", "--mlflow", uri]
     _leftover(env, "hold")
     try:
-        stalled = _submit(address, env, *job)
+        stalled = subprocess.run(_submit_command(address, *job), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     finally:
         _leftover(env, "release")
-    resumed = _submit(address, env, *job, "--resume", "--mlflow", f"sqlite:///{folder}/mlflow.db")
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
-    return out, stalled, resumed
+
+    with BackgroundJob(folder / "resumed.log", command=_submit_command(address, *resume), env=env) as first:
+        first.wait_for(lambda: _committed(first, GOOD, 1), "the second trial's first epoch")
+        trained = {1: _history(out, GOOD, 1)}
+        workers, drivers = _processes(head, "RayTrainWorker"), _processes(head, "ImplicitFunc")
+        assert len(workers) == 2 and len(drivers) == 1, descendants(head)
+        time.sleep(0.5)  # into epoch 2 (an epoch takes about 4 s here)
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        # Train replaces the whole worker group: new worker processes appear...
+        first.wait_for(lambda: _processes(head, "RayTrainWorker") - workers, "a replacement worker group")
+        # ...under the same trial driver: Train restarted its workers, Tune did not restart the trial
+        replaced_mid_trial = _processes(head, "ImplicitFunc") == drivers
+        first.wait_for(lambda: _committed(first, GOOD, 2), "the replacement workers' epoch 2")
+        trained[2] = _history(out, GOOD, 2)
+        os.kill(_search_driver(head), signal.SIGKILL)  # as a crash would; the cluster lives on
+        first.finish()
+    killed_at = time.time()
+    finished = {p: p.stat().st_mtime for p in _checkpoints(out, "00000")}
+    trial_dirs = {p.name for p in (out / "train").glob("trial_*")}
+    # Ray ends a dead driver's actors on its own schedule; they hold the CPUs until then
+    deadline = time.monotonic() + 120
+    while _processes(head, "RayTrainWorker") | _processes(head, "ImplicitFunc") and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    with BackgroundJob(folder / "resumed-again.log", command=_submit_command(address, *resume), env=env) as second:
+        # The resumed trial's driver (Tune's trainable, which owns the Train controller) dies:
+        # Tune restarts the trial (search.trial_restarts), which goes on from its checkpoint.
+        second.wait_for(lambda: _processes(head, "ImplicitFunc"), "the resumed trial's driver")
+        os.kill(_processes(head, "ImplicitFunc").pop(), signal.SIGKILL)
+        assert second.finish() == 0, second.output()[-5000:]
+    faults = {
+        "victim": victim,
+        "replaced_mid_trial": replaced_mid_trial,
+        "trained": trained,
+        "killed_at": killed_at,
+        "finished": finished,
+        "trial_dirs": trial_dirs,
+    }
+    return out, stalled, first.output() + second.output(), second.output(), faults
 
 
 def test_a_search_that_cannot_place_a_trial_ends_in_one_line(search_run):
-    out, stalled, _ = search_run
+    out, stalled, *_ = search_run
     assert stalled.returncode != 0, stalled.stdout[-4000:]
     # `ray job submit` streams the job's log, then repeats its tail when the job failed
     errors = sorted({line for line in stalled.stdout.splitlines() if line.startswith("error: ")})
@@ -96,13 +210,51 @@ def test_a_search_that_cannot_place_a_trial_ends_in_one_line(search_run):
 
 
 def test_the_resumed_search_runs_through_ray_job_submit_with_a_quiet_terminal(search_run):
-    out, stalled, resumed = search_run
-    assert "succeeded" in resumed.stdout.lower()
-    assert_quiet(stalled.stdout + resumed.stdout, out)  # `ray job submit` streams the job's log: the project's lines
-    assert "search: trial " in resumed.stdout
+    out, stalled, resumed, last, _ = search_run
+    assert "succeeded" in last.lower()
+    assert_quiet(stalled.stdout + resumed, out)  # `ray job submit` streams the job's log: the project's lines
+    assert "search: trial " in last
     ((n, completed),) = duckdb.sql(f"select count(*), count(*) filter (where status = 'completed') from '{out}/trials.parquet'").fetchall()
-    assert n == 2 and completed == 1
+    assert n == 3 and completed == 1
     assert duckdb.sql(f"select count(*) from '{out}/predictions.parquet'").fetchall() == [(300,)]
+
+
+def test_killed_worker_restarts_from_its_checkpoint_and_finishes(search_run):
+    out, *_, faults = search_run
+    assert not Path(f"/proc/{faults['victim']}").exists()
+    assert faults["replaced_mid_trial"]
+    # the second trial lost a worker, then its search driver, then its own driver: it completed
+    epochs = duckdb.sql(f"select trial_id, list(epoch order by epoch) from '{out}/epochs.parquet' group by trial_id order by trial_id").fetchall()
+    assert [e for _, e in epochs] == [[1], [1, 2, 3], [1]]
+    # every epoch exactly once: the replacement workers went on from epoch 1's checkpoint, the
+    # resumed and restarted trial from epoch 2's; an epoch trained again would have other timings
+    stored = duckdb.sql(f"select epoch, epoch_time_s from '{out}/epochs.parquet' where trial_id like '%_{GOOD}' and epoch <= 2 order by epoch").fetchall()
+    assert stored == [(epoch, faults["trained"][epoch]["epoch_time_s"]) for epoch in (1, 2)]
+
+
+def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(search_run):
+    out, _, resumed, *_ = search_run
+    ((lr, status, epochs_run, error, best),) = duckdb.sql(
+        f"select lr, status, epochs_run, error, best_checkpoint from '{out}/trials.parquet' where lr > 1000"
+    ).fetchall()
+    assert (lr, status, epochs_run) == (100000.0, "diverged", 1)
+    assert error.startswith("diverged: training loss ") and error.endswith(" at epoch 1") and ("nan" in error or "inf" in error)
+    assert best is None
+    assert "diverged" in resumed  # the search's summary table reports it
+    # the next trials ran, and the test-set evaluation skipped the diverged one
+    assert duckdb.sql(f"select count(*) from '{out}/accuracy.parquet'").fetchall() == [(1,)]
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(search_run):
+    out, *_, faults = search_run
+    assert len(faults["trial_dirs"]) == 2 and faults["finished"]
+    # the finished (diverged) trial was not rerun: its checkpoint is the one from before the kill
+    assert {p: p.stat().st_mtime for p in _checkpoints(out, "00000")} == faults["finished"]
+    assert all(mtime < faults["killed_at"] for mtime in faults["finished"].values())
+    # the same experiment went on (same trial ids), the interrupted trial from its checkpoint
+    trial_dirs = {p.name for p in (out / "train").glob("trial_*")}
+    assert faults["trial_dirs"] < trial_dirs and len({name.rsplit("_", 1)[0] for name in trial_dirs}) == 1
+    assert {f"trial_{t}" for (t,) in duckdb.sql(f"select distinct trial_id from '{out}/epochs.parquet'").fetchall()} == trial_dirs
 
 
 def test_search_writes_every_table_and_the_provenance(search_run):
@@ -156,9 +308,9 @@ def test_mlflow_holds_every_trials_parameters_epochs_and_the_best_test_accuracy(
 def test_asha_stops_the_hopeless_trial_and_keeps_the_good_one(search_run):
     out, *_ = search_run
     rows = duckdb.sql(f"select lr, status, stopped_by_asha, epochs_run, best_val_top1 from '{out}/trials.parquet' order by lr desc").fetchall()
-    assert len(rows) == 2
-    (good_lr, good_status, good_stopped, good_epochs, good_acc), (bad_lr, bad_status, bad_stopped, bad_epochs, bad_acc) = rows
-    assert (good_lr, good_status, good_stopped, good_epochs) == (0.004, "completed", False, 2)
+    assert len(rows) == 3
+    (good_lr, good_status, good_stopped, good_epochs, good_acc), (bad_lr, bad_status, bad_stopped, bad_epochs, bad_acc) = rows[1:]
+    assert (good_lr, good_status, good_stopped, good_epochs) == (0.05, "completed", False, 3)
     assert (bad_lr, bad_status, bad_stopped, bad_epochs) == (0.000001, "stopped_early", True, 1)
     assert good_acc > 0.5 > bad_acc
 

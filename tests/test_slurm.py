@@ -71,7 +71,7 @@ def _popen(cmd: list[str]) -> subprocess.Popen:
     return proc
 
 
-# The search of tests/test_search_job.py, explained on 100 test images instead of 300: what runs on
+# SMALL_SEARCH (tests/helpers.py), explained on 100 test images instead of 300: what runs on
 # SLURM is the rendezvous, the requeue and the resume, not the CAM stage's volume.
 SLURM_SEARCH = SMALL_SEARCH.replace("test_size: 300", "test_size: 100")
 TEST_IMAGES = 100

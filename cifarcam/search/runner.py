@@ -78,12 +78,12 @@ def run_search(
     job = ray.get_runtime_context().get_job_id()
     watch = PlacementWatch(worker_bundle(res.cpus_per_worker, res.gpus_per_worker), res.workers, cfg.scaling.start_timeout_s, cfg.train.model, job)
     callbacks = [TensorBoardEpochs(layout.tensorboard), watch]
-    if console is not None:
-        callbacks.append(SearchProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode, console))
     if mlflow_uri:
         from cifarcam.search.mlflow_log import MLflowTrials
 
         callbacks.append(MLflowTrials(mlflow_uri, cfg.name, cfg.train))
+    if console is not None:  # last: Tune calls callbacks in order, so a printed epoch is recorded everywhere
+        callbacks.append(SearchProgress(count_trials(cfg.search), cfg.search.metric, cfg.search.mode, console))
     tuner = make_tuner(cfg, splits, out_dir, resume, res, callbacks)
     mark_work_started()
     try:
