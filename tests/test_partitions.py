@@ -136,8 +136,9 @@ def test_a_model_folder_holds_one_checkpoints_maps(tmp_path, source):
         claim_model(folder, other)
 
 
-def test_files_per_partition_are_bounded_whatever_the_number_of_blocks(tmp_path, source, monkeypatch):
+def test_files_and_row_groups_per_partition_are_bounded_whatever_the_number_of_blocks(tmp_path, source, monkeypatch):
     monkeypatch.setattr(partitions, "MAX_ROWS_PER_FILE", 10)
+    monkeypatch.setattr(partitions, "ROW_GROUP_ROWS", 6)
     raws = []
     for block in range(7):  # 7 blocks of 3 rows per partition, as Ray Data would write them
         raws.append(tmp_path / f"block{block}.parquet")
@@ -147,6 +148,12 @@ def test_files_per_partition_are_bounded_whatever_the_number_of_blocks(tmp_path,
         marker = read_marker(folder)
         assert marker["rows"] == 21 and len(marker["files"]) == 3  # 9 + 9 + 3 rows
         assert sorted(p.name for p in folder.glob("*.parquet")) == [f["name"] for f in marker["files"]]
+        # row groups of 6 rows, not one per block: 6 + 3, 6 + 3, 3
+        sizes = [
+            [pq.ParquetFile(folder / f["name"]).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(folder / f["name"]).num_row_groups)]
+            for f in marker["files"]
+        ]
+        assert sizes == [[6, 3], [6, 3], [3]]
 
 
 def _hold_staging(run_dir: str, ready, done) -> None:

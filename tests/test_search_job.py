@@ -42,7 +42,7 @@ def ray_head():
     try:
         up = subprocess.run(["bash", "cluster/ray-head-up.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         assert up.returncode == 0, up.stderr
-        yield up.stdout.strip(), env, int((state / "head.pid").read_text())
+        yield up.stdout.strip(), env, int((state / "head.pid").read_text()), state
     finally:  # by PID, also when start-up failed half-way
         subprocess.run(["bash", "cluster/ray-head-down.sh"], cwd=ROOT, env=env, timeout=60)
         shutil.rmtree(state, ignore_errors=True)
@@ -101,27 +101,32 @@ def _leftover(env: dict, action: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def _checkpoints(run: Path, trial: str = "*") -> list[Path]:
-    return sorted((run / "train").glob(f"trial_*{trial}/checkpoint_*"))
+def _driver_log(state: Path, job: BackgroundJob) -> str:
+    """What the submitted job's driver printed so far, read from its log on the head: `ray job
+    submit` streams it on, seconds later under load, and a fault meant for one epoch would land
+    in the next."""
+    submitted = re.search(r"Job '(raysubmit_\w+)' submitted successfully", job.output())
+    log = state / "ray" / "session_latest" / "logs" / f"job-driver-{submitted.group(1)}.log" if submitted else None
+    return log.read_text(errors="replace") if log is not None and log.exists() else ""
 
 
-def _committed(job: BackgroundJob, trial: str, epoch: int) -> bool:
-    """The search printed ``trial``'s ``epoch``: Tune has its result, so Train has registered the
-    epoch's checkpoint (a checkpoint folder on disk alone may not be registered yet)."""
-    return re.search(rf"search: trial \S+_{trial} (\(\S+\) )?epoch {epoch}:", job.output()) is not None
+def _committed(log: str, trial: str, epoch: int) -> bool:
+    """The search printed ``trial``'s ``epoch``: Tune has its result (every callback, MLflow's
+    included, ran before the progress line), so Train has registered the epoch's checkpoint."""
+    return re.search(rf"search: trial \S+_{trial} (\(\S+\) )?epoch {epoch}:", log) is not None
 
 
-def _history(run: Path, trial: str, epoch: int) -> dict:
-    """``epoch``'s entry in the history that ``trial``'s checkpoints carry (each holds every epoch so far)."""
-    for folder in _checkpoints(run, trial):
-        try:
-            history = json.loads((folder / "meta.json").read_text())["history"]
-        except OSError:  # the previous checkpoint, deleted under the glob (keep_checkpoints)
-            continue
-        found = [entry for entry in history if entry["epoch"] == epoch]
-        if found:
-            return found[0]
-    raise AssertionError(f"no checkpoint of trial {trial} holds epoch {epoch}")
+def _registered(run: Path, trial: str, epoch: int) -> dict | None:
+    """``epoch``'s entry in the history of ``trial``'s latest checkpoint that Train registered
+    (each holds every epoch so far). Not any checkpoint folder on disk: a worker killed after
+    writing one but before its report reached Train's controller leaves one that never counted."""
+    for folder in (run / "train").glob(f"trial_*{trial}"):
+        snapshot = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest:
+            history = json.loads((folder / latest / "meta.json").read_text())["history"]
+            return next((entry for entry in history if entry["epoch"] == epoch), None)
+    return None
 
 
 def _processes(head_pid: int, kind: str) -> set[int]:
@@ -143,12 +148,11 @@ def search_run(ray_head, tmp_path_factory):
     end within scaling.start_timeout_s with one line. Once the CPUs are free, --resume (with
     --mlflow: a real local tracking store, read back below) meets the faults of the module's
     docstring, and a second --resume runs it to the end."""
-    address, env, head = ray_head
+    address, env, head, state = ray_head
     folder = tmp_path_factory.mktemp("search")
     out = folder / "run"
-    uri = f"sqlite:///{folder}/mlflow.db"
     job = ["jobs.search", "--config", str(write_config(folder, "small", FAULTY_SEARCH)), "--out", str(out)]
-    resume = [*job, "--resume", "--mlflow", uri]
+    resume = [*job, "--resume", "--mlflow", f"sqlite:///{folder}/mlflow.db"]
     _leftover(env, "hold")
     try:
         stalled = subprocess.run(_submit_command(address, *job), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -156,10 +160,10 @@ def search_run(ray_head, tmp_path_factory):
         _leftover(env, "release")
 
     with BackgroundJob(folder / "resumed.log", command=_submit_command(address, *resume), env=env) as first:
-        first.wait_for(lambda: _committed(first, GOOD, 1), "the second trial's first epoch")
-        trained = {1: _history(out, GOOD, 1)}
+        first.wait_for(lambda: _committed(_driver_log(state, first), GOOD, 1), "the second trial's first epoch")
+        trained = {1: _registered(out, GOOD, 1)}
         workers, drivers = _processes(head, "RayTrainWorker"), _processes(head, "ImplicitFunc")
-        assert len(workers) == 2 and len(drivers) == 1, descendants(head)
+        assert trained[1] and len(workers) == 2 and len(drivers) == 1, descendants(head)
         time.sleep(0.5)  # into epoch 2 (an epoch takes about 4 s here)
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
@@ -167,12 +171,12 @@ def search_run(ray_head, tmp_path_factory):
         first.wait_for(lambda: _processes(head, "RayTrainWorker") - workers, "a replacement worker group")
         # ...under the same trial driver: Train restarted its workers, Tune did not restart the trial
         replaced_mid_trial = _processes(head, "ImplicitFunc") == drivers
-        first.wait_for(lambda: _committed(first, GOOD, 2), "the replacement workers' epoch 2")
-        trained[2] = _history(out, GOOD, 2)
+        first.wait_for(lambda: _committed(_driver_log(state, first), GOOD, 2), "the replacement workers' epoch 2")
+        trained[2] = _registered(out, GOOD, 2)
         os.kill(_search_driver(head), signal.SIGKILL)  # as a crash would; the cluster lives on
         first.finish()
     killed_at = time.time()
-    finished = {p: p.stat().st_mtime for p in _checkpoints(out, "00000")}
+    finished = {p: p.stat().st_mtime for p in (out / "train").glob("trial_*00000/checkpoint_*")}
     trial_dirs = {p.name for p in (out / "train").glob("trial_*")}
     # Ray ends a dead driver's actors on its own schedule; they hold the CPUs until then
     deadline = time.monotonic() + 120
@@ -249,7 +253,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(search_run):
     out, *_, faults = search_run
     assert len(faults["trial_dirs"]) == 2 and faults["finished"]
     # the finished (diverged) trial was not rerun: its checkpoint is the one from before the kill
-    assert {p: p.stat().st_mtime for p in _checkpoints(out, "00000")} == faults["finished"]
+    assert {p: p.stat().st_mtime for p in (out / "train").glob("trial_*00000/checkpoint_*")} == faults["finished"]
     assert all(mtime < faults["killed_at"] for mtime in faults["finished"].values())
     # the same experiment went on (same trial ids), the interrupted trial from its checkpoint
     trial_dirs = {p.name for p in (out / "train").glob("trial_*")}

@@ -42,6 +42,9 @@ MARKER = "_COMPLETE.json"
 CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
 SETTINGS = "_settings.json"  # in cams/: how every partition there was computed
 MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
+# Rows per Parquet row group, about 5 MB: Ray Data's blocks (a few hundred rows) would each be one,
+# 79 for a partition of the 10,000 test images x 2 targets.
+ROW_GROUP_ROWS = 4096
 
 
 def encode(value: str) -> str:
@@ -220,7 +223,8 @@ class Staging:
 
 @dataclass
 class _PartitionFiles:
-    """The files of one partition being written: at most MAX_ROWS_PER_FILE rows each."""
+    """The files of one partition being written: at most MAX_ROWS_PER_FILE rows each, in row
+    groups of ROW_GROUP_ROWS (the parts are held until one is full)."""
 
     folder: Path
     metadata: dict[str, str]  # each file's schema metadata: how its rows were computed
@@ -228,6 +232,8 @@ class _PartitionFiles:
     writer: pq.ParquetWriter | None = None
     rows_in_file: int = 0
     rows: int = 0
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
 
     def write(self, part: pa.Table) -> None:
         part = part.replace_schema_metadata(self.metadata)
@@ -236,12 +242,21 @@ class _PartitionFiles:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.files.append(f"part-{len(self.files)}.parquet")
             self.writer, self.rows_in_file = pq.ParquetWriter(self.folder / self.files[-1], part.schema), 0
-        self.writer.write_table(part)
+        self.pending.append(part)
+        self.pending_rows += part.num_rows
         self.rows_in_file += part.num_rows
         self.rows += part.num_rows
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
+            self.pending, self.pending_rows = [], 0
 
     def close(self) -> None:
         if self.writer is not None:
+            self._flush()
             self.writer.close()
             self.writer = None
             fsync_path(self.folder / self.files[-1])

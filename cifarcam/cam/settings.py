@@ -67,7 +67,7 @@ class CamSettings:
             _once("--layers", self.layers, self.layers)
         for t in self.targets:
             if t not in TARGET_KINDS:
-                raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label or both")
+                raise ConfigError(f"--targets: unknown target {t!r}; expected pred, label, or both as pred,label")
         if self.batch_size <= 0:
             raise ConfigError(f"--cam-batch-size: must be > 0, got {self.batch_size}")
         for name in ("faithfulness_steps", "faithfulness_images", "sanity_images"):
