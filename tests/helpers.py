@@ -125,7 +125,8 @@ class BackgroundJob:
     started (its local Ray included) as one process group. Output goes to a file (a pipe nobody
     reads would fill up and stall the job). As a context manager it never outlives a failed test:
     an orphaned job would compete with the next test's Ray for the 2 CPUs. ``command`` (with
-    ``env``) runs something else than ``python -m args``, e.g. `ray job submit`."""
+    ``env``) runs something else than ``python -m args``, e.g. `ray job submit`; killing that
+    client leaves its job on the cluster, which the cluster's own teardown ends."""
 
     def __init__(self, log: Path, *args: str, command: list[str] | None = None, env: dict | None = None) -> None:
         if env is None:

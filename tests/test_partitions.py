@@ -138,7 +138,7 @@ def test_a_model_folder_holds_one_checkpoints_maps(tmp_path, source):
 
 def test_files_and_row_groups_per_partition_are_bounded_whatever_the_number_of_blocks(tmp_path, source, monkeypatch):
     monkeypatch.setattr(partitions, "MAX_ROWS_PER_FILE", 10)
-    monkeypatch.setattr(partitions, "ROW_GROUP_ROWS", 6)
+    monkeypatch.setattr(partitions, "ROW_GROUP_ROWS", 4)
     raws = []
     for block in range(7):  # 7 blocks of 3 rows per partition, as Ray Data would write them
         raws.append(tmp_path / f"block{block}.parquet")
@@ -148,12 +148,12 @@ def test_files_and_row_groups_per_partition_are_bounded_whatever_the_number_of_b
         marker = read_marker(folder)
         assert marker["rows"] == 21 and len(marker["files"]) == 3  # 9 + 9 + 3 rows
         assert sorted(p.name for p in folder.glob("*.parquet")) == [f["name"] for f in marker["files"]]
-        # row groups of 6 rows, not one per block: 6 + 3, 6 + 3, 3
+        # whole row groups of 4 rows, not one per block of 3: 4 + 4 + 1, twice, then 3
         sizes = [
             [pq.ParquetFile(folder / f["name"]).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(folder / f["name"]).num_row_groups)]
             for f in marker["files"]
         ]
-        assert sizes == [[6, 3], [6, 3], [3]]
+        assert sizes == [[4, 4, 1], [4, 4, 1], [3]]
 
 
 def _hold_staging(run_dir: str, ready, done) -> None:

@@ -121,11 +121,13 @@ def _registered(run: Path, trial: str, epoch: int) -> dict | None:
     (each holds every epoch so far). Not any checkpoint folder on disk: a worker killed after
     writing one but before its report reached Train's controller leaves one that never counted."""
     for folder in (run / "train").glob(f"trial_*{trial}"):
-        snapshot = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())
-        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        if latest:
-            history = json.loads((folder / latest / "meta.json").read_text())["history"]
-            return next((entry for entry in history if entry["epoch"] == epoch), None)
+        try:  # Train rewrites its snapshot in place, and deletes the checkpoint before the latest
+            snapshot = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())
+            latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+            history = json.loads((folder / latest / "meta.json").read_text())["history"] if latest else []
+        except (OSError, ValueError):
+            return None
+        return next((entry for entry in history if entry["epoch"] == epoch), None)
     return None
 
 
@@ -161,10 +163,12 @@ def search_run(ray_head, tmp_path_factory):
 
     with BackgroundJob(folder / "resumed.log", command=_submit_command(address, *resume), env=env) as first:
         first.wait_for(lambda: _committed(_driver_log(state, first), GOOD, 1), "the second trial's first epoch")
+        first.wait_for(lambda: _registered(out, GOOD, 1), "epoch 1's checkpoint")
         trained = {1: _registered(out, GOOD, 1)}
         workers, drivers = _processes(head, "RayTrainWorker"), _processes(head, "ImplicitFunc")
-        assert trained[1] and len(workers) == 2 and len(drivers) == 1, descendants(head)
+        assert len(workers) == 2 and len(drivers) == 1, descendants(head)
         time.sleep(0.5)  # into epoch 2 (an epoch takes about 4 s here)
+        assert _registered(out, GOOD, 2) is None  # the kill lands in epoch 2, not after it
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
         # Train replaces the whole worker group: new worker processes appear...
@@ -172,16 +176,23 @@ def search_run(ray_head, tmp_path_factory):
         # ...under the same trial driver: Train restarted its workers, Tune did not restart the trial
         replaced_mid_trial = _processes(head, "ImplicitFunc") == drivers
         first.wait_for(lambda: _committed(_driver_log(state, first), GOOD, 2), "the replacement workers' epoch 2")
+        first.wait_for(lambda: _registered(out, GOOD, 2), "epoch 2's checkpoint")
         trained[2] = _registered(out, GOOD, 2)
-        os.kill(_search_driver(head), signal.SIGKILL)  # as a crash would; the cluster lives on
+        # The search's driver dies, as in a crash, and with it the trial it ran (Ray would end
+        # the dead driver's actors on its own schedule, meanwhile training on into epoch 3)
+        os.kill(_search_driver(head), signal.SIGKILL)
+        for pid in _processes(head, "ImplicitFunc") | _processes(head, "TrainController") | _processes(head, "RayTrainWorker"):
+            os.kill(pid, signal.SIGKILL)
         first.finish()
+    assert _registered(out, GOOD, 3) is None  # the resumed trial still has epoch 3 to train
     killed_at = time.time()
     finished = {p: p.stat().st_mtime for p in (out / "train").glob("trial_*00000/checkpoint_*")}
     trial_dirs = {p.name for p in (out / "train").glob("trial_*")}
-    # Ray ends a dead driver's actors on its own schedule; they hold the CPUs until then
+    # The dead trial's placement group goes with its job; its processes must be gone first
     deadline = time.monotonic() + 120
     while _processes(head, "RayTrainWorker") | _processes(head, "ImplicitFunc") and time.monotonic() < deadline:
         time.sleep(0.5)
+    assert not _processes(head, "RayTrainWorker") | _processes(head, "ImplicitFunc"), descendants(head)
 
     with BackgroundJob(folder / "resumed-again.log", command=_submit_command(address, *resume), env=env) as second:
         # The resumed trial's driver (Tune's trainable, which owns the Train controller) dies:

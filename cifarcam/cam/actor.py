@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from cifarcam import results
-from cifarcam.cam.faithfulness import FORWARD_CHUNK, FaithfulnessSettings, baseline_maps, blurred, deletion_insertion, resized, seeded_noise
+from cifarcam.cam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion, seeded_noise
 from cifarcam.cam.faithfulness import sample as faithfulness_sample
 from cifarcam.cam.heatmap_metrics import constant_maps, heatmap_stats, localisation
 from cifarcam.cam.methods import MultiLayerCam, normalise_maps
@@ -144,54 +144,26 @@ class CamActor:
         random_map = seeded_noise(chosen, f.seed, SIDE).to(x.device)
         tie_break = seeded_noise(chosen, f.seed + 1, SIDE).to(x.device)
 
-        # Every map's curves on these images: the baselines, one coarse draw per grid size (shared
-        # by the layers of that size), then each layer's and method's map.
-        grids = sorted({(layer.height, layer.width) for layer in self.layers})
-        of_the_image = baseline_maps(xs, f, random_map)
-        heats = dict(of_the_image)
-        heats |= {grid: normalise_maps(seeded_noise(chosen, f.seed + 2, grid).to(x.device), SIDE) for grid in grids}
-        heats |= {key: heat[rows] for key, heat in maps.items()}
-        aucs = self._curves(xs, cs, heats, fill, tie_break) if len(chosen) else {}
-        sampled = rows.cpu().numpy()  # the rows of aucs' columns, in order
-
-        def column(key: Any) -> tuple[np.ndarray, np.ndarray]:
-            full = np.full((2, n), np.nan, np.float32)
-            if len(chosen):
-                full[:, sampled] = aucs[key]
-            return full[0], full[1]
+        def scores(heat: torch.Tensor) -> torch.Tensor:
+            full = torch.full((2, n), float("nan"), device=x.device)
+            if len(rows):
+                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill, tie_break))
+            return full
 
         baselines = {}
-        for name in of_the_image:
-            baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = column(name)
-        coarse = {grid: dict(zip(("deletion_auc_coarse_random", "insertion_auc_coarse_random"), column(grid), strict=True)) for grid in grids}
+        for name, heat in baseline_maps(xs, f, random_map).items():
+            deletion, insertion = scores(heat).cpu().numpy()
+            baselines[f"deletion_auc_{name}"], baselines[f"insertion_auc_{name}"] = deletion, insertion
+        coarse = {}  # one draw per grid size, shared by the layers of that size
+        for grid in sorted({(layer.height, layer.width) for layer in self.layers}):
+            noise = normalise_maps(seeded_noise(chosen, f.seed + 2, grid).to(x.device), SIDE)
+            deletion, insertion = scores(noise).cpu().numpy()
+            coarse[grid] = {"deletion_auc_coarse_random": deletion, "insertion_auc_coarse_random": insertion}
         per_layer = {layer.name: coarse[(layer.height, layer.width)] for layer in self.layers}
-        return baselines, per_layer, {key: column(key) for key in maps}
-
-    def _curves(self, xs: torch.Tensor, cs: torch.Tensor, heats: dict, fill: torch.Tensor, tie_break: torch.Tensor) -> dict[Any, np.ndarray]:
-        """Each map's (deletion, insertion) AUCs, (2, k) for the k sampled images. Maps are scored
-        together, as many per call as fill one forward chunk: a 128-image batch of a 10,000-image
-        test set holds one or two sampled images, and one map's curves alone were forward passes
-        of a few dozen images (measured: benchmarks/cam_cost.py)."""
-        k, steps, size = len(xs), self.settings.faithfulness.steps, tuple(xs.shape[-2:])
-        heats = {key: resized(heat, size).expand(k, -1, -1) for key, heat in heats.items()}  # at the input's size, one per image
-        keys = list(heats)
-        together = max(1, FORWARD_CHUNK // (k * (steps + 1)))
-        out = {}
-        for start in range(0, len(keys), together):
-            group = keys[start : start + together]
-            m = len(group)
-            deletion, insertion = deletion_insertion(
-                self.model,
-                xs.repeat(m, 1, 1, 1),
-                torch.cat([heats[key] for key in group]),
-                cs.repeat(m),
-                steps,
-                fill.repeat(m, 1, 1, 1),
-                tie_break.repeat(m, 1, 1),
-            )
-            both = torch.stack([deletion, insertion]).view(2, m, k).cpu().numpy()  # one copy to the host per call
-            out |= {key: both[:, i] for i, key in enumerate(group)}
-        return out
+        per_map = {}
+        for key, heat in maps.items():
+            per_map[key] = tuple(scores(heat[rows]).cpu().numpy())
+        return baselines, per_layer, per_map
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n, b = batch.num_rows, _decode(batch, self.device)

@@ -112,11 +112,6 @@ def _auc(curve: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def resized(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Maps (N, h, w) at the input's size (N, H, W), bilinear where they differ."""
-    return maps if maps.shape[-2:] == size else F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
 def deletion_insertion(
     model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, fill: Tensor, tie_break: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -126,8 +121,12 @@ def deletion_insertion(
     starts at ``x`` and ends at ``fill``; insertion starts at ``fill`` and ends at ``x``.
     ``tie_break``: (N, h, w) noise that orders equal map values (see ``_ranks``)."""
     n, c, hh, ww = x.shape
-    maps = resized(maps, (hh, ww))
-    tie_break = resized(tie_break, (hh, ww)) if tie_break is not None else None
+
+    def resized(t: Tensor) -> Tensor:
+        return t if t.shape[-2:] == (hh, ww) else F.interpolate(t[:, None].float(), size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
+
+    maps = resized(maps)
+    tie_break = resized(tie_break) if tie_break is not None else None
     thresholds = torch.arange(steps + 1, device=x.device) * (hh * ww) // steps  # no host-to-device copy
     # removed[i * (steps+1) + k, 0, p]: pixel p of image i is among the first k/steps most salient
     removed = (_ranks(maps, tie_break)[:, None, :] < thresholds[None, :, None]).view(n * (steps + 1), 1, hh, ww)

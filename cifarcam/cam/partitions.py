@@ -247,16 +247,21 @@ class _PartitionFiles:
         self.rows_in_file += part.num_rows
         self.rows += part.num_rows
         if self.pending_rows >= ROW_GROUP_ROWS:
-            self._flush()
+            self._flush(everything=False)
 
-    def _flush(self) -> None:
-        if self.pending:
-            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
-            self.pending, self.pending_rows = [], 0
+    def _flush(self, everything: bool) -> None:
+        """Write the held rows in whole row groups; ``everything``: the last, partial one too."""
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        cut = table.num_rows if everything else table.num_rows - table.num_rows % ROW_GROUP_ROWS
+        self.writer.write_table(table.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+        rest = table.slice(cut)
+        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> None:
         if self.writer is not None:
-            self._flush()
+            self._flush(everything=True)
             self.writer.close()
             self.writer = None
             fsync_path(self.folder / self.files[-1])
