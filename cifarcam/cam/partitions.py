@@ -42,8 +42,8 @@ MARKER = "_COMPLETE.json"
 CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
 SETTINGS = "_settings.json"  # in cams/: how every partition there was computed
 MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
-# Rows per Parquet row group, about 5 MB: Ray Data's blocks (a few hundred rows) would each be one,
-# 79 for a partition of the 10,000 test images x 2 targets.
+# Rows per Parquet row group, about 5 MB. Written part by part, a partition would get one row group
+# for each file Ray Data's write tasks left (4 for 10,000 images here; more with more tasks).
 ROW_GROUP_ROWS = 4096
 
 
