@@ -152,14 +152,14 @@ class BackgroundJob:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
-    def wait_for(self, condition, what: str, timeout: float = 300) -> None:
-        """Poll ``condition`` until true; folders that Ray creates and deletes meanwhile may vanish
-        under a glob, which counts as not yet."""
+    def wait_for(self, condition, what: str, timeout: float = 300) -> object:
+        """Poll ``condition`` until true, and return its value; folders that Ray creates and
+        deletes meanwhile may vanish under a glob, which counts as not yet."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if condition():
-                    return
+                if value := condition():
+                    return value
             except OSError:
                 pass
             if self.proc.poll() is not None:

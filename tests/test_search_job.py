@@ -131,10 +131,10 @@ def _registered(run: Path, trial: str, epoch: int) -> dict | None:
     return None
 
 
-def _processes(head_pid: int, kind: str) -> set[int]:
-    """The head's processes whose command line holds ``kind`` (Ray names its actors' processes
-    ``ray::RayTrainWorker``, ``ray::ImplicitFunc`` (Tune's trial driver), ...)."""
-    return {pid for pid, cmd in descendants(head_pid).items() if kind in cmd}
+def _processes(head_pid: int, *kinds: str) -> set[int]:
+    """The head's processes whose command line holds any of ``kinds`` (Ray names its actors'
+    processes ``ray::RayTrainWorker``, ``ray::ImplicitFunc`` (Tune's trial driver), ...)."""
+    return {pid for pid, cmd in descendants(head_pid).items() if any(kind in cmd for kind in kinds)}
 
 
 def _search_driver(head_pid: int) -> int:
@@ -163,8 +163,7 @@ def search_run(ray_head, tmp_path_factory):
 
     with BackgroundJob(folder / "resumed.log", command=_submit_command(address, *resume), env=env) as first:
         first.wait_for(lambda: _committed(_driver_log(state, first), GOOD, 1), "the second trial's first epoch")
-        first.wait_for(lambda: _registered(out, GOOD, 1), "epoch 1's checkpoint")
-        trained = {1: _registered(out, GOOD, 1)}
+        trained = {1: first.wait_for(lambda: _registered(out, GOOD, 1), "epoch 1's checkpoint")}
         workers, drivers = _processes(head, "RayTrainWorker"), _processes(head, "ImplicitFunc")
         assert len(workers) == 2 and len(drivers) == 1, descendants(head)
         time.sleep(0.5)  # into epoch 2 (an epoch takes about 4 s here)
@@ -176,12 +175,11 @@ def search_run(ray_head, tmp_path_factory):
         # ...under the same trial driver: Train restarted its workers, Tune did not restart the trial
         replaced_mid_trial = _processes(head, "ImplicitFunc") == drivers
         first.wait_for(lambda: _committed(_driver_log(state, first), GOOD, 2), "the replacement workers' epoch 2")
-        first.wait_for(lambda: _registered(out, GOOD, 2), "epoch 2's checkpoint")
-        trained[2] = _registered(out, GOOD, 2)
+        trained[2] = first.wait_for(lambda: _registered(out, GOOD, 2), "epoch 2's checkpoint")
         # The search's driver dies, as in a crash, and with it the trial it ran (Ray would end
         # the dead driver's actors on its own schedule, meanwhile training on into epoch 3)
         os.kill(_search_driver(head), signal.SIGKILL)
-        for pid in _processes(head, "ImplicitFunc") | _processes(head, "TrainController") | _processes(head, "RayTrainWorker"):
+        for pid in _processes(head, "ImplicitFunc", "TrainController", "RayTrainWorker"):
             os.kill(pid, signal.SIGKILL)
         first.finish()
     assert _registered(out, GOOD, 3) is None  # the resumed trial still has epoch 3 to train
@@ -190,9 +188,9 @@ def search_run(ray_head, tmp_path_factory):
     trial_dirs = {p.name for p in (out / "train").glob("trial_*")}
     # The dead trial's placement group goes with its job; its processes must be gone first
     deadline = time.monotonic() + 120
-    while _processes(head, "RayTrainWorker") | _processes(head, "ImplicitFunc") and time.monotonic() < deadline:
+    while _processes(head, "RayTrainWorker", "ImplicitFunc") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _processes(head, "RayTrainWorker") | _processes(head, "ImplicitFunc"), descendants(head)
+    assert not _processes(head, "RayTrainWorker", "ImplicitFunc"), descendants(head)
 
     with BackgroundJob(folder / "resumed-again.log", command=_submit_command(address, *resume), env=env) as second:
         # The resumed trial's driver (Tune's trainable, which owns the Train controller) dies:
