@@ -81,7 +81,7 @@ def stage(folder: Path, checkpoint: Path, family: str, test: ImageSet, settings:
     """One CAM stage of one model on ``test``: its seconds, the actors' peak RSS, the files' row groups."""
     from cifarcam.cam.stage import ModelToExplain, explain, plan
 
-    plans = plan(folder, [ModelToExplain(family, str(checkpoint))], settings)
+    plans = plan(folder, [ModelToExplain(family, str(checkpoint))], settings, test)
     with ActorMemory() as memory:
         start = time.perf_counter()
         explain(folder, plans, test, settings, layout.actors, layout.gpus_per_actor, threads=layout.threads)

@@ -136,7 +136,7 @@ def stage_vs_loop(test: ImageSet, spec: ModelSpec, model: nn.Module, layer: str,
         threads = None if layout.gpus_per_actor else actors * layout.threads  # the loop gets the CPUs the actor pool computes with
 
         def stage(run: Path, images: ImageSet) -> float:
-            plans = plan(run, [ModelToExplain(spec.family, str(ckpt))], settings)
+            plans = plan(run, [ModelToExplain(spec.family, str(ckpt))], settings, images)
             start = time.perf_counter()
             explain(run, plans, images, settings, actors, layout.gpus_per_actor, threads=layout.threads)
             return time.perf_counter() - start

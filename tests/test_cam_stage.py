@@ -1,5 +1,9 @@
 """The CAM actor's rows, outside Ray: schema, counts, a pytorch-grad-cam-only method, bad input."""
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -8,6 +12,7 @@ import torch
 from cifarcam.cam.actor import CamActor, images_table
 from cifarcam.cam.partitions import check_settings
 from cifarcam.cam.settings import CamSettings, resolve_layers
+from cifarcam.cam.stage import recorded_settings
 from cifarcam.config import DataConfig, SyntheticConfig
 from cifarcam.data.splits import load_splits
 from cifarcam.errors import ConfigError
@@ -84,10 +89,33 @@ def test_any_named_module_can_be_a_layer(checkpoint):
     assert (layer.name, layer.height, layer.width) == ("layer1", 32, 32)
 
 
-def test_changed_settings_refuse_to_mix_with_existing_partitions(tmp_path):
-    check_settings(tmp_path, CamSettings().comparable())
-    with pytest.raises(ConfigError, match=r"computed with .*'targets': \['pred', 'label'\].* now asked for .*'targets': \['pred'\]"):
-        check_settings(tmp_path, CamSettings(targets=("pred",)).comparable())
+def _published(cams: Path, partition: str, recorded: dict) -> None:
+    """A partition's marker as a job publishes it: its settings are what later jobs compare."""
+    folder = cams / partition
+    folder.mkdir(parents=True)
+    (folder / "_COMPLETE.json").write_text(json.dumps({"files": [], "settings": recorded}))
+
+
+def test_changed_settings_refuse_to_mix_with_existing_partitions(tmp_path, test_set):
+    recorded = recorded_settings(CamSettings(), test_set)
+    check_settings(tmp_path, recorded)  # nothing published: any settings go, and nothing is written
+    assert list(tmp_path.iterdir()) == []
+    _published(tmp_path, "model=resnet_tiny/layer=layer3/method=gradcam", recorded)
+    check_settings(tmp_path, recorded)
+    with pytest.raises(ConfigError, match=r"^\S+method=gradcam: computed with targets \['pred', 'label'\] \(now asked for \['pred'\]\); use the same"):
+        check_settings(tmp_path, recorded_settings(CamSettings(targets=("pred",)), test_set))
+
+
+def test_partitions_of_another_test_set_are_refused(tmp_path, test_set):
+    """A regenerated test set gets another fingerprint: stored ``image_index`` values would point at
+    other images."""
+    _published(tmp_path, "model=resnet_tiny/layer=layer3/method=gradcam", recorded_settings(CamSettings(), test_set))
+    relabelled = replace(test_set, labels=np.roll(test_set.labels, 1))
+    assert relabelled.fingerprint() != test_set.fingerprint() == replace(test_set).fingerprint()
+    with pytest.raises(ConfigError, match=r"computed with test_set '[0-9a-f]{12}\.\.\.' \(now asked for '[0-9a-f]{12}\.\.\.'\)"):
+        check_settings(tmp_path, recorded_settings(CamSettings(), relabelled))
+    with pytest.raises(ConfigError, match=r"computed with test_set"):
+        check_settings(tmp_path, recorded_settings(CamSettings(), test_set.subset(np.arange(len(test_set) - 1))))
 
 
 def test_settings_are_checked():
@@ -197,14 +225,14 @@ def test_stored_predictions_only_for_the_checkpoint_the_run_evaluated(tmp_path, 
     assert stored_predictions(tmp_path, ModelToExplain("resnet_tiny", str(folder)), image_index, weights) is None
 
 
-def test_two_checkpoints_of_one_family_are_refused(tmp_path, checkpoint):
+def test_two_checkpoints_of_one_family_are_refused(tmp_path, checkpoint, test_set):
     from cifarcam.cam.stage import ModelToExplain, plan
 
     folder, spec = checkpoint
     other = save_checkpoint(tmp_path / "other", build_model(spec), spec, {})
     models = [ModelToExplain("resnet_tiny", str(folder)), ModelToExplain("resnet_tiny", str(other))]
     with pytest.raises(ConfigError, match=r"^--checkpoint: two checkpoints of resnet_tiny; one run's cams/ holds one checkpoint per model family$"):
-        plan(tmp_path / "run", models, CamSettings())
+        plan(tmp_path / "run", models, CamSettings(), test_set)
 
 
 def test_the_command_line_derives_every_cam_default_from_the_settings():

@@ -184,3 +184,21 @@ def test_staging_of_a_live_job_survives_and_a_dead_jobs_is_swept(tmp_path):
         done.set()
         live.join(60)
     assert not (tmp_path / ".staging").exists()  # the last job out removes the folder
+
+
+def test_a_job_does_not_publish_beside_partitions_another_job_published_with_other_settings(tmp_path, source):
+    """Two jobs plan on an empty run with different settings (nothing pins the run until a
+    partition is published); the second to publish must refuse rather than mix the two."""
+    first = {"targets": ["pred", "label"], "test_set": "a" * 64}
+    raw = tmp_path / "first"
+    raw.mkdir()
+    pq.write_table(_rows(NAMES[:1]), raw / "rows.parquet")
+    with Staging(tmp_path) as job:
+        written, _ = job.regroup_and_publish(raw, KEYS, {NAMES[0]}, source, first, expected_rows=3)
+    assert written == [partition_dir(tmp_path / "cams", *NAMES[0])]
+    raw = tmp_path / "second"
+    raw.mkdir()
+    pq.write_table(_rows(NAMES[1:2]), raw / "rows.parquet")
+    with Staging(tmp_path) as job, pytest.raises(ConfigError, match=r"method=gradcam: computed with targets \['pred', 'label'\] \(now asked for \['pred'\]\)"):
+        job.regroup_and_publish(raw, KEYS, {NAMES[1]}, source, {**first, "targets": ["pred"]}, expected_rows=3)
+    assert not partition_dir(tmp_path / "cams", *NAMES[1]).exists()

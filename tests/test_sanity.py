@@ -109,3 +109,33 @@ def test_the_randomisation_is_seeded_and_averaged_over_draws():
     first = check(0, 2)
     assert first["draws"] == 2 and first == check(0, 2)
     assert check(5, 2)["spearman"] != first["spearman"] and check(0, 1)["spearman"] != first["spearman"]
+
+
+def test_a_job_with_other_layers_extends_the_cascade_instead_of_overwriting_it(tmp_path):
+    """Two jobs on one method with different --layers: the second recomputes one cascade over both
+    jobs' layers (a cascade's steps depend on its layer set), and a third asking for fewer finds
+    the file current. Before, each job rewrote the file with its own layers only."""
+    from cifarcam.cam.partitions import Source
+    from cifarcam.cam.runner import sanity_work
+    from cifarcam.cam.sanity import sanity_file, write_sanity
+    from cifarcam.cam.settings import CamSettings
+    from cifarcam.cam.stage import ModelPlan, ModelToExplain
+    from cifarcam.training.models import CamLayer
+
+    spec, source = ModelSpec("resnet_tiny", 10), Source("ckpt", "a" * 64)
+    settings = CamSettings(methods=("gradcam",))
+
+    def job(*layers: str) -> list:
+        plan = ModelPlan(ModelToExplain("resnet_tiny", "ckpt"), spec, [CamLayer(n, 4, 4) for n in layers], [], source, {})
+        work = sanity_work(tmp_path, [plan], settings, images=8)
+        for _, _, wanted, missing in work:  # what sanity_checks writes, rows aside
+            for method in missing:
+                write_sanity(sanity_file(tmp_path, "resnet_tiny", method), [], source.weights_sha256, wanted)
+        return [(computed, missing) for _, computed, _, missing in work]
+
+    assert job("layer3", "layer4") == [(["layer3", "layer4"], ["gradcam"])]
+    assert job("layer2") == [(["layer2", "layer3", "layer4"], ["gradcam"])]
+    assert job("layer4") == []  # current: its cascade covers layer4 already
+    other_weights = Source("ckpt", "b" * 64)
+    plan = ModelPlan(ModelToExplain("resnet_tiny", "ckpt"), spec, [CamLayer("layer4", 4, 4)], [], other_weights, {})
+    assert [w[1] for w in sanity_work(tmp_path, [plan], settings, images=8)] == [["layer4"]]  # another checkpoint's layers do not count

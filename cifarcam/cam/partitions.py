@@ -40,7 +40,6 @@ from cifarcam.run_lock import LOCK_MODE, run_lock
 CAM_JOB = "the CAM stage"  # how the run's lock names its holder
 MARKER = "_COMPLETE.json"
 CLAIM = "_SOURCE.json"  # in model=<m>/: the checkpoint whose maps that folder holds
-SETTINGS = "_settings.json"  # in cams/: how every partition there was computed
 MAX_ROWS_PER_FILE = 250_000  # about 300 MB of heatmaps: one file per partition up to 125,000 images x 2 targets
 # Rows per Parquet row group, about 5 MB. Written part by part, a partition would get one row group
 # for each file Ray Data's write tasks left (4 for 10,000 images here; more with more tasks).
@@ -134,15 +133,27 @@ def claim_model(folder: Path, source: Source) -> None:
 
 
 def check_settings(cams_dir: Path, settings: dict) -> None:
-    """Existing partitions are reused only when they were computed the same way: the first job
-    records ``settings`` in ``cams/_settings.json``, every later one must match it."""
-    path = cams_dir / SETTINGS
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != settings:
-            raise ConfigError(f"{cams_dir}: computed with {saved}, now asked for {settings}; use the same settings or remove {cams_dir}")
-    else:
-        write_text_atomic(path, json.dumps(settings))
+    """Existing partitions are reused only when they were computed the same way: each marker records
+    the settings and the test set its partition was computed with, and every published partition
+    of the run must match ``settings`` (the report reads them all as one table). Checked when a job
+    plans and again when it publishes (another job may have published meanwhile). Nothing is
+    written here: a job that dies before publishing leaves the run free for any settings."""
+    for partition in sorted(cams_dir.glob("model=*/layer=*/method=*")):
+        marker = _marker_text(partition)
+        if marker is not None and marker.get("settings") != settings:
+            raise ConfigError(
+                f"{partition}: computed with {_differences(marker.get('settings') or {}, settings)}; "
+                f"use the same settings, or remove {cams_dir} to recompute every partition with these"
+            )
+
+
+def _differences(saved: dict, wanted: dict) -> str:
+    keys = [k for k in dict.fromkeys([*saved, *wanted]) if saved.get(k) != wanted.get(k)]
+
+    def shown(value: object) -> str:  # a fingerprint's first digits are enough to tell two apart
+        return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 40 else repr(value)
+
+    return ", ".join(f"{k} {shown(saved.get(k))} (now asked for {shown(wanted.get(k))})" for k in keys)
 
 
 class Staging:
@@ -195,6 +206,7 @@ class Staging:
         wanted_folders = {parts.joinpath(*(f"{k}={encode(v)}" for k, v in zip(keys, key, strict=False))) for key in wanted}
         written, skipped = [], 0
         with run_lock(self.run_dir, CAM_JOB):
+            check_settings(RunLayout(self.run_dir).cams, settings)
             for folder in sorted(f for f in staged if f in wanted_folders):
                 target = RunLayout(self.run_dir).cams / folder.relative_to(parts)
                 if publish(folder, target, source, self.folder / "trash"):

@@ -127,7 +127,7 @@ def explain_run(
     cfg = load_config(RunLayout(run_dir).config)
     with console.status("loading the test set") if console is not None else nullcontext():
         test = load_splits(cfg.data).test
-    plans = plan(run_dir, models_to_explain(run_dir, checkpoints, test.num_classes), settings)
+    plans = plan(run_dir, models_to_explain(run_dir, checkpoints, test.num_classes), settings, test)
     for layer, spec in ((layer, p.spec) for p in plans for layer in p.layers if layer.degenerate):
         warn(layer.degenerate_warning(spec))
     if not any(p.missing for p in plans):  # nothing to compute: no cluster needed
@@ -143,6 +143,26 @@ def explain_run(
     return summary
 
 
+def sanity_work(run_dir: Path, plans: list[ModelPlan], settings: CamSettings, images: int) -> list[tuple[ModelPlan, list[str], dict, list[str]]]:
+    """What the sanity check has left to compute: (plan, layers, the settings recorded with the
+    file, methods whose file is missing or stale). A cascade's steps depend on the whole set of
+    layers (each step randomises down to the next CAM layer), so a model's files hold one cascade
+    over every layer any job asked for: a job with other ``--layers`` recomputes it on the union
+    rather than overwrite the layers before it, and a job with fewer finds it current."""
+    from cifarcam.cam.methods import fast_methods
+    from cifarcam.cam.sanity import CASCADE_VERSION, is_current, recorded_layers, sanity_file
+
+    work = []
+    for p in plans:
+        files = {m: sanity_file(run_dir, p.spec.family, m) for m in fast_methods(settings.methods)}
+        layers = sorted({layer.name for layer in p.layers}.union(*(recorded_layers(f, p.source.weights_sha256) for f in files.values())))
+        wanted = {"images": images, "seed": settings.sanity_seed, "draws": settings.sanity_draws, "layers": layers, "cascade": CASCADE_VERSION}
+        methods = [m for m, f in files.items() if not is_current(f, p.source.weights_sha256, wanted)]
+        if methods:
+            work.append((p, layers, wanted, methods))
+    return work
+
+
 def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, connect: Callable[[], None]) -> list[Path]:
     """The randomisation sanity check per model, on a small seeded sample; skipped where the
     file for these weights and settings exists. Each model's check is a Ray task with a GPU where
@@ -150,20 +170,12 @@ def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, setting
     import ray
 
     from cifarcam.cam.faithfulness import sample_rows
-    from cifarcam.cam.methods import fast_methods
-    from cifarcam.cam.sanity import CASCADE_VERSION, check_checkpoint, is_current, sanity_file, write_sanity
+    from cifarcam.cam.sanity import check_checkpoint, sanity_file, write_sanity
 
     if not settings.sanity_images:
         return []
     images = test.images[np.sort(sample_rows(len(test), settings.sanity_images, seed=0))]
-    fast = fast_methods(settings.methods)
-    work = []  # (plan, layers, the settings it is computed with, methods still missing)
-    for p in plans:
-        layers = [layer.name for layer in p.layers]
-        wanted = {"images": len(images), "seed": settings.sanity_seed, "draws": settings.sanity_draws, "layers": layers, "cascade": CASCADE_VERSION}
-        methods = [m for m in fast if not is_current(sanity_file(run_dir, p.spec.family, m), p.source.weights_sha256, wanted)]
-        if methods:
-            work.append((p, layers, wanted, methods))
+    work = sanity_work(run_dir, plans, settings, len(images))
     if not work:
         return []
     connect()

@@ -175,10 +175,21 @@ def sanity_file(run_dir: Path, family: str, method: str) -> Path:
 
 def is_current(path: Path, source_sha256: str, settings: dict) -> bool:
     """The file exists and was computed from these weights with these settings."""
+    return _recorded_settings(path, source_sha256) == settings
+
+
+def recorded_layers(path: Path, source_sha256: str) -> list[str]:
+    """The layers whose cascade the file holds, when these weights computed it (else none)."""
+    return list((_recorded_settings(path, source_sha256) or {}).get("layers") or [])
+
+
+def _recorded_settings(path: Path, source_sha256: str) -> dict | None:
     if not path.is_file():
-        return False
+        return None
     meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta.get(b"source_sha256", b"null")) == source_sha256 and json.loads(meta.get(b"settings", b"null")) == settings
+    if json.loads(meta.get(b"source_sha256", b"null")) != source_sha256:
+        return None
+    return json.loads(meta.get(b"settings", b"null"))
 
 
 def check_checkpoint(

@@ -43,11 +43,18 @@ class ModelPlan:
     layers: list[CamLayer]
     missing: list[tuple[CamLayer, str]]  # (layer, method) partitions not yet published
     source: Source  # the checkpoint's weights, recorded in each partition's marker
+    recorded: dict  # the settings and the test set, recorded in each marker and compared by every later job
 
 
-def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> list[ModelPlan]:
-    """Check every layer name and the stored settings, and find what is left to compute:
-    all before any cluster time is spent. Partitions of another checkpoint are refused."""
+def recorded_settings(settings: CamSettings, test: ImageSet) -> dict:
+    """What must match for existing partitions to be reused: the settings, and the test set their
+    ``image_index`` refers to."""
+    return {**settings.comparable(), "test_set": test.fingerprint()}
+
+
+def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings, test: ImageSet) -> list[ModelPlan]:
+    """Check every layer name and the stored settings and test set, and find what is left to
+    compute: all before any cluster time is spent. Partitions of another checkpoint are refused."""
     from cifarcam.training import read_meta
 
     cams_dir = RunLayout(run_dir).cams
@@ -58,14 +65,14 @@ def plan(run_dir: Path, models: list[ModelToExplain], settings: CamSettings) -> 
     # Layer names first: a typo is named before any stored setting is compared.
     specs = [ModelSpec(**read_meta(model.checkpoint)["model"]) for model in models]
     layers_of = [resolve_layers(spec, settings.layers, f"model {model.name}") for spec, model in zip(specs, models, strict=False)]
-    plans = []
+    plans, recorded = [], recorded_settings(settings, test)
     with run_lock(run_dir, CAM_JOB):
-        check_settings(cams_dir, settings.comparable())
+        check_settings(cams_dir, recorded)
         for model, spec, layers in zip(models, specs, layers_of, strict=False):
             source = Source.of(model.checkpoint)
             claim_model(model_dir(cams_dir, spec.family), source)
             missing = [(layer, m) for layer in layers for m in settings.methods if not is_complete(partition_dir(cams_dir, spec.family, layer.name, m), source)]
-            plans.append(ModelPlan(model, spec, layers, missing, source))
+            plans.append(ModelPlan(model, spec, layers, missing, source, recorded))
     return plans
 
 
@@ -95,7 +102,7 @@ def explain(
             _write_maps(raw, run_dir, p, test, settings, actors, gpus_per_actor, threads, console)
             wanted = {(p.spec.family, layer.name, method) for layer, method in p.missing}
             expected_rows = len(test) * len(settings.targets)  # one row per image and target
-            written, skipped = staging.regroup_and_publish(raw, results.CAM_PARTITIONS, wanted, p.source, settings.comparable(), expected_rows)
+            written, skipped = staging.regroup_and_publish(raw, results.CAM_PARTITIONS, wanted, p.source, p.recorded, expected_rows)
             summary["written"] += written
             summary["skipped"] += skipped
     return summary
