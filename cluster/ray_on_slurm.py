@@ -242,7 +242,10 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
             # Atomic: a worker polling on NFS must never read an empty or half-written file.
             write_text_atomic(meeting / HEAD_FILE, json.dumps({"address": address}))  # workers may now join
             self._wait_for_nodes(api, num_nodes, head, log, need=num_nodes)
-            args = [*self.pipeline_args, "--address", address] + (["--resume"] if resume and "--resume" not in self.pipeline_args else [])
+            # A requeued attempt continues what an earlier one started, or starts it: the first may
+            # have ended before the search began (--resume alone would then refuse the folder).
+            again = ["--resume-if-started"] if resume and "--resume" not in self.pipeline_args else []
+            args = [*self.pipeline_args, "--address", address, *again]
             print(f"[cifarcam] {num_nodes} Ray node(s) up at {address}; running jobs.pipeline {' '.join(args)}", flush=True)
             rc = subprocess.run([sys.executable, "-m", "jobs.pipeline", *args], cwd=ROOT).returncode
         finally:

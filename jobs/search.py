@@ -17,7 +17,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     p.add_argument("--out", type=run_folder, default=None, help="run folder (default: results/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the search stored in --out: finished trials are kept")
+    p.add_argument("--resume", action="store_true", help="continue the search stored in --out (which must hold it): finished trials are kept")
+    p.add_argument(
+        "--resume-if-started",
+        action="store_true",
+        help="continue the search in --out if one was started there, else start it (what a requeued SLURM attempt passes)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the trials, resources per trial, concurrency and expected epochs; start nothing")
     p.add_argument(
         "--images-per-s", type=float, default=None, help="with --dry-run: one trial's training images/s (see make gpu-check), for an estimate of device-hours"
@@ -30,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
     )
     add_ray_options(p)
     return p
+
+
+def resumes(args: argparse.Namespace) -> bool:
+    return args.resume or args.resume_if_started
 
 
 def cluster_resources(args: argparse.Namespace) -> dict[str, float]:
@@ -70,7 +79,7 @@ def prepare(args: argparse.Namespace):
 
     cfg = load_experiment(args.config)
     out = (args.out or default_out(cfg.name)).resolve()
-    check_resumable(cfg, out, args.resume)
+    check_resumable(cfg, out, resumes(args), must_exist=args.resume)
     check_writable(out)
     if args.mlflow:
         from cifarcam.search import open_experiment
@@ -96,7 +105,7 @@ def search(args: argparse.Namespace):
     # one line naming the first (two array tasks with one name, a --resume while one runs).
     with run_lock(out, "jobs.search", wait=False):
         connect_ray(args, out)
-        summary = run_search(cfg, splits, out, resume=args.resume, console=console, mlflow_uri=args.mlflow)
+        summary = run_search(cfg, splits, out, resume=resumes(args), console=console, mlflow_uri=args.mlflow)
     print_search_summary(summary, console)
     return summary
 

@@ -197,11 +197,23 @@ CASES = {
 def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_run, cifar100_test20, capsys):
     text, expected = CASES[case](tmp_path, cifar100_test20)
     before = _snapshot(existing_run)
-    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume")
+    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run))
     line = _fails_cleanly(proc, existing_run, before, expected)
     if case == "yaml syntax error":
         assert line.startswith(f"error: {tmp_path / 'case.yaml'}: YAML syntax error at line ")
     assert not Path("/tmp/cifarcam-pwned").exists()
+
+
+def test_resume_with_a_mistyped_out_refuses_instead_of_starting_afresh(tmp_path, existing_run, capsys):
+    """--resume names a search to continue: a folder without it is a typo, not a fresh start (a
+    requeued SLURM attempt passes --resume-if-started instead, which starts it)."""
+    (existing_run / "tune" / "x").mkdir(parents=True)  # the search that --out was meant to name
+    typo = tmp_path / "exisitng"
+    proc = in_process(capsys, "jobs.pipeline", "--config", str(_config(tmp_path, "name: x\n" + OK_DATA)), "--out", str(typo), "--resume")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --resume: --out {typo} holds no search 'x' to continue; check --out, or leave out --resume to start one"
+    ]
+    assert not typo.exists()
 
 
 def test_more_gpus_than_this_machine_has_fail_before_ray(tmp_path, existing_run, capsys):
@@ -210,7 +222,7 @@ def test_more_gpus_than_this_machine_has_fail_before_ray(tmp_path, existing_run,
     before = _snapshot(existing_run)
     many = torch.cuda.device_count() + 1
     text = "name: x\n" + OK_DATA
-    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", "--num-gpus", str(many))
+    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--num-gpus", str(many))
     _fails_cleanly(proc, existing_run, before, f"error: --num-gpus {many}: this machine has {many - 1} CUDA GPUs")
 
 
@@ -264,7 +276,7 @@ def test_an_unreachable_mlflow_store_fails_before_ray(tmp_path, capsys):
 )
 def test_bad_cam_options_fail_before_the_search(options, expected, tmp_path, existing_run, capsys):
     before = _snapshot(existing_run)
-    proc = in_process(capsys, "jobs.pipeline", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", *options)
+    proc = in_process(capsys, "jobs.pipeline", "--config", str(write_config(tmp_path)), "--out", str(existing_run), *options)
     _fails_cleanly(proc, existing_run, before, expected)
 
 
@@ -322,7 +334,7 @@ def test_checkpoint_whose_meta_lacks_the_model(run_with_checkpoints, capsys, met
 def test_ray_address_that_does_not_answer(tmp_path, existing_run):
     before = _snapshot(existing_run)
     started = time.monotonic()
-    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--resume", "--address", "127.0.0.1:1", timeout=120)
+    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--address", "127.0.0.1:1", timeout=120)
     _fails_cleanly(proc, existing_run, before, "error: --address 127.0.0.1:1: no Ray cluster answers there (Connection refused)")
     assert time.monotonic() - started < 60
 
@@ -339,7 +351,7 @@ def test_trial_larger_than_the_cluster_fails_fast(scaling, expected, tmp_path, e
     text = f"name: x\n{data}train: {{model: resnet_tiny, epochs: 1}}\nscaling: {scaling}\n"
     before = _snapshot(existing_run)
     started = time.monotonic()
-    proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--resume", "--num-cpus", "2", timeout=300)
+    proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--num-cpus", "2", timeout=300)
     _fails_cleanly(proc, existing_run, before, expected)  # a local Ray's size is known before it starts
     assert time.monotonic() - started < 60
 

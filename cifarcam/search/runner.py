@@ -49,14 +49,19 @@ class SearchSummary:
     accuracy: list[AccuracyRow]
 
 
-def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool) -> None:
-    """A run folder holding this search is continued only on --resume, and only with its own config."""
+def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool, must_exist: bool = False) -> None:
+    """A run folder holding this search is continued only on --resume, and only with its own config.
+    ``must_exist`` (the user's --resume): a folder holding no such search is a mistyped --out, not
+    a fresh start; --resume-if-started, what a requeued attempt passes, starts it instead."""
     saved = RunLayout(out_dir).config
-    if (RunLayout(out_dir).tune / cfg.name).exists():
-        if not resume:
-            raise UserError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
-        if saved.is_file() and saved.read_text() != dump_config(cfg):
-            raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
+    if not (RunLayout(out_dir).tune / cfg.name).exists():
+        if must_exist:
+            raise UserError(f"--resume: --out {out_dir} holds no search {cfg.name!r} to continue; check --out, or leave out --resume to start one")
+        return
+    if not resume:
+        raise UserError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
+    if saved.is_file() and saved.read_text() != dump_config(cfg):
+        raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
 
 
 def run_search(
