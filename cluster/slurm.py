@@ -18,6 +18,8 @@ driver's status. The older form, with `--` before the jobs.pipeline options, sti
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import secrets
 import shutil
@@ -198,6 +200,23 @@ def driver_status(job) -> int:
     return 1
 
 
+def submit(executor, tasks: list, array: bool) -> list:
+    """The submitted jobs. sbatch's refusal (CPUs, memory, a partition or a time SLURM cannot
+    give) ends in one line with sbatch's reasons, not submitit's traceback and sbatch's echo."""
+    import submitit
+
+    echoed = io.StringIO()  # submitit prints sbatch's stderr before raising it
+    try:
+        with contextlib.redirect_stderr(echoed):
+            if array:
+                with executor.batch():
+                    return [executor.submit(task) for task in tasks]
+            return [executor.submit(tasks[0])]
+    except submitit.core.utils.FailedJobError as refused:
+        reasons = [line.strip().removeprefix("sbatch: error: ") for line in str(refused).splitlines() if line.strip()]
+        raise UserError(f"sbatch refused the job: {'; '.join(reasons) or 'no reason given'}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from cluster.ray_on_slurm import RayOnSlurm
 
@@ -205,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(opts)
     token = new_token(opts.logs)
     tasks = [RayOnSlurm(args, str(token), opts.object_store_memory, interface=opts.interface) for args in runs]
-    if opts.array:
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
-    else:
-        jobs = [executor.submit(tasks[0])]
+    try:
+        jobs = submit(executor, tasks, bool(opts.array))
+    except UserError:
+        token.unlink()  # nothing was queued that could use it
+        raise
     for job, args in zip(jobs, runs, strict=True):
         print(f"submitted job {job.job_id} ({opts.nodes} node(s)): jobs.pipeline {' '.join(args)}; logs in {job.paths.folder}", flush=True)
     if opts.detach:

@@ -155,6 +155,32 @@ def case_empty_dataset(tmp_path, data):
     return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: the dataset is empty (0 images)"
 
 
+def case_string_labels(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "names", pa.table({"image": [_png()], "label": ["cat"]}))
+    return (
+        f"name: x\ndata: {{source: parquet, path: {folder}}}\n",
+        f"error: {folder / 'train.parquet'}: column label is string; expected integer class indices 0..C-1 (class names go in classes.json, in index order)",
+    )
+
+
+def case_fractional_labels(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "fractions", pa.table({"image": [_png()] * 2, "label": [0.0, 1.5]}))  # 1.5 was truncated to 1
+    return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: column label is double; expected integer"
+
+
+def case_missing_labels(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "nulls", pa.table({"image": [_png()] * 2, "label": pa.array([0, None], pa.int64())}))
+    return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: {folder / 'train.parquet'}: column label has 1 null(s)"
+
+
+def case_images_not_32_pixels(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "big", pa.table({"image": [_png((64, 48, 3))], "label": [0]}))
+    return (
+        f"name: x\ndata: {{source: parquet, path: {folder}}}\n",
+        f"error: data.path {folder}: images are 48x64; cifarcam explains 32x32 images (CIFAR's size, at which its maps are stored): resize them to 32x32",
+    )
+
+
 # --- config -------------------------------------------------------------------------------------
 
 
@@ -172,6 +198,13 @@ CASES = {
     "images wrong shape": case_images_wrong_shape,
     "images wrong dtype": case_images_wrong_dtype,
     "empty dataset": case_empty_dataset,
+    "string labels": case_string_labels,
+    "fractional labels": case_fractional_labels,
+    "missing labels": case_missing_labels,
+    "images not 32x32": case_images_not_32_pixels,
+    "synthetic images not 32x32": _text(
+        "name: x\ndata: {source: synthetic, synthetic: {image_size: 48}}\n", "error: data.synthetic.image_size: images are 48x48; cifarcam explains 32x32"
+    ),
     "unknown model": _text("name: x\ntrain: {model: resnet5O}\n", "error: train.model: unknown model 'resnet5O'; did you mean 'resnet50'?"),
     "unknown model in the grid": _text("name: x\nsearch: {grid: {model: [resnet34, vit]}}\n", "error: search.model=model: unknown model 'vit'"),
     "unknown optimizer": _text("name: x\ntrain: {optimizer: adamw2}\n", "error: train.optimizer: unknown optimizer 'adamw2'"),

@@ -142,6 +142,18 @@ def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path
 
 
 @pytest.mark.full
+def test_a_request_slurm_cannot_satisfy_ends_in_sbatch_s_reason_on_one_line(slurm, tmp_path):
+    """More CPUs per node than the nodes have: sbatch refuses at once, and the launcher says why in
+    one line (before: submitit's FailedJobError traceback after sbatch's own lines)."""
+    cmd = [*LAUNCH, "--logs", str(tmp_path / "logs"), "--config", str(write_config(tmp_path)), "--out", str(tmp_path / "run")]
+    cmd[cmd.index("--cpus-per-task") + 1] = "64"
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: sbatch refused the job: ") and "can not be satisfied" in lines[0], lines[0]
+    assert "submitted" not in proc.stdout and not list((tmp_path / "logs" / "tokens").glob("*"))
+
+
 def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, tmp_path):
     """One job does both (each costs minutes here): the pipeline on 2 SLURM nodes with DDP across
     them, and `scontrol requeue` while its first trial trains. About 6 minutes on 2 cores: it runs

@@ -189,12 +189,17 @@ def test_parquet_masks_and_boxes_become_object_masks(tmp_path):
     assert masks.shape == (2, 32, 32) and (masks[0] == (drawn > 0)).all() and not masks[1].any()
     pq.write_table(pa.table({"image": [image], "label": [0], "box": [[20, 4, 30, 9]]}), tmp_path / "b.parquet")
     assert (sources.read_parquet_split(tmp_path / "b.parquet").masks[0] == (drawn > 0)).all()  # x0, y0, x1, y1
+    # fractional pixels (a box scaled with its image) cover every pixel they touch; before, slicing with floats raised TypeError
+    pq.write_table(pa.table({"image": [image], "label": [0], "box": [[20.4, 4.0, 29.2, 8.5]]}), tmp_path / "f.parquet")
+    assert (sources.read_parquet_split(tmp_path / "f.parquet").masks[0] == (drawn > 0)).all()
 
 
 @pytest.mark.parametrize(
     "column, value, expected",
     [
         ("box", [10, 4, 5, 9], r"b\.parquet: row 0: box \[10, 4, 5, 9\] is not \[x0, y0, x1, y1\] with 0 <= x0 < x1 <= 32"),
+        ("box", [10.5, 4.0, 32.5, 9.0], r"b\.parquet: row 0: box \[10\.5, 4\.0, 32\.5, 9\.0\] is not \[x0, y0, x1, y1\] with 0 <= x0 < x1 <= 32"),
+        ("box", [1, 2, 3], r"b\.parquet: row 0: box \[1, 2, 3\] is not \[x0, y0, x1, y1\]"),
         ("mask", "small", r"b\.parquet: row 0: mask is 8x8, expected the image's 32x32"),
     ],
 )

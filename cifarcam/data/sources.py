@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 import urllib.request
 from dataclasses import dataclass
@@ -187,7 +188,8 @@ def read_cifar(source: str, path: str | None, cache_dir: str, download: bool) ->
 
 
 PARQUET_COLUMNS = {"image": "binary (an encoded PNG/JPEG per row)", "label": "integer class index"}
-# Optional: "mask" (binary, an encoded PNG, nonzero = object) or "box" ([x0, y0, x1, y1]), for localisation.
+# Optional: "mask" (binary, an encoded PNG, nonzero = object) or "box" ([x0, y0, x1, y1] in pixels, whole or
+# fractional), for localisation.
 
 
 def read_parquet_split(file: Path, class_names: tuple[str, ...] | None = None) -> ImageSet:
@@ -209,7 +211,7 @@ def read_parquet_split(file: Path, class_names: tuple[str, ...] | None = None) -
         meta = table.schema.metadata or {}
         if b"class_names" in meta:
             class_names = tuple(json.loads(meta[b"class_names"]))
-    labels = table.column("label").to_numpy().astype(np.int64)
+    labels = _labels(table, file)
     if len(labels) == 0:
         raise DataError(f"{file}: the dataset is empty (0 images)")
     if class_names is None:
@@ -225,6 +227,23 @@ def read_parquet_split(file: Path, class_names: tuple[str, ...] | None = None) -
         raise DataError(f"{file}: images must all have one shape, found {sorted(shapes)[:3]}")
     stacked = np.stack(images)  # not empty: an empty file was refused above
     return ImageSet(stacked, labels, class_names, masks=_object_masks(table, file, stacked.shape[1:3])).validate(str(file))
+
+
+def _labels(table: Any, file: Path) -> np.ndarray:
+    """Integer class indices; names (strings) or fractions would otherwise be cast or truncated."""
+    import pyarrow as pa
+
+    column = table.column("label")
+    if not pa.types.is_integer(column.type):
+        raise DataError(f"{file}: column label is {column.type}; expected integer class indices 0..C-1 (class names go in classes.json, in index order)")
+    if column.null_count:
+        raise DataError(f"{file}: column label has {column.null_count} null(s); expected a class index in every row")
+    return column.to_numpy().astype(np.int64)
+
+
+def _outward(box: list[float]) -> list[int]:
+    """A box in fractional pixels as the whole pixels it touches (x1 and y1 exclusive)."""
+    return [math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])]
 
 
 def _object_masks(table: Any, file: Path, size: tuple[int, int]) -> np.ndarray | None:
@@ -248,9 +267,10 @@ def _object_masks(table: Any, file: Path, size: tuple[int, int]) -> np.ndarray |
     if "box" in table.column_names:
         masks = np.zeros((table.num_rows, h, w), bool)
         for i, box in enumerate(table.column("box").to_pylist()):
-            if box is None or len(box) != 4 or not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
+            if box is None or len(box) != 4 or any(v is None for v in box) or not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
                 raise DataError(f"{file}: row {i}: box {box} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}")
-            masks[i, box[1] : box[3], box[0] : box[2]] = True
+            x0, y0, x1, y1 = _outward(box)  # fractional coordinates (a resized dataset's) cover the pixels they touch
+            masks[i, y0:y1, x0:x1] = True
         return masks
     return None
 

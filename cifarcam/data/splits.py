@@ -13,7 +13,7 @@ import numpy as np
 
 from cifarcam.data import sources, synthetic
 from cifarcam.data.image_set import ImageSet
-from cifarcam.errors import ConfigError
+from cifarcam.errors import ConfigError, DataError
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "ImageSet", "Splits", "load_splits", "stratified_split"]
 
@@ -57,6 +57,19 @@ def _limit(images: ImageSet, n: int | None, seed: int) -> ImageSet:
     return images.subset(keep)
 
 
+def _check_side(images: ImageSet, cfg: DataConfig) -> None:
+    """Maps are stored, scored and drawn at CIFAR's 32x32 (``results.HEATMAP_SIZE``): other sizes
+    are refused here, before a search trains on them for a CAM stage that could not store them."""
+    from cifarcam.results import HEATMAP_SIZE as side
+
+    h, w = images.images.shape[1:3]
+    if (h, w) != (side, side):
+        where = {"synthetic": "data.synthetic.image_size", "parquet": f"data.path {cfg.path}"}.get(cfg.source, f"data.source {cfg.source}")
+        raise DataError(
+            f"{where}: images are {w}x{h}; cifarcam explains {side}x{side} images (CIFAR's size, at which its maps are stored): resize them to {side}x{side}"
+        )
+
+
 def load_splits(cfg: DataConfig) -> Splits:
     """Read the configured source and return the seeded 90/10 train/val split and the test set."""
     if cfg.source == "synthetic":
@@ -67,6 +80,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         train_full, test = sources.read_parquet_dir(cfg.path)
     else:  # config validation makes this unreachable; kept for direct callers
         raise ConfigError(f"data.source: unknown source {cfg.source!r}")
+    for images in (train_full, test):
+        _check_side(images, cfg)
     train_full = _limit(train_full, cfg.limit_train, cfg.seed)
     test = _limit(test, cfg.limit_test, cfg.seed)
     train_rows, val_rows = stratified_split(train_full.labels, cfg.val_fraction, cfg.seed)
