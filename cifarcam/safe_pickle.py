@@ -1,14 +1,20 @@
-"""A restricted unpickler for the official CIFAR files.
+"""Pickles: a restricted unpickler for the official CIFAR files, and who could have planted one.
 
 The CIFAR archives are pickles; plain ``pickle.load`` on a file from the internet runs any code
 the file names. This unpickler resolves only the globals that numpy arrays need, so a crafted
 file that asks for ``os.system`` (or anything else) fails instead of executing.
+
+Pickles that must be loaded whole (Tune's experiment state, submitit's jobs) are trusted only
+where no one else could have written them: ``others_can_write``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import stat
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from cifarcam.errors import DataError
@@ -50,3 +56,27 @@ def safe_load(stream: BinaryIO | bytes, source: str) -> Any:
         raise UnsafePickleError(f"{source}: not a CIFAR pickle ({err}); only numpy arrays, lists, ints and strings are allowed") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as err:
         raise DataError(f"{source}: corrupt or truncated pickle ({type(err).__name__}: {err})") from None
+
+
+def others_can_write(path: Path) -> str | None:
+    """Why someone other than this user could have written ``path`` (a symlink is judged by what
+    it points to), or None. As ssh does with its keys: it must be this user's, and writable by no
+    one else; group write only where the group is this user's own and has no other member."""
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        return f"owned by uid {info.st_uid} (mode {stat.filemode(info.st_mode)})"
+    if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid)):
+        return f"writable by others (mode {stat.filemode(info.st_mode)})"
+    return None
+
+
+def _own_group(gid: int) -> bool:
+    """A user private group (Debian's default with umask 002): this user's, with no other member."""
+    import grp
+    import pwd
+
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid())
+    except KeyError:
+        return False
+    return gid == user.pw_gid and set(group.gr_mem) <= {user.pw_name}

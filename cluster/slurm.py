@@ -160,7 +160,7 @@ def make_executor(opts: argparse.Namespace):
 
     if shutil.which("sbatch") is None:
         raise UserError("sbatch: not found on PATH; cluster.slurm runs on a SLURM login node")
-    executor = submitit.AutoExecutor(folder=opts.logs.resolve() / "%j", cluster="slurm", slurm_max_num_timeout=opts.requeues)
+    executor = submitit.AutoExecutor(folder=private_logs(opts.logs) / "%j", cluster="slurm", slurm_max_num_timeout=opts.requeues)
     params = dict(
         name=opts.job_name,
         nodes=opts.nodes,
@@ -178,6 +178,23 @@ def make_executor(opts: argparse.Namespace):
     )
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None and v != {}})
     return executor
+
+
+def private_logs(logs: Path) -> Path:
+    """``--logs``, created for this user alone if new. submitit pickles each job there, and each
+    node unpickles it (again on every requeue): whoever can write the folder runs code as this
+    user. A folder someone else owns or may write is refused (``others_can_write``)."""
+    from cifarcam.safe_pickle import others_can_write
+
+    logs = logs.resolve()
+    try:
+        logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--logs {logs}: cannot create it ({err.strerror or err}); choose a folder on a filesystem every node sees") from None
+    problem = others_can_write(logs)
+    if problem:
+        raise UserError(f"--logs {logs}: {problem}, and each node unpickles its job from there; check who changed it, then chmod go-w {logs}, or choose another --logs")
+    return logs
 
 
 def new_token(logs: Path) -> Path:

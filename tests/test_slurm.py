@@ -295,3 +295,20 @@ def test_the_launcher_passes_pipeline_options_on_as_given(tmp_path):
     assert runs == [["--methods", "gradcam", "--resume", "--config", str(a), "--out", str(tmp_path / "run")]]
     own, runs = pipeline_runs(["--array", str(a), str(b), "--out", str(tmp_path / "runs"), "--layers=layer2"])
     assert runs == [["--layers=layer2", "--config", str(c), "--out", str(tmp_path / "runs" / n)] for c, n in ((a, "a"), (b, "b"))]
+
+
+def test_a_logs_folder_others_could_write_is_refused(tmp_path):
+    """Each node unpickles its job from --logs: a new one is made private, and one that others
+    may write (where they could plant a pickle) is refused before anything is submitted."""
+    from cifarcam.errors import UserError
+    from cluster.slurm import private_logs
+
+    fresh = private_logs(tmp_path / "new" / "logs")
+    assert fresh.is_dir() and fresh.stat().st_mode & 0o077 == 0
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UserError, match=r"^--logs .*/shared: writable by others \(mode drwxrwxrwx\), and each node unpickles its job from there"):
+        private_logs(shared)
+    shared.chmod(0o755)
+    assert private_logs(shared) == shared

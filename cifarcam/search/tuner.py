@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -52,33 +50,16 @@ def early_stopper(cfg: ExperimentConfig) -> Any:
 def check_private(experiment: Path) -> None:
     """Refuse to resume from state someone else could have written: Tune unpickles the files at
     the top of its experiment folder (tuner.pkl, the experiment and searcher states), so whoever
-    can write one runs code as the next user who resumes. As ssh does with its keys: each, and the
-    folder, must be this user's, and writable by no one else (group write only where the group is
-    this user's own and has no other member)."""
+    can write one runs code as the next user who resumes. Each, and the folder, must be this
+    user's and writable by no one else (``others_can_write``)."""
+    from cifarcam.safe_pickle import others_can_write
+
     for path in [experiment, *sorted(p for p in experiment.iterdir() if p.is_file())]:
-        info = path.stat()  # a symlink is judged by what it points to
-        if info.st_uid != os.getuid():
-            problem = f"owned by uid {info.st_uid}"
-        elif info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid)):
-            problem = "writable by others"
-        else:
-            continue
-        raise UserError(
-            f"--resume: {path} is {problem} (mode {stat.filemode(info.st_mode)}), and resuming unpickles the search's state; "
-            f"check who changed it, then chmod go-w {experiment} {experiment}/*"
-        )
-
-
-def _own_group(gid: int) -> bool:
-    """A user private group (Debian's default with umask 002): this user's, with no other member."""
-    import grp
-    import pwd
-
-    try:
-        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid())
-    except KeyError:
-        return False
-    return gid == user.pw_gid and set(group.gr_mem) <= {user.pw_name}
+        problem = others_can_write(path)
+        if problem:
+            raise UserError(
+                f"--resume: {path} is {problem}, and resuming unpickles the search's state; check who changed it, then chmod go-w {experiment} {experiment}/*"
+            )
 
 
 def make_tuner(cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool, res: TrialResources, callbacks: list | None = None) -> ray.tune.Tuner:
