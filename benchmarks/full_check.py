@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifarcam.cam.settings import CamSettings  # noqa: E402
 from cifarcam.config import dump_config, load_config  # noqa: E402
+from cifarcam.run_layout import RunLayout  # noqa: E402
 
 TEST_IMAGES = 10_000  # CIFAR's test split; --test-images tries the script on fewer
 CAMS = "read_parquet('{run}/cams/**/*.parquet', hive_partitioning = true)"
@@ -231,7 +232,7 @@ def main() -> None:
 
     stages = {}
     stages["search"] = run_stage("search", ["jobs.search", "--config", str(config), "--out", str(run)], args.out / "search.log", args.train_images * 7, 1800)
-    checkpoints = dict(duckdb.sql(f"select model, checkpoint from '{run}/accuracy.parquet'").fetchall())
+    checkpoints = {model: str(RunLayout(run).located(path)) for model, path in duckdb.sql(f"select model, checkpoint from '{run}/accuracy.parquet'").fetchall()}
     missing = [f for f in families if f not in checkpoints]
     if missing:
         raise SystemExit(f"full-check: the search produced no usable checkpoint for {', '.join(missing)}")

@@ -57,6 +57,20 @@ class RunLayout:
     def lock_holder(self) -> Path:
         return self.root / ".lock.holder"
 
+    def stored(self, path: str | None) -> str | None:
+        """A path as the run's tables store it: relative to the run folder where it lies inside it,
+        so that a moved or copied run finds its own checkpoints; as given elsewhere."""
+        if path is None:
+            return None
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return path
+
+    def located(self, stored: str) -> Path:
+        """A path from the run's tables, where this run folder finds it (``stored``'s inverse)."""
+        return self.root / stored if not Path(stored).is_absolute() else Path(stored)
+
     @property
     def tensorboard(self) -> Path:  # one event file per trial: tensorboard --logdir <this>
         return self.root / "tensorboard"

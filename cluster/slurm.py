@@ -193,7 +193,9 @@ def private_logs(logs: Path) -> Path:
         raise UserError(f"--logs {logs}: cannot create it ({err.strerror or err}); choose a folder on a filesystem every node sees") from None
     problem = others_can_write(logs)
     if problem:
-        raise UserError(f"--logs {logs}: {problem}, and each node unpickles its job from there; check who changed it, then chmod go-w {logs}, or choose another --logs")
+        raise UserError(
+            f"--logs {logs}: {problem}, and each node unpickles its job from there; check who changed it, then chmod go-w {logs}, or choose another --logs"
+        )
     return logs
 
 

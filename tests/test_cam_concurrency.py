@@ -5,6 +5,7 @@ imports here."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -31,7 +32,8 @@ def _published(model_folder: Path) -> list[Path]:
 def test_two_jobs_on_one_run_one_killed_lose_nothing_and_reruns_finish_without_recomputing(demo_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("cams", "sanity", "report", ".staging"))
-    checkpoint = duckdb.sql(f"select checkpoint from '{run}/accuracy.parquet' where model = 'resnet_tiny'").fetchall()[0][0]
+    stored = duckdb.sql(f"select checkpoint from '{run}/accuracy.parquet' where model = 'resnet_tiny'").fetchall()[0][0]
+    checkpoint = str(run / stored)  # the copy's own: checkpoints are stored relative to the run folder
     # the smallest real work per job: one target, no faithfulness curves, a small sanity sample
     common = ["jobs.cam", "--run", str(run), "--num-cpus", "2", "--targets", "pred", "--faithfulness-steps", "0", "--sanity-images", "16"]
     killed_job = [*common, "--methods", ",".join(KILLED_METHODS)]  # every model of the run
@@ -83,3 +85,7 @@ def test_two_jobs_on_one_run_one_killed_lose_nothing_and_reruns_finish_without_r
     assert noop.returncode == 0, noop.stderr[-3000:]
     assert f"cams: 0 partitions written, {3 * _layers(run / 'cams' / 'model=resnet_tiny')} already complete" in noop.stdout
     assert "Started a local Ray" not in noop.stdout + noop.stderr  # nothing to compute: no cluster
+
+    # the copied run explained its own checkpoints (its tables store them relative to the run folder), not the original's
+    claims = [json.loads(p.read_text())["checkpoint"] for p in (run / "cams").glob("model=*/_SOURCE.json")]
+    assert len(claims) == 2 and all(Path(c).is_relative_to(run.resolve() / "train") for c in claims), claims

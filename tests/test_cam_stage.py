@@ -348,3 +348,36 @@ def test_a_cpu_actor_computes_with_the_threads_it_was_given(tmp_path):
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_moved_run_finds_its_own_checkpoints_and_predictions(tmp_path, checkpoint, test_set):
+    """accuracy.parquet stores checkpoints relative to the run folder: after a move (or on a copy)
+    the CAM stage explains the run's own checkpoint, and reuses its stored predictions."""
+    import shutil
+
+    from cifarcam import results
+    from cifarcam.cam.runner import models_to_explain
+    from cifarcam.cam.stage import stored_predictions
+    from cifarcam.run_layout import RunLayout
+    from cifarcam.search_tables import ACCURACY, PREDICTIONS
+    from cifarcam.training import weights_sha256
+
+    run = tmp_path / "run"
+    inside = run / "train" / "trial_0" / "checkpoint_000001"
+    shutil.copytree(checkpoint[0], inside)
+    weights = weights_sha256(inside)
+    assert RunLayout(run).stored(str(inside)) == "train/trial_0/checkpoint_000001"
+    assert RunLayout(run).stored("/elsewhere/ckpt") == "/elsewhere/ckpt" and RunLayout(run).stored(None) is None
+    row = {"model": "resnet_tiny", "checkpoint": RunLayout(run).stored(str(inside)), "weights_sha256": weights}
+    results.write_table([row], ACCURACY, RunLayout(run).accuracy)
+    rows = [
+        {"model": "resnet_tiny", "image_index": int(i), "label": 0, "pred": 1, "top5": [1], "prob": 0.5, "correct": False, "weights_sha256": weights}
+        for i in test_set.index
+    ]
+    results.write_table(rows, PREDICTIONS, RunLayout(run).predictions)
+
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    (model,) = models_to_explain(moved, None, num_classes=10)
+    assert Path(model.checkpoint) == moved / "train" / "trial_0" / "checkpoint_000001"
+    assert stored_predictions(moved, model, test_set.index, weights).tolist() == [1] * len(test_set)

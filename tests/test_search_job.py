@@ -347,6 +347,8 @@ def test_accuracy_and_predictions_agree(search_run):
     out, *_ = search_run
     ((model, test_top1, params, ckpt),) = duckdb.sql(f"select model, test_top1, params, checkpoint from '{out}/accuracy.parquet'").fetchall()
     assert model == "resnet_tiny" and params > 100_000 and test_top1 > 0.5
+    assert ckpt.startswith("train/trial_")  # relative to the run folder: a moved or copied run finds its own
+    ckpt = Path(out) / ckpt
     ((n, acc, distinct),) = duckdb.sql(f"select count(*), avg(correct::int), count(distinct image_index) from '{out}/predictions.parquet'").fetchall()
     assert n == distinct == 300 and acc == pytest.approx(test_top1)
     assert duckdb.sql(f"select count(*) from '{out}/predictions.parquet' where (pred = label) != correct or top5[1] != pred").fetchall() == [(0,)]
@@ -358,7 +360,7 @@ def test_checkpoint_rebuilds_from_its_meta_alone(search_run):
 
     out, *_ = search_run
     ckpt = duckdb.sql(f"select checkpoint from '{out}/accuracy.parquet'").fetchall()[0][0]
-    model, meta = load_model(ckpt)
+    model, meta = load_model(Path(out) / ckpt)
     assert meta["model"] == {"family": "resnet_tiny", "num_classes": 10, "stem": "cifar", "input_size": 32}
     assert meta["class_names"][:2] == ["square", "disk"]
 

@@ -50,7 +50,8 @@ def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes
         table = RunLayout(run_dir).accuracy
         if not table.is_file():
             raise UserError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
-        chosen = duckdb.execute("select model, checkpoint from read_parquet(?) order by model", [str(table)]).fetchall()
+        stored = duckdb.execute("select model, checkpoint from read_parquet(?) order by model", [str(table)]).fetchall()
+        chosen = [(name, str(RunLayout(run_dir).located(path))) for name, path in stored]
         if not chosen:
             raise UserError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
     models = []

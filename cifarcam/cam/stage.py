@@ -165,7 +165,7 @@ def stored_predictions(run_dir: Path, model: ModelToExplain, image_index: np.nda
     if not (accuracy.is_file() and predictions.is_file()) or "weights_sha256" not in pq.read_schema(predictions).names:
         return None
     rows = duckdb.execute("select checkpoint from read_parquet(?) where model = ?", [str(accuracy), model.name]).fetchall()
-    if not rows or Path(rows[0][0]).resolve() != Path(model.checkpoint).resolve():
+    if not rows or RunLayout(run_dir).located(rows[0][0]).resolve() != Path(model.checkpoint).resolve():
         return None
     query = "select image_index, pred from read_parquet(?) where model = ? and weights_sha256 = ?"
     frame = duckdb.execute(query, [str(predictions), model.name, weights_sha256]).df()

@@ -64,6 +64,12 @@ def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool, must_exi
         raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
 
 
+def _stored(rows: list, field: str, layout: RunLayout) -> list:
+    """Rows as the tables store them: checkpoint paths relative to the run folder (a moved or
+    copied run finds its own; ``RunLayout.located`` reads them back)."""
+    return [dataclasses.replace(row, **{field: layout.stored(getattr(row, field))}) for row in rows]
+
+
 def run_search(
     cfg: ExperimentConfig, splits: Splits, out_dir: Path, resume: bool = False, console: Console | None = None, mlflow_uri: str | None = None
 ) -> SearchSummary:
@@ -100,15 +106,15 @@ def run_search(
     if watch.verdict:  # Tune saved the experiment: --resume runs the waiting trial and those after it
         raise SearchStalled(watch.verdict)
     trials, epochs = trial_rows(grid, cfg, layout.train)
-    results.write_table(trials, TRIALS, layout.trials)
-    results.write_table(epochs, EPOCHS, layout.epochs)
+    results.write_table(_stored(trials, "best_checkpoint", layout), TRIALS, layout.trials)
+    results.write_table(_stored(epochs, "checkpoint_path", layout), EPOCHS, layout.epochs)
     accuracy, predictions = evaluate_best(trials, epochs, cfg, splits, res)
     meta = {"class_names": list(splits.class_names), "coarse_names": list(splits.test.coarse_names or [])}
     # Written even when empty: the report of a failed search shows what each trial ran into.
     # accuracy.parquet is the commit, written last: a kill in between leaves new predictions
     # beside old accuracy, whose checkpoints' weights_sha256 the new rows do not match.
     results.write_table(predictions, PREDICTIONS, layout.predictions, metadata=meta)
-    results.write_table(accuracy, ACCURACY, layout.accuracy, metadata=meta)
+    results.write_table(_stored(accuracy, "checkpoint", layout), ACCURACY, layout.accuracy, metadata=meta)
     if mlflow_uri:
         from cifarcam.search.mlflow_log import log_test_accuracy
 
