@@ -90,6 +90,12 @@ def connect_ray(args: argparse.Namespace, run_dir: Path | None = None) -> None:
         routing.route_worker_output()
         routing.note_session()
         console.print(f"Ray's logs: {routing.folder} (--verbose shows them here)", highlight=False)
+    if run_dir is not None:
+        from cifarcam.shared_folder import check_shared_folder
+
+        nodes = check_shared_folder(run_dir)
+        if nodes:
+            console.print(f"run folder: one folder, with shared locks, on all {nodes} nodes", highlight=False)
     if not ray.cluster_resources().get("GPU"):
         warn("no GPU in this Ray cluster: training and Grad-CAM run on its CPUs")
 

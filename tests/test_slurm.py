@@ -133,6 +133,8 @@ def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path
     assert f"job {job}: driver exit status 2" in out
     logs = tmp_path / "logs" / job
     assert "2 Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
+    # before any work, a task on each node read the driver's token in the run folder and could not take its lock
+    assert "run folder: one folder, with shared locks, on all 2 nodes" in (logs / f"{job}_0_log.out").read_text()
     assert "10.77.0.2" in (logs / "attempt-0" / "ray-worker-1.log").read_text()  # the second node started Ray at its own address
     assert "error: scaling: one trial needs 3 CPUs (3 workers) but the cluster has 2 CPUs and 0 GPUs" in (logs / f"{job}_0_log.err").read_text()
     deadline = time.monotonic() + 60
@@ -141,7 +143,6 @@ def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path
     assert _sacct_state(job) == "FAILED"
 
 
-@pytest.mark.full
 def test_a_request_slurm_cannot_satisfy_ends_in_sbatch_s_reason_on_one_line(slurm, tmp_path):
     """More CPUs per node than the nodes have: sbatch refuses at once, and the launcher says why in
     one line (before: submitit's FailedJobError traceback after sbatch's own lines)."""
@@ -154,6 +155,7 @@ def test_a_request_slurm_cannot_satisfy_ends_in_sbatch_s_reason_on_one_line(slur
     assert "submitted" not in proc.stdout and not list((tmp_path / "logs" / "tokens").glob("*"))
 
 
+@pytest.mark.full
 def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, tmp_path):
     """One job does both (each costs minutes here): the pipeline on 2 SLURM nodes with DDP across
     them, and `scontrol requeue` while its first trial trains. About 6 minutes on 2 cores: it runs
