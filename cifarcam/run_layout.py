@@ -62,10 +62,11 @@ class RunLayout:
         so that a moved or copied run finds its own checkpoints; as given elsewhere."""
         if path is None:
             return None
-        try:
-            return str(Path(path).resolve().relative_to(self.root.resolve()))
-        except ValueError:
-            return path
+        # As written first: a train/ that links to scratch space stays a path inside the run.
+        for inside, root in ((Path(path), self.root), (Path(path).resolve(), self.root.resolve())):
+            if inside.is_relative_to(root):
+                return str(inside.relative_to(root))
+        return path
 
     def located(self, stored: str) -> Path:
         """A path from the run's tables, where this run folder finds it (``stored``'s inverse)."""

@@ -93,6 +93,11 @@ def check_shared_folder(run_dir: Path) -> int:
                 views = ray.get(pending, timeout=PROBE_TIMEOUT_S)
             except ray.exceptions.GetTimeoutError:
                 raise UserError(f"{run_dir}: not every node answered the shared-folder check within {PROBE_TIMEOUT_S:.0f} s; see ray status") from None
+            except ray.exceptions.RayError as err:  # a node lost meanwhile, a worker that failed to start
+                raise UserError(f"{run_dir}: the shared-folder check failed on a node ({type(err).__name__}); see ray status") from None
+            finally:
+                for ref in pending:  # a late probe must not take the lock file back after the cleanup
+                    ray.cancel(ref, force=True)
     finally:
         token_file.unlink(missing_ok=True)
         lock_file.unlink(missing_ok=True)

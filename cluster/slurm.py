@@ -144,12 +144,14 @@ def pipeline_runs(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]
     # in for it. argparse's own mistakes (and --help) exit here, before submitting.
     args = parser().parse_args([*argv, "--config", str(own.array[0])] if own.array else argv)
     cam.settings_from(args)
+    from cifarcam.search import check_resumable
     from cifarcam.training import load_experiment  # torch: after --help, which exits above
 
     runs = []
     for config in own.array or [Path(args.config)]:
         cfg = load_experiment(config)
         out = (args.out / cfg.name if own.array and args.out else args.out) or Path("results") / cfg.name
+        check_resumable(cfg, out.resolve(), args.resume or args.resume_if_started, must_exist=args.resume)  # a mistyped --out costs no allocation
         check_writable(out)
         runs.append([*rest, "--config", str(Path(config).resolve()), "--out", str(out.resolve())])
     return own, runs

@@ -116,6 +116,12 @@ def test_partitions_of_another_test_set_are_refused(tmp_path, test_set):
         check_settings(tmp_path, recorded_settings(CamSettings(), relabelled))
     with pytest.raises(ConfigError, match=r"computed with test_set"):
         check_settings(tmp_path, recorded_settings(CamSettings(), test_set.subset(np.arange(len(test_set) - 1))))
+    # a marker from before fingerprints cannot say which test set it had: its other settings decide
+    legacy = tmp_path / "legacy"
+    _published(legacy, "model=resnet_tiny/layer=layer3/method=gradcam", CamSettings().comparable())
+    check_settings(legacy, recorded_settings(CamSettings(), relabelled))
+    with pytest.raises(ConfigError, match=r"computed with targets"):
+        check_settings(legacy, recorded_settings(CamSettings(targets=("pred",)), relabelled))
 
 
 def test_settings_are_checked():

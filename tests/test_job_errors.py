@@ -249,6 +249,23 @@ def test_resume_with_a_mistyped_out_refuses_instead_of_starting_afresh(tmp_path,
     assert not typo.exists()
 
 
+def test_resume_if_started_starts_a_search_that_never_began_and_continues_one_that_did(tmp_path):
+    """What a requeued attempt passes: its first attempt may have ended before the search began."""
+    from cifarcam.config import load_config
+    from cifarcam.errors import UserError
+    from cifarcam.search import check_resumable
+
+    cfg, out = load_config(_config(tmp_path, "name: x\n" + OK_DATA)), tmp_path / "run"
+    check_resumable(cfg, out, resume=True, must_exist=False)  # --resume-if-started: nothing there, start it
+    with pytest.raises(UserError, match=r"^--resume: --out .*/run holds no search 'x' to continue"):
+        check_resumable(cfg, out, resume=True, must_exist=True)  # --resume
+    (out / "tune" / "x").mkdir(parents=True)
+    check_resumable(cfg, out, resume=True, must_exist=False)
+    check_resumable(cfg, out, resume=True, must_exist=True)
+    with pytest.raises(UserError, match=r"already holds search 'x'; pass --resume"):
+        check_resumable(cfg, out, resume=False)
+
+
 def test_more_gpus_than_this_machine_has_fail_before_ray(tmp_path, existing_run, capsys):
     import torch
 

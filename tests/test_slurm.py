@@ -174,6 +174,7 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     assert f"job {job}: driver exit status 0" in out
     logs = tmp_path / "logs" / job  # the %j folder
     assert json.loads((logs / "driver-status.json").read_text()) == {"returncode": 0, "resumed": True}
+    assert re.search(r"running jobs\.pipeline .* --resume-if-started", (logs / f"{job}_0_log.out").read_text())  # the requeued attempt's flag
     assert (logs / "attempt-1").is_dir() and "Ray node(s) up" in (logs / f"{job}_0_log.out").read_text()
     run = tmp_path / "run"
     # the same Tune experiment went on: the trial that was running kept its id (a fresh search draws new ids)
@@ -262,6 +263,7 @@ def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["--array", "{good}", "--config", "{good}"], "error: --array: each config is one array task"),
         (["--config", "{good}", "--out", "/proc/run"], "error: --out /proc/run: cannot create the results folder"),
         (["--config", "{good}", "--methods", "gradkam"], "error: --methods: unknown CAM method 'gradkam'"),
+        (["--config", "{good}", "--out", "{typo}-run", "--resume"], "error: --resume: --out {typo}-run holds no search 'small' to continue"),
         (["--nodes", "0", "--config", "{good}"], "python -m cluster.slurm: error: argument --nodes: expected a positive integer, got 0"),
         (
             ["--job-name", "x\n#SBATCH --wrap=id", "--config", "{good}"],
@@ -273,7 +275,7 @@ def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n")
-    args = [a.format(typo=typo, good=write_config(tmp_path)) for a in args]
+    args, expected = [a.format(typo=typo, good=write_config(tmp_path)) for a in args], expected.format(typo=typo)
     proc = _launcher(tmp_path, *args)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(expected), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "submitted" not in proc.stdout

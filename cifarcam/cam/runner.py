@@ -139,7 +139,7 @@ def explain_run(
         if console is not None:
             console.print(f"cams: {layout}")
         summary = explain(run_dir, plans, test, settings, layout.actors, layout.gpus_per_actor, console=console, threads=layout.threads)
-    summary["sanity"] = sanity_checks(run_dir, plans, test, settings, connect)
+    summary["sanity"] = sanity_checks(run_dir, plans, test, settings, connect, warn)
     summary["models"] = [p.model.name for p in plans]
     return summary
 
@@ -157,21 +157,32 @@ def sanity_work(run_dir: Path, plans: list[ModelPlan], settings: CamSettings, im
     for p in plans:
         files = {m: sanity_file(run_dir, p.spec.family, m) for m in fast_methods(settings.methods)}
         layers = sorted({layer.name for layer in p.layers}.union(*(recorded_layers(f, p.source.weights_sha256) for f in files.values())))
-        wanted = {"images": images, "seed": settings.sanity_seed, "draws": settings.sanity_draws, "layers": layers, "cascade": CASCADE_VERSION}
+        wanted = {
+            "images": images,
+            "seed": settings.sanity_seed,
+            "draws": settings.sanity_draws,
+            "layers": layers,
+            "cascade": CASCADE_VERSION,
+            "test_set": p.recorded.get("test_set"),  # the sample is drawn from the test set
+        }
         methods = [m for m, f in files.items() if not is_current(f, p.source.weights_sha256, wanted)]
         if methods:
             work.append((p, layers, wanted, methods))
     return work
 
 
-def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, connect: Callable[[], None]) -> list[Path]:
+def sanity_checks(
+    run_dir: Path, plans: list[ModelPlan], test: ImageSet, settings: CamSettings, connect: Callable[[], None], warn: Callable[[str], None]
+) -> list[Path]:
     """The randomisation sanity check per model, on a small seeded sample; skipped where the
     file for these weights and settings exists. Each model's check is a Ray task with a GPU where
     the cluster has GPUs (``connect`` joins or starts Ray when there is work), all at once."""
     import ray
 
     from cifarcam.cam.faithfulness import sample_rows
-    from cifarcam.cam.sanity import check_checkpoint, sanity_file, write_sanity
+    from cifarcam.cam.partitions import CAM_JOB
+    from cifarcam.cam.sanity import check_checkpoint, recorded_layers, sanity_file, write_sanity
+    from cifarcam.run_lock import run_lock
 
     if not settings.sanity_images:
         return []
@@ -188,9 +199,16 @@ def sanity_checks(run_dir: Path, plans: list[ModelPlan], test: ImageSet, setting
         [task.remote(p.model.checkpoint, layers, methods, images, settings.sanity_seed, device, settings.sanity_draws) for p, layers, _, methods in work]
     )
     written = []
-    for (p, _, wanted, methods), rows in zip(work, results, strict=True):
-        for method in methods:
-            path = sanity_file(run_dir, p.spec.family, method)
-            write_sanity(path, [r for r in rows if r["method"] == method], p.source.weights_sha256, wanted)
-            written.append(path)
+    with run_lock(run_dir, CAM_JOB):  # a job with other --layers may have written its cascade meanwhile
+        for (p, layers, wanted, methods), rows in zip(work, results, strict=True):
+            for method in methods:
+                path = sanity_file(run_dir, p.spec.family, method)
+                theirs = recorded_layers(path, p.source.weights_sha256)
+                if not set(theirs) <= set(layers):  # overwriting would drop their layers: theirs stands
+                    warn(
+                        f"sanity check of {p.spec.family} {method}: another job stored a cascade over {', '.join(theirs)} meanwhile; rerun jobs.cam to check all layers in one"
+                    )
+                    continue
+                write_sanity(path, [r for r in rows if r["method"] == method], p.source.weights_sha256, wanted)
+                written.append(path)
     return written

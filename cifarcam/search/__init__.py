@@ -7,8 +7,8 @@ __getattr__, __dir__, __all__ = lazy_face(
     __name__,
     {
         "mlflow_log": ["open_experiment"],
-        "planning": ["plan_resources", "plan_search"],
-        "runner": ["check_resumable", "run_search"],
+        "planning": ["check_resumable", "plan_resources", "plan_search"],
+        "runner": ["run_search"],
         "summary": ["print_search_summary"],
     },
 )

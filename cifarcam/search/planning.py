@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cifarcam.config import ExperimentConfig, SearchConfig
-from cifarcam.errors import ConfigError
+from cifarcam.config import ExperimentConfig, SearchConfig, dump_config
+from cifarcam.errors import ConfigError, UserError
+from cifarcam.run_layout import RunLayout
 
 # Training-split sizes of the datasets whose files a dry run need not read.
 KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}
@@ -183,3 +184,18 @@ def plan_search(cfg: ExperimentConfig, cluster: dict[str, float], images_per_s: 
         train_images=train_images(cfg),
         images_per_s=images_per_s,
     )
+
+
+def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool, must_exist: bool = False) -> None:
+    """A run folder holding this search is continued only on --resume, and only with its own config.
+    ``must_exist`` (the user's --resume): a folder holding no such search is a mistyped --out, not
+    a fresh start; --resume-if-started, what a requeued attempt passes, starts it instead."""
+    saved = RunLayout(out_dir).config
+    if not (RunLayout(out_dir).tune / cfg.name).exists():
+        if must_exist:
+            raise UserError(f"--resume: --out {out_dir} holds no search {cfg.name!r} to continue; check --out, or leave out --resume to start one")
+        return
+    if not resume:
+        raise UserError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
+    if saved.is_file() and saved.read_text() != dump_config(cfg):
+        raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")

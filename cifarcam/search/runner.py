@@ -19,12 +19,12 @@ from rich.console import Console
 from cifarcam import results
 from cifarcam.config import ExperimentConfig, dump_config
 from cifarcam.data import Splits
-from cifarcam.errors import ConfigError, NoUsableTrial, UserError
+from cifarcam.errors import NoUsableTrial
 from cifarcam.ray_logs import mark_work_started
 from cifarcam.run_layout import RunLayout
 from cifarcam.search.best_trials import evaluate_best
 from cifarcam.search.placement_watch import PlacementWatch, SearchStalled, worker_bundle
-from cifarcam.search.planning import count_trials, plan_resources
+from cifarcam.search.planning import check_resumable, count_trials, plan_resources
 from cifarcam.search.progress import SearchProgress
 from cifarcam.search.tensorboard_log import TensorBoardEpochs
 from cifarcam.search.tune_rows import trial_rows
@@ -47,21 +47,6 @@ class SearchSummary:
     out_dir: Path
     trials: list[TrialRow]
     accuracy: list[AccuracyRow]
-
-
-def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool, must_exist: bool = False) -> None:
-    """A run folder holding this search is continued only on --resume, and only with its own config.
-    ``must_exist`` (the user's --resume): a folder holding no such search is a mistyped --out, not
-    a fresh start; --resume-if-started, what a requeued attempt passes, starts it instead."""
-    saved = RunLayout(out_dir).config
-    if not (RunLayout(out_dir).tune / cfg.name).exists():
-        if must_exist:
-            raise UserError(f"--resume: --out {out_dir} holds no search {cfg.name!r} to continue; check --out, or leave out --resume to start one")
-        return
-    if not resume:
-        raise UserError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
-    if saved.is_file() and saved.read_text() != dump_config(cfg):
-        raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
 
 
 def _stored(rows: list, field: str, layout: RunLayout) -> list:
