@@ -381,10 +381,10 @@ def test_checkpoint_whose_meta_lacks_the_model(run_with_checkpoints, capsys, met
     _fails_cleanly(proc, run, before, f"error: {swapped / 'meta.json'}: {expected}")
 
 
-def test_ray_address_that_does_not_answer(tmp_path, existing_run):
+def test_ray_address_that_does_not_answer(tmp_path, existing_run, capsys):
     before = _snapshot(existing_run)
     started = time.monotonic()
-    proc = run_job("jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--address", "127.0.0.1:1", timeout=120)
+    proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", str(existing_run), "--address", "127.0.0.1:1")
     _fails_cleanly(proc, existing_run, before, "error: --address 127.0.0.1:1: no Ray cluster answers there (Connection refused)")
     assert time.monotonic() - started < 60
 
@@ -396,12 +396,12 @@ def test_ray_address_that_does_not_answer(tmp_path, existing_run):
         ("{workers_per_trial: 1, use_gpu: true}", "error: scaling: one trial needs 1 CPUs and 1 GPUs (1 workers) but the cluster has 2 CPUs and 0 GPUs"),
     ],
 )
-def test_trial_larger_than_the_cluster_fails_fast(scaling, expected, tmp_path, existing_run):
+def test_trial_larger_than_the_cluster_fails_fast(scaling, expected, tmp_path, existing_run, capsys):
     data = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 1000, test_size: 40, colours: per_class}}\n"
     text = f"name: x\n{data}train: {{model: resnet_tiny, epochs: 1}}\nscaling: {scaling}\n"
     before = _snapshot(existing_run)
     started = time.monotonic()
-    proc = run_job("jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--num-cpus", "2", timeout=300)
+    proc = in_process(capsys, "jobs.search", "--config", str(_config(tmp_path, text)), "--out", str(existing_run), "--num-cpus", "2")
     _fails_cleanly(proc, existing_run, before, expected)  # a local Ray's size is known before it starts
     assert time.monotonic() - started < 60
 
