@@ -301,16 +301,17 @@ def test_an_object_store_uri_is_refused_before_ray(job, option, tmp_path, monkey
 
 
 def test_unwritable_results_folder(tmp_path, capsys):
-    line = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run").stderr.strip()
-    assert line.startswith("error: --out /proc/cifarcam-run: cannot create the results folder")
+    proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", "/proc/cifarcam-run")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.strip().startswith("error: --out /proc/cifarcam-run: cannot create the results folder")
 
 
 def test_an_unreachable_mlflow_store_fails_before_ray(tmp_path, capsys):
     """A tracking store that cannot be opened is named before any trial, not after the first epoch."""
     bad = "mlfow://typo"
     proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", str(tmp_path / "run"), "--mlflow", bad)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --mlflow {bad}: cannot reach the tracking store (")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.strip().startswith(f"error: --mlflow {bad}: cannot reach the tracking store (")
     assert not (tmp_path / "run" / "tune").exists()
 
 

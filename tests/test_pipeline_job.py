@@ -156,4 +156,4 @@ def test_bad_layer_and_method_fail_before_any_work(demo_run, capsys):
     assert proc.returncode == 2 and "has no layer 'layer9'" in proc.stderr.strip().splitlines()[-1]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in proc.stdout  # no cluster time
     proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--methods", "gradcan", *demo_cam_options())
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --methods: unknown CAM method 'gradcan'; did you mean 'gradcam'?"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: --methods: unknown CAM method 'gradcan'; did you mean 'gradcam'?"]

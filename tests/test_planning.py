@@ -50,7 +50,7 @@ def test_dry_run_of_a_trial_too_large_shows_the_plan_then_fails(tmp_path, capsys
     proc = in_process(capsys, "jobs.search", "--config", str(PAPER), "--dry-run", "--num-cpus", "1")
     assert proc.returncode == 2
     assert "42 trials:" in proc.stdout and "per trial: does not fit this cluster" in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1] == "error: scaling: one trial needs 2 CPUs (1 workers) but the cluster has 1 CPUs and 0 GPUs"
+    assert proc.stderr.strip().splitlines() == ["error: scaling: one trial needs 2 CPUs (1 workers) but the cluster has 1 CPUs and 0 GPUs"]
 
 
 NEWCOMER_CONFIGS = ["demo.yaml", "hard_shapes.yaml", "paper.yaml"]  # every config the README tells a newcomer to run

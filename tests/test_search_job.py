@@ -370,7 +370,7 @@ def test_rerun_without_resume_refuses_and_leaves_the_run_untouched(search_run, t
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     proc = in_process(capsys, "jobs.search", "--config", str(write_config(tmp_path)), "--out", str(out))
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == f"error: --out {out}: already holds search 'small'; pass --resume to continue it, or choose another --out"
+    assert proc.stderr.strip().splitlines() == [f"error: --out {out}: already holds search 'small'; pass --resume to continue it, or choose another --out"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
