@@ -24,7 +24,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import ROOT, SMALL_SEARCH, write_config
+from helpers import ROOT, SMALL_SEARCH, in_process, write_config
 
 STATE = Path("/tmp/cifarcam-slurm")
 SLURM_ENV = {**os.environ, "SLURM_STATE_DIR": str(STATE), "SLURM_NODES": "2", "SLURM_NETNS": "1"}
@@ -143,15 +143,26 @@ def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path
     assert _sacct_state(job) == "FAILED"
 
 
-def test_a_request_slurm_cannot_satisfy_ends_in_sbatch_s_reason_on_one_line(slurm, tmp_path):
-    """More CPUs per node than the nodes have: sbatch refuses at once, and the launcher says why in
-    one line (before: submitit's FailedJobError traceback after sbatch's own lines)."""
-    cmd = [*LAUNCH, "--logs", str(tmp_path / "logs"), "--config", str(write_config(tmp_path)), "--out", str(tmp_path / "run")]
-    cmd[cmd.index("--cpus-per-task") + 1] = "64"
+def test_a_request_sbatch_refuses_ends_in_its_reason_on_one_line(slurm, tmp_path):
+    """A partition SLURM does not have: sbatch refuses at once, and the launcher says why in one
+    line (before: submitit's FailedJobError traceback after sbatch's own lines). --detach: were it
+    queued after all, the test would fail at once instead of waiting for it."""
+    cmd = [
+        *LAUNCH,
+        "--partition",
+        "nosuch",
+        "--detach",
+        "--logs",
+        str(tmp_path / "logs"),
+        "--config",
+        str(write_config(tmp_path)),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: sbatch refused the job: ") and "can not be satisfied" in lines[0], lines[0]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith("error: sbatch refused the job: ") and "invalid partition" in lines[0].lower(), lines[0]
     assert "submitted" not in proc.stdout and not list((tmp_path / "logs" / "tokens").glob("*"))
 
 
@@ -246,10 +257,10 @@ def test_array_runs_one_sweep_per_config_and_a_failing_driver_fails_its_task(slu
         assert _sacct_state(job) == "FAILED"
 
 
-def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """cluster.slurm with these arguments, where no SLURM runs: only its checks can answer."""
-    cmd = [sys.executable, "-m", "cluster.slurm", "--logs", str(tmp_path / "logs"), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def _launcher(capsys, tmp_path: Path, *args: str):
+    """cluster.slurm with these arguments, run in the test's process (as in_process runs a job):
+    these cases end in its checks, before sbatch, so no SLURM is needed."""
+    return in_process(capsys, "cluster.slurm", "--logs", str(tmp_path / "logs"), *args)
 
 
 @pytest.mark.parametrize(
@@ -272,18 +283,18 @@ def _launcher(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         (["--sbatch-arg", "mail-type=END\rx", "--config", "{good}"], "python -m cluster.slurm: error: argument --sbatch-arg: must be one line"),
     ],
 )
-def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path):
+def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text("name: x\nsearch: {grid: {optimzer: [sgd]}}\n")
     args, expected = [a.format(typo=typo, good=write_config(tmp_path)) for a in args], expected.format(typo=typo)
-    proc = _launcher(tmp_path, *args)
+    proc = _launcher(capsys, tmp_path, *args)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(expected), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "submitted" not in proc.stdout
     assert not (tmp_path / "logs").exists()
 
 
-def test_a_missing_pipeline_option_is_argparse_s_error_with_the_usage(tmp_path):
-    proc = _launcher(tmp_path, "--nodes", "2")
+def test_a_missing_pipeline_option_is_argparse_s_error_with_the_usage(tmp_path, capsys):
+    proc = _launcher(capsys, tmp_path, "--nodes", "2")
     assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m cluster.slurm"), proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "python -m cluster.slurm: error: the following arguments are required: --config"
     assert not (tmp_path / "logs").exists()
@@ -294,6 +305,7 @@ def test_the_launcher_passes_pipeline_options_on_as_given(tmp_path):
     from cluster.slurm import pipeline_runs
 
     a, b = write_config(tmp_path, "a"), write_config(tmp_path, "b")
+    (tmp_path / "run" / "tune" / "a").mkdir(parents=True)  # --resume: a search to continue
     own, runs = pipeline_runs(["--nodes", "2", "--config", str(a), "--methods", "gradcam", "--out", str(tmp_path / "run"), "--resume", "--detach"])
     assert (own.nodes, own.detach) == (2, True)
     assert runs == [["--methods", "gradcam", "--resume", "--config", str(a), "--out", str(tmp_path / "run")]]
