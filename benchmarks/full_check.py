@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from cifarcam.cam.settings import CamSettings  # noqa: E402
 from cifarcam.config import dump_config, load_config  # noqa: E402
+from cifarcam.ray_env import JOB_ENV  # noqa: E402
 from cifarcam.run_layout import RunLayout  # noqa: E402
 
 TEST_IMAGES = 10_000  # CIFAR's test split; --test-images tries the script on fewer
@@ -118,7 +119,7 @@ class PeakRss:
 
 def run_stage(name: str, args: list[str], log: Path, images: int, timeout: float) -> dict:
     """One job as a user runs it, in its own session, its output in ``log``; killed at ``timeout``."""
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {**JOB_ENV, **os.environ}
     env.pop("RAY_ADDRESS", None)
     began = time.monotonic()
     with open(log, "w") as out:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(1, str(ROOT))  # cifarcam.ray_env (standard library only)
 
 from device_kit import install  # noqa: E402
 
@@ -308,7 +309,9 @@ def main() -> None:
     p.add_argument("--kit", type=Path, help="install this device kit's wheels offline first, and read its data")
     p.add_argument("--data", type=Path, help="CIFAR-10 Parquet folder (default: the kit's, else ../shared/data/cifar10-jpeg)")
     args = p.parse_args()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    from cifarcam.ray_env import JOB_ENV
+
+    env = {**JOB_ENV, **os.environ, "PYTHONUNBUFFERED": "1"}
     if args.cpu:  # hide the GPUs from every section, the local Ray it starts included
         env |= {"CUDA_VISIBLE_DEVICES": "", "CIFARCAM_CHECK_DEVICE": "cpu"}
     mode = "cpu" if args.cpu or not _has_gpu() else "gpu"

@@ -15,8 +15,9 @@ if [[ ! -O "$state" ]] || [[ -n "$(find "$state" -maxdepth 0 -perm /022)" ]]; th
   echo "error: $state: not this user's own private folder; remove it or set RAY_STATE_DIR" >&2
   exit 2
 fi
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"  # clients need the same setting and ~/.ray/auth_token
-export RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_DATA_DISABLE_PROGRESS_BARS=1
+# cifarcam's Ray environment (cifarcam/ray_env.py), values set here kept: RAY_AUTH_MODE=token
+# among them (clients need the same setting and ~/.ray/auth_token)
+eval "$("$venv/bin/python" -m cifarcam.ray_env)"
 # job entrypoints resolve `python` from the head's PATH: the project's venv first
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
 # RAY_ADDRESS: Ray's own clients inside the cluster (Ray Train's PlacementGroupCleaner) ask this

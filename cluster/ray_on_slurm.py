@@ -47,6 +47,7 @@ import psutil
 import submitit
 
 from cifarcam.errors import ConfigError
+from cifarcam.ray_env import NODE_ENV
 from cifarcam.results import write_text_atomic
 from jobs.common import free_port
 
@@ -174,11 +175,8 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
         meeting.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.gettempdir()) / f"cfr-{env.job_id}-{attempt}-{env.global_rank}"  # short: AF_UNIX paths
         os.environ.update(
-            RAY_AUTH_MODE="token",
+            NODE_ENV,  # token auth with this submission's own token
             RAY_AUTH_TOKEN_PATH=self.token_path,
-            RAY_USAGE_STATS_ENABLED="0",
-            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-            RAY_DATA_DISABLE_PROGRESS_BARS="1",
             # the driver and Ray's workers find this venv's python first
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         )

@@ -13,6 +13,7 @@ from typing import Callable
 from rich.console import Console
 
 from cifarcam.errors import ClusterUnreachable, JobFailed, UserError
+from cifarcam.ray_env import JOB_ENV, set_defaults
 from cifarcam.ray_logs import VERBOSE_ENV, RayLogRouting, discard_active, job_log_folder, verbose_from_env
 
 # Logs and CI are no terminals: give tables room there instead of rich's default 80 columns.
@@ -78,8 +79,7 @@ def connect_ray(args: argparse.Namespace, run_dir: Path | None = None) -> None:
 
         if not 0 <= num_gpus <= torch.cuda.device_count():  # Ray would announce GPUs that torch cannot use
             raise UserError(f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} CUDA GPUs (--dry-run plans for any number)")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    set_defaults(JOB_ENV)
     routing = None
     if run_dir is not None and not getattr(args, "verbose", False):
         routing = RayLogRouting(job_log_folder(run_dir, Path(sys.argv[0]).stem or "job"))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from cifarcam.ray_env import JOB_ENV, set_defaults
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CIFARCAM_DATA", ROOT.parent / "shared" / "data"))
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+set_defaults(JOB_ENV)  # every process the tests start, `ray start` and `ray job submit` included
 
 
 @pytest.fixture(scope="session")

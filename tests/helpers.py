@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from cifarcam.ray_env import JOB_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,7 +50,7 @@ def assert_quiet(terminal: str, run: Path, moved: str = "Reporting training resu
 
 
 def run_job(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    full_env = {**JOB_ENV, **os.environ}
     full_env.pop("RAY_ADDRESS", None)  # a local Ray per job unless the test names a cluster
     full_env.update(env or {})
     # A session of its own: a job that overruns is killed with everything it started (its local
@@ -130,7 +132,7 @@ class BackgroundJob:
 
     def __init__(self, log: Path, *args: str, command: list[str] | None = None, env: dict | None = None) -> None:
         if env is None:
-            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+            env = {**JOB_ENV, **os.environ}
             env.pop("RAY_ADDRESS", None)
         self.log = log
         with open(log, "w") as out:

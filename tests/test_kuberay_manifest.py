@@ -5,6 +5,7 @@ import shlex
 
 import yaml
 
+from cifarcam.ray_env import JOB_ENV, NODE_ENV
 from helpers import ROOT
 
 
@@ -17,7 +18,7 @@ def test_rayjob_manifest_fields():
     assert (ROOT / argv[argv.index("--config") + 1]).is_file()
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     local = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
-    assert env["env_vars"] == local["env_vars"]
+    assert env["env_vars"] == local["env_vars"] == JOB_ENV  # cifarcam/ray_env.py, defined once
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.")
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["name"] == "ray-head"
@@ -36,6 +37,7 @@ def test_every_ray_container_and_the_submitter_authenticate_with_the_secrets_tok
         for container in pod["spec"]["containers"]:
             env = {e["name"]: e for e in container.get("env", [])}
             assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+            assert {name: env[name]["value"] for name in NODE_ENV} == NODE_ENV, container["name"]  # every Ray node's environment
             ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
             secrets.add((ref["name"], ref["key"]))
     assert len(secrets) == 1  # one Secret for all, so the submitter's token is the cluster's
