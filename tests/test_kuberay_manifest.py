@@ -5,8 +5,14 @@ import shlex
 
 import yaml
 
+import cifarcam
 from cifarcam.ray_env import JOB_ENV, NODE_ENV
 from helpers import ROOT
+
+
+def _pods(spec: dict) -> list[dict]:
+    cluster = spec["rayClusterSpec"]
+    return [spec["submitterPodTemplate"], cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
 
 
 def test_rayjob_manifest_fields():
@@ -16,6 +22,12 @@ def test_rayjob_manifest_fields():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.pipeline"] and "--config" in argv and "--out" in argv
     assert (ROOT / argv[argv.index("--config") + 1]).is_file()
+    # a resubmitted RayJob continues the search it started (jobs.pipeline's own parser reads it)
+    from jobs import pipeline
+
+    assert pipeline.parser().parse_args(argv[3:]).resume_if_started
+    images = {c["image"] for pod in _pods(spec) for c in pod["spec"]["containers"]}
+    assert images == {f"cifarcam:{cifarcam.__version__}"}  # one pinned image, never :latest
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     local = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
     assert env["env_vars"] == local["env_vars"] == JOB_ENV  # cifarcam/ray_env.py, defined once
@@ -30,8 +42,7 @@ def test_every_ray_container_and_the_submitter_authenticate_with_the_secrets_tok
     """The dashboard listens on the pod network: without a token anything there could run code."""
     doc = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())
     spec = doc["spec"]
-    cluster = spec["rayClusterSpec"]
-    pods = [spec["submitterPodTemplate"], cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    pods = _pods(spec)
     secrets = set()
     for pod in pods:
         for container in pod["spec"]["containers"]:
