@@ -166,3 +166,34 @@ def test_bad_run_or_sql_gives_one_line(demo_run, tmp_path, args, expected):
 def test_report_job_on_a_bad_run_folder(tmp_path):
     proc = run_job("jobs.report", "--run", str(tmp_path / "missing"), timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'missing'}: no such run folder"
+
+
+def test_faithfulness_split_and_localisation_errors_are_the_maps_own(demo_run):
+    """The faithfulness AUCs split by correct and misclassified images, and the localisation means'
+    standard errors, recomputed from the stored maps."""
+    from cifarcam.report import queries as q
+    from cifarcam.report.views import connect
+
+    con = connect(demo_run)
+    split = q.faithfulness(con)
+    direct = con.execute(
+        """select model, layer, method, count(*) filter (where correct), avg(deletion_auc) filter (where correct),
+                  avg(insertion_auc) filter (where not correct)
+           from cams where faithfulness_sample and deletion_auc is not null group by all"""
+    ).fetchall()
+    assert len(split) == len(direct) > 0
+    for model, layer, method, n_correct, deletion_correct, insertion_wrong in direct:
+        row = split[(split.model == model) & (split.layer == layer) & (split.method == method)].iloc[0]
+        assert row.images_correct == n_correct and row.images_correct <= row.images
+        assert row.deletion_correct == pytest.approx(deletion_correct, nan_ok=True)
+        assert row.insertion_misclassified == pytest.approx(insertion_wrong, nan_ok=True)
+    target = q.explained_target(con)
+    local = q.localisation(con, target)
+    entropies = con.execute(
+        "select model, layer, method, entropy from cams where correct and object_area is not null and target = ? and entropy is not null", [target]
+    ).df()
+    for (model, layer, method), group in entropies.groupby(["model", "layer", "method"]):
+        row = local[(local.model == model) & (local.layer == layer) & (local.method == method)].iloc[0]
+        assert row.entropy == pytest.approx(group.entropy.mean())
+        assert row.entropy_se == pytest.approx(group.entropy.std(ddof=1) / len(group) ** 0.5, nan_ok=True)
+    assert (local.mass_vs_chance_se.dropna() >= 0).all() and local.mass_vs_chance_se.notna().any()

@@ -118,7 +118,9 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
                   avg(pointing_hit::int) as pointing_hit, stddev_samp(pointing_hit::int) / sqrt(count(pointing_hit)) as pointing_se,
                   avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
                   avg(pointing_hit_cell::int) as cell_hit, avg(object_cell_share) as chance_cell,
-                  avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance
+                  avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance,
+                  stddev_samp(mass_on_object / nullif(object_area, 0)) / sqrt(count(mass_on_object)) as mass_vs_chance_se,
+                  avg(entropy) as entropy, stddev_samp(entropy) / sqrt(count(entropy)) as entropy_se
            from cams where correct and object_area is not null and target = ?
            group by model, layer, method order by model, h desc, method""",
         [target],
@@ -140,11 +142,15 @@ def faithfulness(con: Con) -> pd.DataFrame:
     raw = run_sql(
         con,
         f"""select model, layer, any_value(layer_h) as h, method, count(*) as images, avg(degenerate::int) as constant_share,
-                   avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, {", ".join(columns)}
+                   avg(deletion_auc) as deletion, avg(insertion_auc) as insertion, count(*) filter (where correct) as images_correct,
+                   avg(deletion_auc) filter (where correct) as deletion_correct, avg(deletion_auc) filter (where not correct) as deletion_misclassified,
+                   avg(insertion_auc) filter (where correct) as insertion_correct, avg(insertion_auc) filter (where not correct) as insertion_misclassified,
+                   {", ".join(columns)}
             from cams where faithfulness_sample and deletion_auc is not null
             group by model, layer, method order by model, h desc, method""",
     )
-    out = raw[["model", "layer", "method", "images", "constant_share", "deletion", "insertion"]].copy()
+    split = ["images_correct", "deletion_correct", "deletion_misclassified", "insertion_correct", "insertion_misclassified"]
+    out = raw[["model", "layer", "method", "images", "constant_share", "deletion", "insertion", *split]].copy()
     curves = (("deletion", "del"), ("insertion", "ins"))
     margins = np.stack([raw[[f"{short}_margin_{b}" for b in BASELINES]].to_numpy(float) for _, short in curves], 1)
     ses = np.stack([raw[[f"{short}_se_{b}" for b in BASELINES]].to_numpy(float) for _, short in curves], 1)

@@ -65,7 +65,9 @@ def _localisation_text(frame: pd.DataFrame) -> str:
         "Correctly classified images with an object mask. Each map's peak is taken on its layer's own grid, at the centre of its cell."
         " pointing_hit: the peak lies within 2 px of the object; exact_peak: on it (chance_exact: a random point's rate);"
         " cell_hit: the object touches the peak's cell, the tolerance a coarse layer can honour (chance_cell: a random cell's rate);"
-        " mass_vs_chance: the map's share of mass on the object over the object's share of the image (1 = no better than a uniform map)."
+        " mass_vs_chance: the map's share of mass on the object over the object's share of the image (1 = no better than a uniform map);"
+        " entropy: over the layer's own cells, normalised by the log of their count. Each _se column is the standard error of the"
+        " figure before it (a 95% interval is about ±2 SE)."
     )
     # "misses more often than it finds" is a claim about the rate, not one sample's: below 1/2 by 2 SE
     weak = [
@@ -182,7 +184,9 @@ class RunReport(ReportRun):
             f" one-sided paired t-tests per baseline, Holm-adjusted over this report's {frame.attrs['tests']} tests, at {verdicts.ALPHA:.0%}."
             " Margin (positive: the map is better) and SE are against the baseline the verdict names: the one the map is least surely"
             " better than, or for 'worse' the one that beats it (error bars: 2 SE). A constant map is scored as what it is, pixels"
-            " removed in random order (constant_share: their share). " + _faithfulness_text(frame)
+            " removed in random order (constant_share: their share). The AUCs are also split by correctly classified (images_correct of"
+            " them) and misclassified images: a map may follow the evidence for a right answer and not for a wrong one."
+            " " + _faithfulness_text(frame)
         )
         return Section(title, text, frame, [fig.faithfulness_margins(self.out / "faithfulness.png", frame)] if len(frame) else [])
 
