@@ -197,3 +197,30 @@ def test_faithfulness_split_and_localisation_errors_are_the_maps_own(demo_run):
         assert row.entropy == pytest.approx(group.entropy.mean())
         assert row.entropy_se == pytest.approx(group.entropy.std(ddof=1) / len(group) ** 0.5, nan_ok=True)
     assert (local.mass_vs_chance_se.dropna() >= 0).all() and local.mass_vs_chance_se.notna().any()
+
+
+def test_agreement_between_layers_is_the_rank_correlation_of_the_stored_maps(demo_run):
+    """One pair recomputed by hand (scipy's Spearman on the stored uint8 maps), and the report's
+    words name the least agreeing pair the table holds."""
+    from scipy.stats import spearmanr
+
+    from cifarcam.report import queries as q
+    from cifarcam.report.views import connect
+
+    con = connect(demo_run)
+    target = q.explained_target(con)
+    frame = q.map_agreement(con, target)
+    layers = frame[frame.between == "layers"]
+    assert len(layers) and set(layers.of) == set(con.execute("select distinct method from cams").df().method)
+    row = layers.iloc[0]
+    maps = con.execute(
+        "select image_index, layer, heatmap from cams where model = ? and method = ? and target = ? and layer in (?, ?) order by image_index",
+        [row.model, row.of, target, row.a, row.b],
+    ).df()
+    a, b = (maps[maps.layer == name].set_index("image_index").heatmap for name in (row.a, row.b))
+    rho = [spearmanr(a[i], b[i]).statistic for i in a.index]
+    rho = [r for r in rho if r == r]  # constant maps rank nothing
+    assert row.images == len(rho) and row.rho == pytest.approx(sum(rho) / len(rho))
+    text = (demo_run / "report" / "report.md").read_text().split("## Agreement between layers and between methods")[1].split("\n## ")[0]
+    low = layers.loc[layers.rho.idxmin()]
+    assert f"Least agreeing layers: {low.model} {low.a} and {low.b} ({low.of}), rho {low.rho:.2f}" in text

@@ -8,7 +8,8 @@ from scipy.stats import spearmanr
 
 from cifarcam.cam import methods
 from cifarcam.cam.methods import CamMethod
-from cifarcam.cam.sanity import cascade, randomisation_rows, spearman
+from cifarcam.cam.sanity import cascade, randomisation_rows
+from cifarcam.rank_stats import spearman
 from cifarcam.results import FAIL_SPEARMAN
 from cifarcam.training.models import ModelSpec, build_model
 

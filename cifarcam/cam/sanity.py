@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
 from cifarcam.cam.heatmap_metrics import constant_maps
 from cifarcam.cam.methods import MultiLayerCam, fast_methods
+from cifarcam.rank_stats import spearman
 from cifarcam.run_layout import RunLayout
 
 # Changes whenever the cascade's steps do, so that files computed the old way are recomputed.
@@ -83,16 +83,6 @@ def reinitialise(module: nn.Module, generator: torch.Generator) -> None:
                 nn.init.normal_(p, std=0.02)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.reset_running_stats()
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per row of (N, P) arrays: Spearman's rank correlation (average ranks for ties); NaN where a
-    row is constant."""
-    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
-    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-    denominator = np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denominator > 0, (ra * rb).sum(1) / np.where(denominator > 0, denominator, 1), np.nan)
 
 
 def randomisation_rows(

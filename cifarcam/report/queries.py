@@ -13,6 +13,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from cifarcam.rank_stats import spearman
 from cifarcam.report import verdicts
 from cifarcam.report.views import run_sql
 from cifarcam.results import BASELINES
@@ -165,6 +166,35 @@ def faithfulness(con: Con) -> pd.DataFrame:
         out[f"{curve}_p_holm"] = judged["p"][:, c]
     out.attrs["tests"] = judged["tests"]
     return out
+
+
+def map_agreement(con: Con, target: str) -> pd.DataFrame:
+    """Spearman's rho between two maps of one image: every pair of a model's layers (one method:
+    do the intermediate and final maps point at the same places?) and every pair of methods (one
+    layer). Mean and standard error over the images where both maps are informative: a constant
+    map ranks nothing (``constant_pairs`` counts the pairs left out)."""
+    frame = run_sql(
+        con,
+        "select model, layer, layer_h, method, image_index, heatmap from cams where target = ? order by model, layer_h desc, layer, method, image_index",
+        [target],
+    )
+    rows = []
+    for model, maps in frame.groupby("model", sort=True):
+        layers = list(dict.fromkeys(maps.layer))  # earliest (largest) first
+        methods = sorted(set(maps.method))
+        stacked = {key: part.set_index("image_index").heatmap for key, part in maps.groupby(["layer", "method"])}
+        pairs = [("layers", method, a, b) for method in methods for i, a in enumerate(layers) for b in layers[i + 1 :]]
+        pairs += [("methods", layer, a, b) for layer in layers for i, a in enumerate(methods) for b in methods[i + 1 :]]
+        for kind, fixed, a, b in pairs:
+            first, second = ((a, fixed), (b, fixed)) if kind == "layers" else ((fixed, a), (fixed, b))
+            if first not in stacked or second not in stacked:
+                continue
+            images = stacked[first].index.intersection(stacked[second].index)
+            rho = spearman(np.stack(stacked[first][images].to_numpy()), np.stack(stacked[second][images].to_numpy()))
+            kept = rho[~np.isnan(rho)]
+            se = kept.std(ddof=1) / np.sqrt(len(kept)) if len(kept) > 1 else np.nan
+            rows.append((model, kind, fixed, a, b, len(kept), len(rho) - len(kept), kept.mean() if len(kept) else np.nan, se))
+    return pd.DataFrame(rows, columns=["model", "between", "of", "a", "b", "images", "constant_pairs", "rho", "rho_se"])
 
 
 def faithfulness_images(con: Con) -> int:

@@ -83,6 +83,24 @@ def _localisation_text(frame: pd.DataFrame) -> str:
     return text
 
 
+def _agreement_text(frame: pd.DataFrame) -> str:
+    """What the agreement table says: the least and the most agreeing layer pairs."""
+    text = (
+        "Spearman's rank correlation between two maps of one image (the explained class), averaged over the images where both maps are"
+        " informative (constant_pairs: pairs left out, a constant map ranks nothing), ± its standard error. between = layers: the same"
+        " method at two layers of one model (a and b, earliest first; rho near 0 means the final map points elsewhere than the"
+        " intermediate one); between = methods: two methods at one layer."
+    )
+    layers = frame[(frame.between == "layers") & frame.rho.notna()]
+    if len(layers):
+        low, high = layers.loc[layers.rho.idxmin()], layers.loc[layers.rho.idxmax()]
+        text += (
+            f" Least agreeing layers: {low.model} {low.a} and {low.b} ({low.of}), rho {low.rho:.2f} ± {low.rho_se:.2f};"
+            f" most: {high.model} {high.a} and {high.b} ({high.of}), rho {high.rho:.2f} ± {high.rho_se:.2f}."
+        )
+    return text
+
+
 def _faithfulness_text(frame: pd.DataFrame) -> str:
     """The verdicts in words; each names the baseline it rests on, its margin and adjusted p."""
     lines = []
@@ -190,6 +208,15 @@ class RunReport(ReportRun):
         )
         return Section(title, text, frame, [fig.faithfulness_margins(self.out / "faithfulness.png", frame)] if len(frame) else [])
 
+    def agreement(self) -> Section:
+        title = "Agreement between layers and between methods"
+        if not self.has_cams:
+            return Section(title, "No cams in this run: run jobs.cam.")
+        frame = q.map_agreement(self.con, q.explained_target(self.con))
+        if not len(frame):
+            return Section(title, "Each model has one CAM layer and one method here: there is no pair of maps to compare.")
+        return Section(title, _agreement_text(frame), frame)
+
     def sanity(self) -> Section:
         title = "Sanity check: do the maps change when the model's weights are randomised?"
         if not has_view(self.con, "sanity"):
@@ -286,6 +313,7 @@ class RunReport(ReportRun):
             self.degenerate(),
             self.localisation(),
             self.faithfulness(),
+            self.agreement(),
             self.sanity(),
             self.confusions(),
             self.per_class(),
