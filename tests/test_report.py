@@ -224,3 +224,30 @@ def test_agreement_between_layers_is_the_rank_correlation_of_the_stored_maps(dem
     text = (demo_run / "report" / "report.md").read_text().split("## Agreement between layers and between methods")[1].split("\n## ")[0]
     low = layers.loc[layers.rho.idxmin()]
     assert f"Least agreeing layers: {low.model} {low.a} and {low.b} ({low.of}), rho {low.rho:.2f}" in text
+
+
+def test_the_sanity_checks_reference_is_two_classes_maps_of_one_image(demo_run):
+    """two_class_rho recomputed by hand for one map (the predicted and the true class's maps of
+    each misclassified image), and the words follow the rule they state."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from cifarcam.report import queries as q
+    from cifarcam.report.views import connect
+
+    con = connect(demo_run)
+    reference = q.two_class_agreement(con)
+    assert len(reference) and (reference.two_class_images > 0).all()
+    row = reference.iloc[0]
+    maps = con.execute(
+        "select image_index, target, heatmap from cams where not correct and model = ? and layer = ? and method = ?", [row.model, row.layer, row.method]
+    ).df()
+    pred, label = (maps[maps.target == t].set_index("image_index").heatmap for t in ("pred", "label"))
+    rho = [r for r in (spearmanr(pred[i], label[i]).statistic for i in pred.index) if r == r]
+    assert row.two_class_images == len(rho) and row.two_class_rho == pytest.approx(np.mean(rho))
+    text = (demo_run / "report" / "report.md").read_text().split("## Sanity check")[1].split("\n## ")[0]
+    sanity = q.sanity_checks(con).merge(reference, on=["model", "layer", "method"])
+    closer = sanity[sanity.spearman - sanity.two_class_rho > 2 * np.hypot(sanity.spearman_se, sanity.two_class_se)]
+    assert ("changed these maps less than switching the class does" in text) == bool(len(closer))
+    for r in closer.itertuples(index=False):
+        assert f"{r.model} {r.layer} {r.method} ({r.spearman:.2f} against {r.two_class_rho:.2f})" in text

@@ -189,12 +189,36 @@ def map_agreement(con: Con, target: str) -> pd.DataFrame:
             first, second = ((a, fixed), (b, fixed)) if kind == "layers" else ((fixed, a), (fixed, b))
             if first not in stacked or second not in stacked:
                 continue
-            images = stacked[first].index.intersection(stacked[second].index)
-            rho = spearman(np.stack(stacked[first][images].to_numpy()), np.stack(stacked[second][images].to_numpy()))
-            kept = rho[~np.isnan(rho)]
-            se = kept.std(ddof=1) / np.sqrt(len(kept)) if len(kept) > 1 else np.nan
-            rows.append((model, kind, fixed, a, b, len(kept), len(rho) - len(kept), kept.mean() if len(kept) else np.nan, se))
+            rows.append((model, kind, fixed, a, b, *_paired_rho(stacked[first], stacked[second])))
     return pd.DataFrame(rows, columns=["model", "between", "of", "a", "b", "images", "constant_pairs", "rho", "rho_se"])
+
+
+def two_class_agreement(con: Con) -> pd.DataFrame:
+    """The sanity check's reference: Spearman's rho between the maps of two classes of one image,
+    the predicted and the true one of each misclassified image (maps that ought to differ), per
+    model, layer and method; empty unless both targets were explained."""
+    frame = run_sql(
+        con,
+        "select model, layer, method, target, image_index, heatmap from cams where not correct and target in ('pred', 'label') order by image_index",
+    )
+    rows = []
+    for (model, layer, method), maps in frame.groupby(["model", "layer", "method"], sort=True):
+        by_target = {target: part.set_index("image_index").heatmap for target, part in maps.groupby("target")}
+        if {"pred", "label"} <= set(by_target):
+            n, _, rho, se = _paired_rho(by_target["pred"], by_target["label"])
+            rows.append((model, layer, method, n, rho, se))
+    return pd.DataFrame(rows, columns=["model", "layer", "method", "two_class_images", "two_class_rho", "two_class_se"])
+
+
+def _paired_rho(first: pd.Series, second: pd.Series) -> tuple[int, int, float, float]:
+    """(images, constant pairs left out, mean rho, its SE) of two series of maps by image index."""
+    images = first.index.intersection(second.index)
+    if not len(images):
+        return 0, 0, np.nan, np.nan
+    rho = spearman(np.stack(first[images].to_numpy()), np.stack(second[images].to_numpy()))
+    kept = rho[~np.isnan(rho)]
+    se = kept.std(ddof=1) / np.sqrt(len(kept)) if len(kept) > 1 else np.nan
+    return len(kept), len(rho) - len(kept), kept.mean() if len(kept) else np.nan, se
 
 
 def faithfulness_images(con: Con) -> int:

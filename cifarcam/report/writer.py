@@ -101,6 +101,29 @@ def _agreement_text(frame: pd.DataFrame) -> str:
     return text
 
 
+def _two_class_text(frame: pd.DataFrame) -> str:
+    """The reference beside the fixed threshold: how alike two maps are that ought to differ."""
+    text = (
+        " A reference for the threshold, from the stored maps: two_class_rho is the rank correlation between the maps of two classes"
+        " of one image (the predicted and the true class of each misclassified test image, two_class_images of them; ± two_class_se),"
+        " maps that ought to differ."
+    )
+    closer = [
+        f"{r.model} {r.layer} {r.method} ({r.spearman:.2f} against {r.two_class_rho:.2f})"
+        for r in frame.itertuples(index=False)
+        if pd.notna(r.spearman) and pd.notna(r.two_class_rho) and r.spearman - r.two_class_rho > 2 * np.hypot(r.spearman_se, r.two_class_se)
+    ]
+    if closer:
+        text += (
+            " Randomising every layer above changed these maps less than switching the class does (by more than two standard errors): "
+            + ", ".join(closer)
+            + "."
+        )
+    else:
+        text += " No map stays closer to the trained one under randomisation than two classes' maps are to each other, by more than two standard errors."
+    return text
+
+
 def _faithfulness_text(frame: pd.DataFrame) -> str:
     """The verdicts in words; each names the baseline it rests on, its margin and adjusted p."""
     lines = []
@@ -223,6 +246,9 @@ class RunReport(ReportRun):
             return Section(title, "No sanity check in this run (--sanity-images 0, or no method with a fast path).")
         frame = q.sanity_checks(self.con)
         frame["verdict"] = np.where(frame.spearman.isna(), "n/a", np.where(frame.spearman >= FAIL_SPEARMAN, "insensitive", "changes"))
+        reference = q.two_class_agreement(self.con) if self.has_cams else pd.DataFrame()
+        if len(reference):
+            frame = frame.merge(reference, on=["model", "layer", "method"], how="left")
         text = (
             "Cascading randomisation (Adebayo et al., 2018) on a seeded sample: the weights are re-initialised from the head down, and each"
             " map is compared with the trained model's map of the same image and class (Spearman rank correlation, 1 = unchanged),"
@@ -243,6 +269,8 @@ class RunReport(ReportRun):
             )
         flagged = [f"{r.model} {r.layer} {r.method} ({r.spearman:.2f})" for r in frame.itertuples(index=False) if r.verdict == "insensitive"]
         text += (" Flagged: " + ", ".join(flagged) + ".") if flagged else " No map is flagged."
+        if "two_class_rho" in frame:
+            text += _two_class_text(frame)
         unmeasured = [f"{r.model} {r.layer} {r.method}" for r in frame.itertuples(index=False) if r.verdict == "n/a"]
         if unmeasured:
             text += " Not measurable (every map constant): " + ", ".join(unmeasured) + "."
