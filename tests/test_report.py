@@ -251,3 +251,19 @@ def test_the_sanity_checks_reference_is_two_classes_maps_of_one_image(demo_run):
     assert ("changed these maps less than switching the class does" in text) == bool(len(closer))
     for r in closer.itertuples(index=False):
         assert f"{r.model} {r.layer} {r.method} ({r.spearman:.2f} against {r.two_class_rho:.2f})" in text
+
+
+def test_localisation_by_class_is_the_best_maps_own_pointing_rate(demo_run):
+    from cifarcam.report import queries as q
+    from cifarcam.report.views import connect
+
+    con = connect(demo_run)
+    target = q.explained_target(con)
+    overall = q.localisation(con, target)
+    by_class = q.localisation_by_class(con, target)
+    for model, rows in by_class.groupby("model"):
+        best = overall[overall.model == model].sort_values(["pointing_hit", "layer", "method"], ascending=[False, True, True]).iloc[0]
+        assert set(zip(rows.layer, rows.method)) == {(best.layer, best.method)}  # one map per model, the best-pointing one
+        assert rows.images.sum() == best.images  # every correctly classified image with a mask, once
+        assert (rows.pointing_hit * rows.images).sum() / rows.images.sum() == pytest.approx(best.pointing_hit)
+        assert list(rows.pointing_hit) == sorted(rows.pointing_hit)  # weakest first

@@ -128,6 +128,21 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
     )
 
 
+def localisation_by_class(con: Con, target: str) -> pd.DataFrame:
+    """Pointing rate per class, for each model's best-pointing map (layer and method), on the
+    correctly classified images with an object mask; weakest classes first."""
+    return run_sql(
+        con,
+        """with maps as (select model, layer, method, label, pointing_hit from cams where correct and object_area is not null and target = ?),
+                best as (select model, layer, method from (select model, layer, method, avg(pointing_hit::int) as rate from maps group by all)
+                         qualify row_number() over (partition by model order by rate desc, layer, method) = 1)
+           select model, layer, method, label, count(*) as images, avg(pointing_hit::int) as pointing_hit,
+                  stddev_samp(pointing_hit::int) / sqrt(count(*)) as pointing_se
+           from maps join best using (model, layer, method) group by all order by model, pointing_hit, label""",
+        [target],
+    )
+
+
 def faithfulness(con: Con) -> pd.DataFrame:
     """Per map: deletion and insertion AUCs, the share of its scored maps that were constant
     (scored by the tie-break alone, i.e. as a random map), and on each curve a verdict on every

@@ -209,6 +209,19 @@ class RunReport(ReportRun):
         frame = q.localisation(self.con, q.explained_target(self.con))
         return Section(title, _localisation_text(frame), frame.drop(columns="h"))
 
+    def localisation_by_class(self) -> Section:
+        title = "Localisation by class: where the best map misses"
+        if not self.has_cams or not q.count(self.con, "cams", "object_area is not null"):
+            return Section(title, "No object masks: nothing to score by class.")
+        frame = q.localisation_by_class(self.con, q.explained_target(self.con))
+        frame.insert(4, "class", [self.names[i] for i in frame.label])
+        weakest = frame.groupby("model", sort=True).head(5).reset_index(drop=True)
+        text = (
+            "For each model's best-pointing map (layer and method), its pointing rate by class on the correctly classified images"
+            " (± SE, over the images column's count): the five weakest classes per model, where an average over all classes hides them."
+        )
+        return Section(title, text, weakest)
+
     def faithfulness(self) -> Section:
         title = "Faithfulness against trivial maps"
         if not self.has_cams or not q.count(self.con, "cams", "faithfulness_sample"):
@@ -340,6 +353,7 @@ class RunReport(ReportRun):
             self.cam_grids(),
             self.degenerate(),
             self.localisation(),
+            self.localisation_by_class(),
             self.faithfulness(),
             self.agreement(),
             self.sanity(),
