@@ -20,7 +20,9 @@ SECTIONS = [
     "Grad-CAM by layer: correct and misclassified examples",
     "Heatmaps by layer feature size",
     "Localisation: do the maps point at the object?",
+    "Localisation by class: where the best map misses",
     "Faithfulness against trivial maps",
+    "Agreement between layers and between methods",
     "Sanity check: do the maps change when the model's weights are randomised?",
     "Most-confused class pairs",
     "Per-class accuracy",
@@ -40,15 +42,19 @@ def test_report_has_every_section_and_its_figures(demo_run):
     for title in SECTIONS:
         assert f"## {title}" in text, title
     models = [m for (m,) in duckdb.sql(f"select model from '{demo_run}/accuracy.parquet' order by model").fetchall()]
-    expected = {f"cams_{m}.png" for m in models} | {
-        "degenerate_by_size.png",
-        "faithfulness.png",
-        "sanity.png",
-        "confusions.png",
-        "per_class_accuracy.png",
-        "learning_curves.png",
-        "search.png",
-    }
+    expected = (
+        {f"cams_{m}.png" for m in models}
+        | {f"cams_{m}_true_class.png" for m in models}
+        | {
+            "degenerate_by_size.png",
+            "faithfulness.png",
+            "sanity.png",
+            "confusions.png",
+            "per_class_accuracy.png",
+            "learning_curves.png",
+            "search.png",
+        }
+    )
     linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text))
     assert expected <= linked
     for name in expected:

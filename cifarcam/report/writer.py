@@ -185,7 +185,17 @@ class RunReport(ReportRun):
                 maps = q.heatmaps(self.con, model, method, "pred", picks.image_index)
                 title = f"{model}: {method} for the predicted class"
                 section.figures.append(fig.cam_grid(self.out / f"cams_{model}.png", title, picks, layers, maps, self.images(picks.image_index), self.names))
-        section.text = "Rows: the most confident correct predictions, then the most confident mistakes; columns: the image, then each CAM layer from the earliest to the last."
+                mistakes = picks[~picks.correct.astype(bool)]
+                if len(mistakes) and "label" in q.cam_targets(self.con):  # the same mistakes, explained for the class they should have named
+                    maps = q.heatmaps(self.con, model, method, "label", mistakes.image_index)
+                    title = f"{model}: {method} for the true class of the same mistakes"
+                    path = self.out / f"cams_{model}_true_class.png"
+                    section.figures.append(fig.cam_grid(path, title, mistakes, layers, maps, self.images(mistakes.image_index), self.names))
+        section.text = (
+            "Rows: the most confident correct predictions, then the most confident mistakes; columns: the image, then each CAM layer"
+            " from the earliest to the last. Where the true class was explained too (--targets pred,label), a second figure per model"
+            " shows the mistakes' maps for the class they should have named: where the model found evidence for it."
+        )
         return section
 
     def degenerate(self) -> Section:
