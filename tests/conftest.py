@@ -41,16 +41,12 @@ def cifar10_parquet(shared_data: Path) -> Path:
 # and says, not what a trained model shows; those read the demo itself (full_demo_run) and run in
 # `make full-check`.
 DEMO_AT_TEST_SIZE = {"data.synthetic.train_size": 1500, "data.synthetic.test_size": 200, "train.epochs": 2, "search.grid.optimizer": ["adamw"]}
-# ...and its faithfulness sample at test size: 24 of the 200 test images (make demo: 64 of 500), so
-# that the curves, their baselines and the report's verdicts (5 images at least) are all there.
-DEMO_CAM_AT_TEST_SIZE = ["--faithfulness-images", "24"]
 
 
-def _pipeline(out: Path, config: Path, cam_options: tuple[str, ...] = ()) -> Path:
-    from helpers import demo_cam_options, run_job
+def _pipeline(out: Path, config: Path, cam_options: list[str]) -> Path:
+    from helpers import run_job
 
-    options = [*demo_cam_options(), *cam_options]  # the last of a repeated option wins
-    proc = run_job("jobs.pipeline", "--config", str(config), "--out", str(out), "--num-cpus", "2", *options, timeout=900)
+    proc = run_job("jobs.pipeline", "--config", str(config), "--out", str(out), "--num-cpus", "2", *cam_options, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (out.parent / "terminal.txt").write_text(proc.stdout + proc.stderr)  # what the user saw
     return out
@@ -59,19 +55,22 @@ def _pipeline(out: Path, config: Path, cam_options: tuple[str, ...] = ()) -> Pat
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, shared_data):
     """The README's demo at test size (DEMO_AT_TEST_SIZE), with `make demo`'s CAM options but a
-    test-size faithfulness sample (DEMO_CAM_AT_TEST_SIZE), on a real local Ray."""
+    test-size faithfulness sample (helpers.DEMO_CAM_AT_TEST_SIZE), on a real local Ray."""
     from cifarcam.config import dump_config, load_config
+    from helpers import demo_run_cam_options
 
     folder = tmp_path_factory.mktemp("demo")
     config = folder / "demo.yaml"
     config.write_text(dump_config(load_config(ROOT / "configs" / "demo.yaml", DEMO_AT_TEST_SIZE)))
-    return _pipeline(folder / "run", config, DEMO_CAM_AT_TEST_SIZE)
+    return _pipeline(folder / "run", config, demo_run_cam_options())
 
 
 @pytest.fixture(scope="session")
 def full_demo_run(tmp_path_factory, shared_data):
     """The README's demo as `make demo` runs it (about 9 minutes here): for the `full` tests."""
-    return _pipeline(tmp_path_factory.mktemp("full-demo") / "run", ROOT / "configs" / "demo.yaml")
+    from helpers import demo_cam_options
+
+    return _pipeline(tmp_path_factory.mktemp("full-demo") / "run", ROOT / "configs" / "demo.yaml", demo_cam_options())
 
 
 def _skip_full_unless_asked(config: pytest.Config, items: list[pytest.Item]) -> None:

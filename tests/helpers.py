@@ -23,6 +23,16 @@ def demo_cam_options() -> list[str]:
     return re.search(r"^DEMO_CAM := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
 
 
+# The demo_run fixture's faithfulness sample at test size: 24 of its 200 test images (make demo: 64
+# of 500), so that the curves, their baselines and the report's verdicts (5 images at least) are there.
+DEMO_CAM_AT_TEST_SIZE = ["--faithfulness-images", "24"]
+
+
+def demo_run_cam_options() -> list[str]:
+    """The CAM options the demo_run fixture ran with: a CAM job on it must ask for the same."""
+    return [*demo_cam_options(), *DEMO_CAM_AT_TEST_SIZE]
+
+
 # Ray's own lines that a quiet job keeps off the terminal (issue 13's measured examples).
 RAY_NOISE = (
     "TrainingReport",

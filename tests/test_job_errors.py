@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, demo_cam_options, in_process, run_job, write_config
+from helpers import ROOT, demo_run_cam_options, in_process, run_job, write_config
 
 OK_DATA = "data: {source: synthetic, synthetic: {num_classes: 4, train_size: 200, test_size: 40, colours: per_class}}\n"
 
@@ -425,7 +425,7 @@ def test_maps_of_another_checkpoint_are_refused_before_any_work(demo_run, tmp_pa
     spec = ModelSpec("resnet_tiny", 10)
     other = save_checkpoint(tmp_path / "other", build_model(spec), spec, {})
     before = _snapshot(run)
-    proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(other), *demo_cam_options())
+    proc = in_process(capsys, "jobs.cam", "--run", str(run), "--checkpoint", str(other), *demo_run_cam_options())
     line = _fails_cleanly(proc, run, before, f"error: {run / 'cams' / 'model=resnet_tiny'}: computed from checkpoint ")
     assert f"), not {other} (sha256 " in line
     assert line.endswith(f"); remove {run / 'cams' / 'model=resnet_tiny'} to explain the new checkpoint, or use another --run")

@@ -10,7 +10,7 @@ import pytest
 from cifarcam.config import load_config
 from cifarcam.data.splits import load_splits
 from cifarcam.training.models import FAMILIES
-from helpers import demo_cam_options, in_process
+from helpers import demo_run_cam_options, in_process
 
 CAMS = "read_parquet('{out}/cams/**/*.parquet', hive_partitioning = true)"
 
@@ -152,8 +152,8 @@ def test_pandas_reads_the_cams_without_ray(demo_run):
 
 
 def test_bad_layer_and_method_fail_before_any_work(demo_run, capsys):
-    proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--layers", "layer9", *demo_cam_options())
+    proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--layers", "layer9", *demo_run_cam_options())
     assert proc.returncode == 2 and "has no layer 'layer9'" in proc.stderr.strip().splitlines()[-1]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Started a local Ray" not in proc.stdout  # no cluster time
-    proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--methods", "gradcan", *demo_cam_options())
+    proc = in_process(capsys, "jobs.cam", "--run", str(demo_run), "--methods", "gradcan", *demo_run_cam_options())
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: --methods: unknown CAM method 'gradcan'; did you mean 'gradcam'?"]
