@@ -17,7 +17,8 @@ if [[ ! -O "$state" ]] || [[ -n "$(find "$state" -maxdepth 0 -perm /022)" ]]; th
 fi
 # cifarcam's Ray environment (cifarcam/ray_env.py), values set here kept: RAY_AUTH_MODE=token
 # among them (clients need the same setting and ~/.ray/auth_token)
-eval "$("$venv/bin/python" -m cifarcam.ray_env)"
+ray_env="$("$venv/bin/python" -m cifarcam.ray_env)"  # an assignment of its own: set -e stops here if it fails
+eval "$ray_env"
 # job entrypoints resolve `python` from the head's PATH: the project's venv first
 export VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
 # RAY_ADDRESS: Ray's own clients inside the cluster (Ray Train's PlacementGroupCleaner) ask this

@@ -17,7 +17,8 @@ ALLOWED = {"cifarcam/ray_env.py", "cluster/runtime_env.yaml", "cluster/kuberay-r
 
 
 def test_the_head_script_takes_the_definition_and_keeps_a_users_value():
-    assert '-m cifarcam.ray_env)"' in (ROOT / "cluster" / "ray-head-up.sh").read_text()
+    head_up = (ROOT / "cluster" / "ray-head-up.sh").read_text()
+    assert 'ray_env="$("$venv/bin/python" -m cifarcam.ray_env)"' in head_up and 'eval "$ray_env"' in head_up  # set -e sees a failure
     script = f'eval "$({sys.executable} -m cifarcam.ray_env)"; env'
     clean = {k: v for k, v in os.environ.items() if k not in NODE_ENV}
     seen = dict(
@@ -33,11 +34,11 @@ def test_the_head_script_takes_the_definition_and_keeps_a_users_value():
 def test_no_other_file_spells_the_ray_environment_again():
     """RAY_AUTH_MODE aside (clients set it too), each of these is a default that lives in one place."""
     names = [name for name in {**JOB_ENV, **NODE_ENV} if name != "RAY_AUTH_MODE"]
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
     spelled = sorted(
         f"{path}: {name}"
         for path in files
-        if path not in ALLOWED and (ROOT / path).is_file()
+        if path and path not in ALLOWED and (ROOT / path).is_file()
         for name in names
         if name in (ROOT / path).read_text(errors="replace")
     )

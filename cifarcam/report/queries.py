@@ -120,7 +120,7 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
                   avg(peak_in_object::int) as exact_peak, avg(object_area) as chance_exact,
                   avg(pointing_hit_cell::int) as cell_hit, avg(object_cell_share) as chance_cell,
                   avg(mass_on_object / nullif(object_area, 0)) as mass_vs_chance,
-                  stddev_samp(mass_on_object / nullif(object_area, 0)) / sqrt(count(mass_on_object)) as mass_vs_chance_se,
+                  stddev_samp(mass_on_object / nullif(object_area, 0)) / sqrt(count(mass_on_object / nullif(object_area, 0))) as mass_vs_chance_se,
                   avg(entropy) as entropy, stddev_samp(entropy) / sqrt(count(entropy)) as entropy_se
            from cams where correct and object_area is not null and target = ?
            group by model, layer, method order by model, h desc, method""",
@@ -130,15 +130,16 @@ def localisation(con: Con, target: str) -> pd.DataFrame:
 
 def localisation_by_class(con: Con, target: str) -> pd.DataFrame:
     """Pointing rate per class, for each model's best-pointing map (layer and method), on the
-    correctly classified images with an object mask; weakest classes first."""
+    correctly classified images with an object mask; ``images``: the maps with a peak (a constant
+    map has none); weakest classes first, a class without one informative map before them all."""
     return run_sql(
         con,
         """with maps as (select model, layer, method, label, pointing_hit from cams where correct and object_area is not null and target = ?),
                 best as (select model, layer, method from (select model, layer, method, avg(pointing_hit::int) as rate from maps group by all)
                          qualify row_number() over (partition by model order by rate desc, layer, method) = 1)
-           select model, layer, method, label, count(*) as images, avg(pointing_hit::int) as pointing_hit,
-                  stddev_samp(pointing_hit::int) / sqrt(count(*)) as pointing_se
-           from maps join best using (model, layer, method) group by all order by model, pointing_hit, label""",
+           select model, layer, method, label, count(pointing_hit) as images, avg(pointing_hit::int) as pointing_hit,
+                  stddev_samp(pointing_hit::int) / sqrt(count(pointing_hit)) as pointing_se
+           from maps join best using (model, layer, method) group by all order by model, pointing_hit nulls first, label""",
         [target],
     )
 
@@ -188,13 +189,13 @@ def map_agreement(con: Con, target: str) -> pd.DataFrame:
     do the intermediate and final maps point at the same places?) and every pair of methods (one
     layer). Mean and standard error over the images where both maps are informative: a constant
     map ranks nothing (``constant_pairs`` counts the pairs left out)."""
-    frame = run_sql(
-        con,
-        "select model, layer, layer_h, method, image_index, heatmap from cams where target = ? order by model, layer_h desc, layer, method, image_index",
-        [target],
-    )
     rows = []
-    for model, maps in frame.groupby("model", sort=True):
+    for model in cam_models(con):  # one model's maps in memory at a time (10,000 images x layers x methods)
+        maps = run_sql(
+            con,
+            "select layer, layer_h, method, image_index, heatmap from cams where model = ? and target = ? order by layer_h desc, layer, method, image_index",
+            [model, target],
+        )
         layers = list(dict.fromkeys(maps.layer))  # earliest (largest) first
         methods = sorted(set(maps.method))
         stacked = {key: part.set_index("image_index").heatmap for key, part in maps.groupby(["layer", "method"])}

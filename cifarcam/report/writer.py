@@ -88,17 +88,19 @@ def _agreement_text(frame: pd.DataFrame) -> str:
     text = (
         "Spearman's rank correlation between two maps of one image (the explained class), averaged over the images where both maps are"
         " informative (constant_pairs: pairs left out, a constant map ranks nothing), ± its standard error. between = layers: the same"
-        " method at two layers of one model (a and b, earliest first; rho near 0 means the final map points elsewhere than the"
-        " intermediate one); between = methods: two methods at one layer."
+        " method at two layers of one model (a: the one with the larger feature map); between = methods: two methods at one layer."
+        " rho near 0: the two maps order the image's pixels unrelatedly; near 1: they point at the same places."
     )
     layers = frame[(frame.between == "layers") & frame.rho.notna()]
     if len(layers):
         low, high = layers.loc[layers.rho.idxmin()], layers.loc[layers.rho.idxmax()]
-        text += (
-            f" Least agreeing layers: {low.model} {low.a} and {low.b} ({low.of}), rho {low.rho:.2f} ± {low.rho_se:.2f};"
-            f" most: {high.model} {high.a} and {high.b} ({high.of}), rho {high.rho:.2f} ± {high.rho_se:.2f}."
-        )
+        text += f" Least agreeing layers: {_pair(low)}; most: {_pair(high)}."
     return text
+
+
+def _pair(row: pd.Series) -> str:
+    se = f" ± {row.rho_se:.2f}" if pd.notna(row.rho_se) else " (one image: no SE)"
+    return f"{row.model} {row.a} and {row.b} ({row.of}), rho {row.rho:.2f}{se}"
 
 
 def _two_class_text(frame: pd.DataFrame) -> str:
@@ -106,21 +108,28 @@ def _two_class_text(frame: pd.DataFrame) -> str:
     text = (
         " A reference for the threshold, from the stored maps: two_class_rho is the rank correlation between the maps of two classes"
         " of one image (the predicted and the true class of each misclassified test image, two_class_images of them; ± two_class_se),"
-        " maps that ought to differ."
+        " maps that ought to differ. It is measured on the stored 32x32 maps of the misclassified images, constant pairs left out,"
+        " while the check's rho is on its own sample and counts a map made constant as 0: a reference, not the same measurement."
     )
+    comparable = frame[frame[["spearman", "spearman_se", "two_class_rho", "two_class_se"]].notna().all(axis=1)]
     closer = [
         f"{r.model} {r.layer} {r.method} ({r.spearman:.2f} against {r.two_class_rho:.2f})"
-        for r in frame.itertuples(index=False)
-        if pd.notna(r.spearman) and pd.notna(r.two_class_rho) and r.spearman - r.two_class_rho > 2 * np.hypot(r.spearman_se, r.two_class_se)
+        for r in comparable.itertuples(index=False)
+        if r.spearman - r.two_class_rho > 2 * np.hypot(r.spearman_se, r.two_class_se)
     ]
-    if closer:
+    if not len(comparable):
+        text += " No map has enough images on both sides to be compared with it."
+    elif closer:
         text += (
             " Randomising every layer above changed these maps less than switching the class does (by more than two standard errors): "
             + ", ".join(closer)
             + "."
         )
     else:
-        text += " No map stays closer to the trained one under randomisation than two classes' maps are to each other, by more than two standard errors."
+        text += (
+            f" Of the {len(comparable)} maps compared, none stays closer to the trained one under randomisation than two classes' maps"
+            " are to each other, by more than two standard errors."
+        )
     return text
 
 
