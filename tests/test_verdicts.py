@@ -70,7 +70,7 @@ def _cams(deletion: dict[str, tuple[float, float]], n: int, seed: int = 0) -> pd
     given mean and standard error, exactly; on insertion it beats every baseline clearly."""
     rng = np.random.default_rng(seed)
     rows = {"model": "m", "layer": "l", "layer_h": 4, "method": "gradcam", "faithfulness_sample": True, "degenerate": False}
-    frame = pd.DataFrame({**rows, "deletion_auc": np.full(n, 0.5), "insertion_auc": np.full(n, 0.5)}, index=range(n))
+    frame = pd.DataFrame({**rows, "deletion_auc": np.full(n, 0.5), "insertion_auc": np.full(n, 0.5), "correct": np.arange(n) % 3 > 0}, index=range(n))
     for b, (mean, se) in deletion.items():
         noise = rng.standard_normal(n)
         noise = (noise - noise.mean()) / noise.std(ddof=1) * se * np.sqrt(n)
@@ -88,6 +88,7 @@ def test_the_reports_words_follow_the_verdicts_from_parquet_rows():
     row = frame.iloc[0]
     assert row.deletion_verdict == "tie" and row.deletion_baseline == "random" and row.insertion_verdict == "better"
     assert row.deletion_margin == pytest.approx(0.05) and row.deletion_se == pytest.approx(0.03)
+    assert (row.images, row.images_correct, row.deletion_correct, row.insertion_misclassified) == (100, 66, 0.5, 0.5)  # the split by correct
     text = _faithfulness_text(frame)
     assert text.startswith("No map beats every baseline on both curves.")
     assert "m l gradcam: not shown more faithful on deletion (not shown better than the random map, margin +0.050, p = " in text
