@@ -69,8 +69,9 @@ class RunLayout:
         return path
 
     def located(self, stored: str) -> Path:
-        """A path from the run's tables, where this run folder finds it (``stored``'s inverse)."""
-        return self.root / stored if not Path(stored).is_absolute() else Path(stored)
+        """A path from the run's tables, where this run folder finds it (``stored``'s inverse): joining
+        an absolute path keeps it as it is."""
+        return self.root / stored
 
     @property
     def tensorboard(self) -> Path:  # one event file per trial: tensorboard --logdir <this>

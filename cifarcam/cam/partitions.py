@@ -140,10 +140,12 @@ def check_settings(cams_dir: Path, settings: dict) -> None:
     written here: a job that dies before publishing leaves the run free for any settings."""
     for partition in sorted(cams_dir.glob("model=*/layer=*/method=*")):
         marker = _marker_text(partition)
-        saved = (marker or {}).get("settings") or {}
+        if marker is None:  # no marker: recomputed anyway
+            continue
+        saved = marker.get("settings") or {}
         # A marker from before test-set fingerprints cannot say which test set it had: its other settings decide.
         wanted = settings if "test_set" in saved else {k: v for k, v in settings.items() if k != "test_set"}
-        if marker is not None and saved != wanted:
+        if saved != wanted:
             raise ConfigError(
                 f"{partition}: computed with {_differences(saved, wanted)}; use the same settings, or remove {cams_dir} to recompute every partition with these"
             )
