@@ -3,7 +3,7 @@
 ``JOB_ENV`` reaches every Ray process of a job: the job's own (``jobs.common`` sets what the user
 has not set), the workers of a job sent with ``ray job submit`` (``cluster/runtime_env.yaml``) and
 of a KubeRay RayJob (``cluster/kuberay-rayjob.yaml``). ``NODE_ENV`` adds what ``ray start`` itself
-reads, for the nodes cifarcam starts (``cluster/ray-head-up.sh``, ``cluster/ray_on_slurm.py``).
+reads, for the nodes cifarcam starts (``cluster/ray-head-up.sh``, ``cluster/ray_bootstrap.py``).
 
 The YAML files cannot import this module: ``tests/test_ray_env.py`` fails when they drift from
 it, or when any other file spells one of these variables again. ``python -m cifarcam.ray_env``

@@ -182,6 +182,13 @@ SANITY = pa.schema(
         ("became_constant", pa.float64()),  # share of them whose randomised map is constant (counted as rho = 0)
         ("spearman", pa.float64()),  # mean rank correlation with the trained model's map (1 = unchanged)
         ("spearman_se", pa.float64()),
+        # Adebayo et al.'s comparison: the maps on the layer's own grid before the ReLU (null: a 1-cell grid has no rank)
+        ("spearman_layer", pa.float64()),  # signed maps
+        ("spearman_layer_se", pa.float64()),
+        ("spearman_layer_abs", pa.float64()),  # their absolute values
+        ("spearman_layer_abs_se", pa.float64()),
+        ("ssim_layer", pa.float64()),  # SSIM of the absolute maps scaled to [0, 1], one window over the grid
+        ("ssim_layer_se", pa.float64()),
         ("above_random", pa.bool_()),  # every layer above this one is random at this step
         ("check", pa.bool_()),  # the first such step: the row the report judges
     ]

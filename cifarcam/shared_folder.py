@@ -69,6 +69,17 @@ def verdict(run_dir: Path, driver_host: str, token: str, views: list[NodeView]) 
     return None
 
 
+def _cancel_unfinished(pending: list) -> None:
+    """A late probe must not take the lock file back after the cleanup. Only the unfinished are
+    cancelled: Ray 2.60's driver aborts ("Tried to complete task that was not pending", measured
+    here under load) when a forced cancel meets a task's reply on its way in."""
+    import ray
+
+    _, unfinished = ray.wait(pending, num_returns=len(pending), timeout=0)
+    for ref in unfinished:
+        ray.cancel(ref, force=True)
+
+
 def check_shared_folder(run_dir: Path) -> int:
     """On a connected Ray cluster of several nodes, refuse a run folder that is not one shared
     folder with shared locks (ConfigError); returns the number of nodes checked (0: one node)."""
@@ -92,12 +103,11 @@ def check_shared_folder(run_dir: Path) -> int:
             try:
                 views = ray.get(pending, timeout=PROBE_TIMEOUT_S)
             except ray.exceptions.GetTimeoutError:
+                _cancel_unfinished(pending)
                 raise UserError(f"{run_dir}: not every node answered the shared-folder check within {PROBE_TIMEOUT_S:.0f} s; see ray status") from None
             except ray.exceptions.RayError as err:  # a node lost meanwhile, a worker that failed to start
+                _cancel_unfinished(pending)
                 raise UserError(f"{run_dir}: the shared-folder check failed on a node ({type(err).__name__}); see ray status") from None
-            finally:
-                for ref in pending:  # a late probe must not take the lock file back after the cleanup
-                    ray.cancel(ref, force=True)
     finally:
         token_file.unlink(missing_ok=True)
         lock_file.unlink(missing_ok=True)

@@ -1,18 +1,23 @@
-"""Run the pipeline on a SLURM allocation through submitit: a Ray head on the first node, Ray
-workers on the others, the driver on the head; requeued on preemption or timeout, and resumed.
+"""Run any cifarcam job on a SLURM allocation through submitit: a Ray head on the first node, Ray
+workers on the others, the job's driver on the head; requeued on preemption or timeout, and resumed.
 
-    python -m cluster.slurm [--nodes N] [--gpus-per-node G] [--cpus-per-task C] [--partition P]
-        [--account A] [--time MIN] [--qos Q] [--constraint X] [--sbatch-arg KEY=VALUE ...]
-        [--logs DIR] [--detach] --config configs/paper.yaml --out /shared/results/paper [...]
+    python -m cluster.slurm [allocation options] JOB [that job's options]
 
-    python -m cluster.slurm --nodes 2 --array configs/a.yaml configs/b.yaml --out /shared/results
+    python -m cluster.slurm --nodes 2 --gpus-per-node 4 --partition gpu pipeline --config configs/paper.yaml --out /shared/results/paper
+    python -m cluster.slurm --nodes 2 --gpus-per-node 4 cam --run /shared/results/paper --methods gradcam++,layercam --layers layer3,layer4
+    python -m cluster.slurm --partition cpu report --run /shared/results/paper
+    python -m cluster.slurm --nodes 2 --array configs/a.yaml configs/b.yaml pipeline --out /shared/results
 
-Every `python -m jobs.pipeline` option is an option here too (that parser is this one's parent),
-checked here and handed to the driver as given, with --config and --out made absolute; but not
---address, --num-cpus and --num-gpus, which the job's own Ray cluster sets (--gpus-per-node asks SLURM for GPUs). With --array, each config is one
-array task writing to <--out>/<config name>. The run folder and --logs must be on a filesystem
-every node sees. Without --detach the command waits and exits with the
-driver's status. The older form, with `--` before the jobs.pipeline options, still works.
+JOB is one of pipeline, search, cam and report; its options are that job's (`python -m jobs.JOB
+--help`), checked here before anything is queued and handed to its driver as given, with paths
+made absolute; but not --address, --num-cpus and --num-gpus, which the job's own Ray cluster sets
+(--gpus-per-node asks SLURM for GPUs). The report uses no Ray and runs on one node. With --array
+(pipeline, search), each config is one array task writing to <--out>/<config name>. The run folder
+and --logs must be on a filesystem every node sees. Without --detach the command waits and exits
+with the driver's status.
+
+The older form, without JOB, runs the pipeline: `python -m cluster.slurm --nodes 2 --config X
+--out Y`, its options mixed with the allocation's (and an optional `--` before them).
 """
 
 from __future__ import annotations
@@ -27,12 +32,10 @@ import sys
 from pathlib import Path
 
 from cifarcam.errors import ConfigError, UserError
-from jobs import cam, pipeline
+from cluster.job_kinds import JOBS, JobKind, checked_runs
 from jobs.common import console, run
 
 PROG = "python -m cluster.slurm"
-OWN_CLUSTER = ("--address", "--num-cpus", "--num-gpus")  # pipeline options the job's own Ray cluster sets
-PER_JOB = ("--config", "--out")  # pipeline options each job gets its own, absolute value of
 
 
 def _sbatch_line(text: str) -> str:
@@ -58,10 +61,10 @@ def _positive(text: str) -> int:
 
 
 def launcher_parser() -> argparse.ArgumentParser:
-    """cluster.slurm's own options (the allocation's): a parent of ``parser``, and alone in
-    ``launcher_options``, where its errors are one line (no usage; ``parser`` prints it)."""
+    """cluster.slurm's own options (the allocation's), before JOB. Its errors are one line (no
+    usage: ``help_parser`` shows it, and each job's parser shows its own)."""
     launcher = argparse.ArgumentParser(prog=PROG, usage=argparse.SUPPRESS, add_help=False, allow_abbrev=False)
-    p = launcher.add_argument_group("SLURM allocation (cluster.slurm's own options; all others are jobs.pipeline's)")
+    p = launcher.add_argument_group("SLURM allocation (cluster.slurm's own options, before JOB)")
     p.add_argument("--nodes", type=_positive, default=1, help="nodes in the allocation; Ray runs one node per SLURM node (default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request on each node (default: 0)")
     p.add_argument("--cpus-per-task", type=_positive, default=None, help="CPUs on each node for Ray (one task per node; default: SLURM's)")
@@ -90,71 +93,71 @@ def launcher_parser() -> argparse.ArgumentParser:
         "(default: SLURM's NodeAddr on the head, the route to the head on workers)",
     )
     p.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES", help="Ray object store per node (default: Ray's, 30%% of memory)")
-    p.add_argument("--array", nargs="+", type=Path, default=None, metavar="CONFIG", help="one array task per config, each its own sweep")
+    p.add_argument("--array", nargs="+", type=Path, default=None, metavar="CONFIG", help="one array task per config, each its own sweep (pipeline, search)")
     p.add_argument("--array-parallelism", type=_positive, default=None, help="array tasks running at once (default: all)")
     p.add_argument("--detach", action="store_true", help="print the job id and return instead of waiting for the result")
     return launcher
 
 
-def parser() -> argparse.ArgumentParser:
-    """jobs.pipeline's parser as the parent, so that a new pipeline option needs no change here;
-    its -h/--help lists both (hence add_help=False here). No abbreviations: an abbreviated
-    pipeline option would not be told apart from the launcher's in ``launcher_options``."""
-    return argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[pipeline.parser(), launcher_parser()],
-        add_help=False,
-        allow_abbrev=False,
+def help_parser() -> argparse.ArgumentParser:
+    """What `python -m cluster.slurm --help` shows: the allocation's options and the jobs (each
+    job's own options: `python -m cluster.slurm JOB --help`)."""
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[launcher_parser()], allow_abbrev=False
     )
+    p.add_argument("job", metavar="JOB", choices=list(JOBS), help=f"one of {', '.join(JOBS)}; its options follow it")
+    return p
 
 
-def launcher_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The launcher's options, and the rest as given: what every job runs jobs.pipeline with.
-    --config and --out are set aside (each job gets its own), and --address and --num-cpus too,
-    to be refused."""
-    p = launcher_parser()
-    for option in (*PER_JOB, *OWN_CLUSTER):
-        p.add_argument(option)
-    return p.parse_known_args(argv)
+def split_command(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(the allocation's options, JOB, the job's options). The allocation's options come first;
+    JOB is the first word that is not one of them or their values. Without JOB (the older form,
+    where the first word the launcher does not know is a pipeline option, or `--`): (argv, None, [])."""
+    actions = launcher_parser()._option_string_actions  # noqa: SLF001 (argparse has no public map of option to arity)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in JOBS:
+            return argv[:i], token, argv[i + 1 :]
+        if token in ("-h", "--help"):
+            help_parser().parse_args(["--help"])  # prints and exits
+        action = actions.get(token.split("=", 1)[0])
+        if action is None:
+            return argv, None, []
+        i += 1
+        if "=" in token or action.nargs == 0:
+            continue
+        if action.nargs == "+":  # --array's configs run up to JOB or the next option
+            while i < len(argv) and argv[i] not in JOBS and not argv[i].startswith("-"):
+                i += 1
+        else:
+            i += 1
+    return argv, None, []
 
 
-def accept_separator(argv: list[str]) -> list[str]:
-    """The older form put `--` before the jobs.pipeline options; accepted (quietly: scripts parse
-    the first line of output) for a while. argparse would take what follows it as positionals."""
-    if "--" not in argv:
-        return argv
-    cut = argv.index("--")
-    return argv[:cut] + argv[cut + 1 :]
+def older_form(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The pipeline's options mixed with the allocation's (``split_command`` found no JOB): the
+    allocation's options, and the rest as given. A `--` before the pipeline's options, as the
+    first form of this command had it, is dropped (argparse would take what follows as positionals)."""
+    if "--" in argv:
+        cut = argv.index("--")
+        argv = argv[:cut] + argv[cut + 1 :]
+    return launcher_parser().parse_known_args(argv)
 
 
-def pipeline_runs(argv: list[str]) -> tuple[argparse.Namespace, list[list[str]]]:
-    """The launcher's options, and one jobs.pipeline argument list per job, with absolute paths
-    (nodes need not share a cwd), checked here so that a mistake costs no allocation."""
-    from cifarcam.results import check_writable
-
-    own, rest = launcher_options(argv)
-    for option in OWN_CLUSTER:
-        if getattr(own, option.lstrip("-").replace("-", "_")) is not None:
-            raise ConfigError(f"{option}: set by cluster.slurm (the job's own Ray cluster); remove it")
-    if own.array and own.config:
-        raise ConfigError("--array: each config is one array task; do not pass --config as well")
-    # The whole command line; --config is required there, and with --array the first config stands
-    # in for it. argparse's own mistakes (and --help) exit here, before submitting.
-    args = parser().parse_args([*argv, "--config", str(own.array[0])] if own.array else argv)
-    cam.settings_from(args)
-    from cifarcam.search import check_resumable
-    from cifarcam.training import load_experiment  # torch: after --help, which exits above
-
-    runs = []
-    for config in own.array or [Path(args.config)]:
-        cfg = load_experiment(config)
-        out = (args.out / cfg.name if own.array and args.out else args.out) or Path("results") / cfg.name
-        check_resumable(cfg, out.resolve(), args.resume or args.resume_if_started, must_exist=args.resume)  # a mistyped --out costs no allocation
-        check_writable(out)
-        runs.append([*rest, "--config", str(Path(config).resolve()), "--out", str(out.resolve())])
-    return own, runs
+def job_runs(argv: list[str]) -> tuple[argparse.Namespace, JobKind, list[list[str]]]:
+    """The allocation's options, the job, and one checked argument list per SLURM job (one per
+    --array config, else one), with absolute paths: a mistake costs no allocation."""
+    launcher_argv, name, job_argv = split_command(argv)
+    if name is None:
+        own, job_argv = older_form(argv)
+        kind, prog = JOBS["pipeline"], PROG
+    else:
+        own = launcher_parser().parse_args(launcher_argv)
+        kind, prog = JOBS[name], f"{PROG} [allocation options] {name}"
+    if not kind.uses_ray and own.nodes > 1:
+        raise ConfigError(f"--nodes {own.nodes}: {kind.name} uses no Ray and runs on one node; ask for --nodes 1")
+    return own, kind, checked_runs(kind, job_argv, prog, "cluster.slurm", own.array)
 
 
 def make_executor(opts: argparse.Namespace):
@@ -186,19 +189,9 @@ def private_logs(logs: Path) -> Path:
     """``--logs``, created for this user alone if new. submitit pickles each job there, and each
     node unpickles it (again on every requeue): whoever can write the folder runs code as this
     user. A folder someone else owns or may write is refused (``others_can_write``)."""
-    from cifarcam.safe_pickle import others_can_write
+    from cluster.ray_bootstrap import private_folder
 
-    logs = logs.resolve()
-    try:
-        logs.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--logs {logs}: cannot create it ({err.strerror or err}); choose a folder on a filesystem every node sees") from None
-    problem = others_can_write(logs)
-    if problem:
-        raise UserError(
-            f"--logs {logs}: {problem}, and each node unpickles its job from there; check who changed it, then chmod go-w {logs}, or choose another --logs"
-        )
-    return logs
+    return private_folder(logs, "--logs", "each node unpickles its job from there")
 
 
 def new_token(logs: Path) -> Path:
@@ -212,7 +205,7 @@ def new_token(logs: Path) -> Path:
 
 def driver_status(job) -> int:
     """The driver's exit status, as the head wrote it; 1 when the job ended without one."""
-    from cluster.ray_on_slurm import STATUS_FILE
+    from cluster.ray_bootstrap import STATUS_FILE
 
     status = job.paths.folder / STATUS_FILE
     if status.is_file():
@@ -239,19 +232,21 @@ def submit(executor, tasks: list, array: bool) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.ray_bootstrap import JobToRun, RayNodeOptions
     from cluster.ray_on_slurm import RayOnSlurm
 
-    opts, runs = pipeline_runs(accept_separator(sys.argv[1:] if argv is None else argv))
+    opts, kind, runs = job_runs(sys.argv[1:] if argv is None else argv)
     executor = make_executor(opts)
     token = new_token(opts.logs)
-    tasks = [RayOnSlurm(args, str(token), opts.object_store_memory, interface=opts.interface) for args in runs]
+    options = RayNodeOptions(token, opts.object_store_memory, opts.interface)
+    tasks = [RayOnSlurm(JobToRun(kind.name, args), options) for args in runs]
     try:
         jobs = submit(executor, tasks, bool(opts.array))
     except UserError:
         token.unlink()  # nothing was queued that could use it
         raise
-    for job, args in zip(jobs, runs, strict=True):
-        print(f"submitted job {job.job_id} ({opts.nodes} node(s)): jobs.pipeline {' '.join(args)}; logs in {job.paths.folder}", flush=True)
+    for job, task in zip(jobs, tasks, strict=True):
+        print(f"submitted job {job.job_id} ({opts.nodes} node(s)): {task.job.describe()}; logs in {job.paths.folder}", flush=True)
     if opts.detach:
         return 0
     for job in jobs:

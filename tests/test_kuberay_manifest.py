@@ -57,3 +57,22 @@ def test_every_ray_container_and_the_submitter_authenticate_with_the_secrets_tok
     # the token from a file (here a process substitution), never on kubectl's command line
     assert f"kubectl create secret generic {name} --from-file={key}=<(" in text and "--from-literal" not in text
     assert "s3://" not in spec["entrypoint"] and "--out s3://" not in text
+
+
+def test_the_cam_rayjob_re_explains_a_finished_run_on_the_same_cluster():
+    """The second RayJob runs jobs.cam on the first one's run folder; everything but its name and
+    entrypoint is the first one's, so the two cannot drift apart (image, token, PVC, Ray env)."""
+    search, explain = (yaml.safe_load((ROOT / "cluster" / name).read_text()) for name in ("kuberay-rayjob.yaml", "kuberay-rayjob-cam.yaml"))
+    argv = shlex.split(explain["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "jobs.cam"]
+    from jobs import cam
+
+    args = cam.parser().parse_args(argv[3:])
+    cam.settings_from(args)  # the options are valid CAM settings
+    out = shlex.split(search["spec"]["entrypoint"])
+    assert str(args.run) == out[out.index("--out") + 1]  # the run the first RayJob writes
+    assert explain["metadata"]["name"] != search["metadata"]["name"]
+    for doc in (search, explain):
+        doc["metadata"].pop("name")
+        doc["spec"].pop("entrypoint")
+    assert explain == search

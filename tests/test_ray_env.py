@@ -12,8 +12,15 @@ from cifarcam.ray_env import JOB_ENV, NODE_ENV
 from helpers import ROOT
 
 # Where a variable of the definition may appear: the definition, the manifests checked against it,
-# and the words about them.
-ALLOWED = {"cifarcam/ray_env.py", "cluster/runtime_env.yaml", "cluster/kuberay-rayjob.yaml", "README.md", "tests/test_ray_env.py"}
+# and the words about them (kuberay-rayjob-cam.yaml is checked equal to kuberay-rayjob.yaml).
+ALLOWED = {
+    "cifarcam/ray_env.py",
+    "cluster/runtime_env.yaml",
+    "cluster/kuberay-rayjob.yaml",
+    "cluster/kuberay-rayjob-cam.yaml",
+    "README.md",
+    "tests/test_ray_env.py",
+}
 
 
 def test_the_head_script_takes_the_definition_and_keeps_a_users_value():

@@ -8,7 +8,7 @@ from scipy.stats import spearmanr
 
 from cifarcam.cam import methods
 from cifarcam.cam.methods import CamMethod
-from cifarcam.cam.sanity import cascade, randomisation_rows
+from cifarcam.cam.sanity import SSIM_C2, cascade, global_ssim, layer_map_similarity, randomisation_rows
 from cifarcam.rank_stats import spearman
 from cifarcam.results import FAIL_SPEARMAN
 from cifarcam.training.models import ModelSpec, build_model
@@ -62,6 +62,27 @@ def test_a_map_blind_to_the_weights_above_fails_and_gradcam_passes(monkeypatch):
     # randomising the explained layer itself changes even the activation map
     last = {(r["layer"], r["method"]): r["spearman"] for r in rows if r["randomised_to"] == "layer2"}
     assert last[("layer2", "activations")] < 0.9
+    # on the layer's own grid, before the ReLU, the blind map is unchanged too: signed, absolute, SSIM
+    grid = {(r["layer"], r["method"]): r for r in rows if r["check"]}
+    for layer in ("layer2", "layer3"):
+        blind = grid[(layer, "activations")]
+        assert blind["spearman_layer"] == pytest.approx(1.0) and blind["spearman_layer_abs"] == pytest.approx(1.0)
+        assert blind["ssim_layer"] == pytest.approx(1.0) and blind["spearman_layer_se"] == pytest.approx(0.0, abs=1e-9)
+        assert grid[(layer, "gradcam")]["spearman_layer"] < 0.8 and grid[(layer, "gradcam")]["ssim_layer"] < 0.9
+
+
+def test_the_layer_resolution_comparison_has_known_answers():
+    """What Adebayo et al. compare, on hand-built 2x2 maps: a map whose sign flips is the opposite
+    map (signed rho -1) with the same importance (absolute rho 1, SSIM 1); a map made constant
+    changed completely (rho 0); SSIM of [0, 1] against [1, 0] is (-0.5 + C2) / (0.5 + C2)."""
+    before = np.array([[[1.0, -2.0], [3.0, 0.5]], [[1.0, 2.0], [3.0, 4.0]]])
+    after = np.stack([-before[0], np.full((2, 2), 7.0)])
+    result = layer_map_similarity(before, after, after_constant=np.array([False, True]))
+    assert result["spearman_layer"].tolist() == pytest.approx([-1.0, 0.0])
+    assert result["spearman_layer_abs"].tolist() == pytest.approx([1.0, 0.0])
+    assert result["ssim_layer"][0] == pytest.approx(1.0)
+    assert global_ssim(np.array([[0.0, 1.0]]), np.array([[1.0, 0.0]]))[0] == pytest.approx((-0.5 + SSIM_C2) / (0.5 + SSIM_C2))
+    assert global_ssim(np.array([[0.2, 0.2]]), np.array([[0.2, 0.2]]))[0] == pytest.approx(1.0)
 
 
 def test_a_cam_layer_that_owns_no_parameters_gets_its_own_step():

@@ -1,5 +1,6 @@
 """`python -m cluster.slurm` against a real SLURM (Debian's slurmctld, two slurmd nodes, munge,
-slurmdbd on MariaDB), started here and stopped by PID.
+slurmdbd on MariaDB), started here and stopped by PID; and `python -m cluster.ray_on_env`, the
+same Ray bootstrap started with plain RANK / WORLD_SIZE / MASTER_ADDR in those nodes' namespaces.
 
 Each node's slurmd runs in its own network namespace with its own address (10.77.0.1 and
 10.77.0.2, veth pairs on a bridge), its own host name, and an /etc/hosts that maps that name to
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -112,35 +114,122 @@ def _sacct_state(job_id: str) -> str:
 def test_each_node_finds_its_own_address_although_its_name_resolves_to_loopback(slurm):
     """What the Ray nodes bind to and announce: SLURM's NodeAddr, not gethostbyname(hostname)."""
     probe = (
-        "import socket; from cluster.ray_on_slurm import node_ip, collective_interfaces as c; "
-        "ip = node_ip(nodes=2); print(socket.gethostname(), socket.gethostbyname(socket.gethostname()), ip, c(ip).get('GLOO_SOCKET_IFNAME'))"
+        "import socket; from cluster.ray_bootstrap import node_ip, collective_interfaces as c; from cluster.ray_on_slurm import slurm_node_addr; "
+        "ip = node_ip(node_addr=slurm_node_addr(), nodes=2); print(socket.gethostname(), socket.gethostbyname(socket.gethostname()), ip, c(ip).get('GLOO_SOCKET_IFNAME'))"
     )
     proc = subprocess.run(["srun", "-N2", "-n2", "--time", "2", sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.split("\n")[:2]) == ["vnode1 127.0.1.1 10.77.0.1 eth0", "vnode2 127.0.1.1 10.77.0.2 eth0"]
 
 
-def test_two_nodes_form_one_ray_cluster_and_the_driver_sees_both(slurm, tmp_path):
-    """The rendezvous without training (CI's proof; the requeue below trains, in make full-check):
-    both nodes' Ray joins the head at its own address, and the driver, on the head, sizes the search
-    by the whole cluster, 2 CPUs. A trial of 3 workers cannot fit it: the driver says so in one line
-    and the job fails with the pipeline's status for a user error."""
-    config = write_config(tmp_path, text=SLURM_SEARCH.replace("workers_per_trial: 2", "workers_per_trial: 3"))
-    proc = _launch(tmp_path, config)
+def _copy_run(demo_run: Path, tmp_path: Path, *leave_out: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("report", ".staging", "logs", *leave_out))
+    return run
+
+
+def _markers(run: Path, model: str, method: str) -> dict[str, int]:
+    """Each complete partition's marker of ``model`` and ``method``, and when it was written."""
+    return {p.parent.parent.name: p.stat().st_mtime_ns for p in (run / "cams" / f"model={model}").glob(f"layer=*/method={method}/_COMPLETE.json")}
+
+
+def test_cam_on_two_nodes_requeued_mid_stage_finishes_every_partition_once(slurm, demo_run, tmp_path):
+    """`cluster.slurm cam` explains a finished demo run (its search's checkpoints; its maps left
+    out, so that the smallest work may be asked for: one target, no faithfulness curves) on two
+    nodes (the Ray head on one, a worker at its own address on the other), and `scontrol requeue`
+    lands once the first model's partitions are published and before the second's are. The second
+    attempt skips what the first published (its markers are untouched), computes the rest, and at
+    the end every partition is complete, with one row per image, none twice. (Another method beside
+    existing maps, on one node: tests/test_cam_concurrency.py.)"""
+    layers = {m.name.removeprefix("model="): sorted(_markers(demo_run, m.name.removeprefix("model="), "gradcam")) for m in (demo_run / "cams").glob("model=*")}
+    run = _copy_run(demo_run, tmp_path, "cams", "sanity")
+    models = [m for (m,) in duckdb.sql(f"select model from '{run}/accuracy.parquet' order by model").fetchall()]  # the stage's order
+    assert len(models) == 2 and sorted(layers) == models and all(layers.values())
+    cam = ["cam", "--run", str(run), "--methods", "layercam", "--targets", "pred", "--faithfulness-steps", "0", "--sanity-images", "8"]
+    proc = _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), *cam])
     job = _job_id(proc)
-    out, err = _finish(proc, timeout=300)
-    assert proc.returncode == 2, out[-2000:] + err[-3000:]
-    assert f"job {job}: driver exit status 2" in out
+    deadline = time.monotonic() + 300
+    while sorted(_markers(run, models[0], "layercam")) != layers[models[0]]:
+        assert time.monotonic() < deadline and proc.poll() is None, "the first model's partitions were not published"
+        time.sleep(0.2)
+    first = _markers(run, models[0], "layercam")
+    assert not _markers(run, models[1], "layercam"), "the second model finished before the requeue"
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    out, err = _finish(proc)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
     logs = tmp_path / "logs" / job
-    assert "2 Ray node(s) up at 10.77.0.1:" in (logs / f"{job}_0_log.out").read_text()
+    driver = (logs / f"{job}_0_log.out").read_text()
+    assert json.loads((logs / "driver-status.json").read_text()) == {"returncode": 0, "resumed": True}
+    assert (logs / "attempt-1").is_dir() and "2 Ray node(s) up at 10.77.0.1:" in driver
+    assert f"running jobs.cam --methods layercam --targets pred --faithfulness-steps 0 --sanity-images 8 --run {run} --address 10.77.0.1:" in driver
+    assert "--resume" not in driver  # a CAM job's rerun needs no flag: it skips complete partitions
+    assert "10.77.0.2" in (logs / "attempt-0" / "ray-worker-1.log").read_text()  # the second node's Ray at its own address
     # before any work, a task on each node read the driver's token in the run folder and could not take its lock
-    assert "run folder: one folder, with shared locks, on all 2 nodes" in (logs / f"{job}_0_log.out").read_text()
-    assert "10.77.0.2" in (logs / "attempt-0" / "ray-worker-1.log").read_text()  # the second node started Ray at its own address
-    assert "error: scaling: one trial needs 3 CPUs (3 workers) but the cluster has 2 CPUs and 0 GPUs" in (logs / f"{job}_0_log.err").read_text()
-    deadline = time.monotonic() + 60
-    while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:
-        time.sleep(1)
-    assert _sacct_state(job) == "FAILED"
+    assert "run folder: one folder, with shared locks, on all 2 nodes" in driver
+    assert _markers(run, models[0], "layercam") == first  # skipped, not recomputed
+    assert sorted(_markers(run, models[1], "layercam")) == layers[models[1]]
+    cams = f"'{run}/cams/**/*.parquet'"
+    images = duckdb.sql(f"select count(*) from '{run}/predictions.parquet' where model = '{models[0]}'").fetchall()[0][0]
+    per_partition = duckdb.sql(f"select count(*) from {cams} where method = 'layercam' group by model, layer").fetchall()
+    assert sorted(n for (n,) in per_partition) == [images] * sum(map(len, layers.values()))  # one target
+    duplicates = duckdb.sql(f"select count(*) from {cams} group by model, layer, method, target, image_index having count(*) > 1").fetchall()
+    assert duplicates == []
+    assert not list((run / ".staging").rglob("*.parquet"))  # what the killed attempt staged was swept
+
+
+def test_the_report_runs_on_one_cpu_node_without_ray(slurm, demo_run, tmp_path):
+    """`cluster.slurm report` on a CPU allocation: the driver runs on the node, no Ray starts."""
+    run = _copy_run(demo_run, tmp_path)
+    cmd = [sys.executable, "-m", "cluster.slurm", "--cpus-per-task", "1", "--time", "15", "--logs", str(tmp_path / "logs"), "report", "--run", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = re.match(r"submitted job (\d+) \(1 node\(s\)\): jobs\.report --run (\S+);", proc.stdout)
+    assert job and job.group(2) == str(run), proc.stdout
+    logs = tmp_path / "logs" / job.group(1)
+    assert f"one node, no Ray; running jobs.report --run {run}" in (logs / f"{job.group(1)}_0_log.out").read_text()
+    assert not (logs / "attempt-0" / "ray-head.log").exists()
+    assert (run / "report" / "report.md").is_file() and (run / "report" / "report.html").is_file()
+
+
+def _on_node(node: int, ranks: dict[str, str], argv: list[str]) -> subprocess.Popen:
+    """`python -m cluster.ray_on_env` in a SLURM node's network namespace, with its host name and
+    /etc/hosts (127.0.1.1 for its own name), as slurm-up.sh starts that node's slurmd; no SLURM."""
+    name = f"vnode{node}"
+    command = shlex.join(["env", *(f"{k}={v}" for k, v in ranks.items()), sys.executable, "-m", "cluster.ray_on_env", *argv])
+    inner = f"mount --bind /etc/netns/cfc-{name}/hosts /etc/hosts && hostname {name} && exec {command}"
+    return _popen(["nsenter", f"--net=/run/netns/cfc-{name}", "unshare", "--uts", "--mount", "sh", "-c", inner])
+
+
+def test_a_plain_launcher_s_ranks_start_one_ray_cluster_on_two_nodes_and_run_a_job(slurm, tmp_path):
+    """The second adapter of the Ray bootstrap: one process per node with RANK / WORLD_SIZE /
+    MASTER_ADDR (as torchrun or ssh would start them), in the two nodes' namespaces. MASTER_ADDR is
+    the head's name, which resolves to 127.0.1.1 on the head itself: its Ray must listen at the
+    address the other node reaches instead. The driver, on the head, sizes the search by both
+    nodes' CPUs; a trial of 3 workers cannot fit 2, so it says so in one line and rank 0 exits with
+    the search's status for a user error, rank 1 with 0, and no Ray process outlives them."""
+    import psutil
+
+    config = write_config(tmp_path, text=SLURM_SEARCH.replace("workers_per_trial: 2", "workers_per_trial: 3"))
+    meeting = tmp_path / "meeting"
+    argv = ["--meeting", str(meeting), "--cpus-per-node", "1", "--object-store-memory", str(300 << 20)]
+    argv += ["search", "--config", str(config), "--out", str(tmp_path / "run")]
+    head = _on_node(1, {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "vnode1"}, argv)
+    worker = _on_node(2, {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "vnode1"}, argv)
+    out, err = _finish(head, timeout=300)
+    worker_out, worker_err = _finish(worker, timeout=120)
+    assert head.returncode == 2, out[-2000:] + err[-3000:]
+    assert worker.returncode == 0, worker_out + worker_err
+    assert "2 Ray node(s) up at 10.77.0.1:" in out and "run folder: one folder, with shared locks, on all 2 nodes" in out
+    assert "error: scaling: one trial needs 3 CPUs (3 workers) but the cluster has 2 CPUs and 0 GPUs" in err
+    assert "10.77.0.2" in (meeting / "attempt-0" / "ray-worker-1.log").read_text()
+    assert json.loads((meeting / "driver-status.json").read_text()) == {"returncode": 2, "resumed": False}
+    assert (meeting / "attempt-0" / "ray-token").stat().st_mode & 0o077 == 0 and meeting.stat().st_mode & 0o077 == 0
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(f"cfr-{pid}-0-" in a for a in p.info["cmdline"] or [] for pid in (head.pid, worker.pid))]
+    assert left == []
+    # a second launch into the same folder is refused before Ray starts, on every node
+    again = _on_node(1, {"RANK": "0", "WORLD_SIZE": "1"}, argv)
+    _, again_err = _finish(again, timeout=120)
+    assert again.returncode == 2 and again_err.strip().endswith("attempt 0 already ran there; give each launch its own folder (e.g. with its job id)")
 
 
 def test_a_request_sbatch_refuses_ends_in_its_reason_on_one_line(slurm, tmp_path):
@@ -281,6 +370,15 @@ def _launcher(capsys, tmp_path: Path, *args: str):
             "python -m cluster.slurm: error: argument --job-name: must be one line (it becomes an #SBATCH line), got 'x\\n#SBATCH --wrap=id'",
         ),
         (["--sbatch-arg", "mail-type=END\rx", "--config", "{good}"], "python -m cluster.slurm: error: argument --sbatch-arg: must be one line"),
+        # JOB as a subcommand: each job's own checks, before sbatch
+        (["search", "--config", "{typo}"], "error: search.grid.optimzer: unknown key; did you mean 'optimizer'?"),
+        (["--job-name", "cam", "pipeline", "--config", "{typo}"], "error: search.grid.optimzer: unknown key"),  # a launcher value named like a job
+        (["pipeline", "--config", "{good}", "--layers", "nosuch"], "error: --layers: model resnet_tiny has no layer 'nosuch'"),
+        (["cam", "--run", "/nonexistent-run"], "error: --run /nonexistent-run: not a run folder (no config.yaml)"),
+        (["cam", "--run", "/nonexistent-run", "--num-gpus", "1"], "error: --num-gpus: set by cluster.slurm"),
+        (["report", "--run", "/nonexistent-run"], "error: --run /nonexistent-run: not a run folder (no config.yaml)"),
+        (["--nodes", "2", "report", "--run", "/nonexistent-run"], "error: --nodes 2: report uses no Ray and runs on one node; ask for --nodes 1"),
+        (["--array", "{good}", "{good}", "cam", "--run", "/x"], "error: --array: one search per config, for the pipeline or the search; cam takes one --run"),
     ],
 )
 def test_launcher_mistakes_fail_before_sbatch(args, expected, tmp_path, capsys):
@@ -297,20 +395,35 @@ def test_a_missing_pipeline_option_is_argparse_s_error_with_the_usage(tmp_path, 
     proc = _launcher(capsys, tmp_path, "--nodes", "2")
     assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m cluster.slurm"), proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "python -m cluster.slurm: error: the following arguments are required: --config"
+    # after JOB, that job's options only: the allocation's come before it
+    proc = _launcher(capsys, tmp_path, "cam", "--run", str(tmp_path), "--nodes", "2")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m cluster.slurm [allocation options] cam"), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "python -m cluster.slurm [allocation options] cam: error: unrecognized arguments: --nodes 2"
     assert not (tmp_path / "logs").exists()
 
 
-def test_the_launcher_passes_pipeline_options_on_as_given(tmp_path):
-    """No list of pipeline options here: whatever jobs.pipeline accepts reaches the driver."""
-    from cluster.slurm import pipeline_runs
+def test_the_launcher_passes_each_job_s_options_on_as_given(tmp_path, monkeypatch):
+    """No list of a job's options here: whatever the job's parser accepts reaches its driver,
+    paths made absolute; the older form (no JOB) is the pipeline."""
+    from cluster.slurm import job_runs
 
     a, b = write_config(tmp_path, "a"), write_config(tmp_path, "b")
     (tmp_path / "run" / "tune" / "a").mkdir(parents=True)  # --resume: a search to continue
-    own, runs = pipeline_runs(["--nodes", "2", "--config", str(a), "--methods", "gradcam", "--out", str(tmp_path / "run"), "--resume", "--detach"])
-    assert (own.nodes, own.detach) == (2, True)
-    assert runs == [["--methods", "gradcam", "--resume", "--config", str(a), "--out", str(tmp_path / "run")]]
-    own, runs = pipeline_runs(["--array", str(a), str(b), "--out", str(tmp_path / "runs"), "--layers=layer2"])
-    assert runs == [["--layers=layer2", "--config", str(c), "--out", str(tmp_path / "runs" / n)] for c, n in ((a, "a"), (b, "b"))]
+    older = ["--nodes", "2", "--config", str(a), "--methods", "gradcam", "--out", str(tmp_path / "run"), "--resume", "--detach"]
+    newer = ["--nodes", "2", "--detach", "pipeline", "--config", str(a), "--methods", "gradcam", "--out", str(tmp_path / "run"), "--resume"]
+    for argv in (older, newer):
+        own, kind, runs = job_runs(argv)
+        assert (own.nodes, own.detach, kind.name) == (2, True, "pipeline")
+        assert runs == [["--methods", "gradcam", "--resume", "--config", str(a), "--out", str(tmp_path / "run")]]
+    for argv in (
+        ["--array", str(a), str(b), "--out", str(tmp_path / "runs"), "--layers=layer2"],
+        ["--array", str(a), str(b), "pipeline", "--out", str(tmp_path / "runs"), "--layers=layer2"],
+    ):
+        own, kind, runs = job_runs(argv)
+        assert runs == [["--layers=layer2", "--config", str(c), "--out", str(tmp_path / "runs" / n)] for c, n in ((a, "a"), (b, "b"))]
+    monkeypatch.chdir(tmp_path)
+    own, kind, runs = job_runs(["--job-name", "search", "--array", "a.yaml", "search", "--out", "runs"])  # relative paths, a job-named value
+    assert (own.job_name, kind.name, runs) == ("search", "search", [["--config", str(a), "--out", str(tmp_path / "runs" / "a")]])
 
 
 def test_a_logs_folder_others_could_write_is_refused(tmp_path):
@@ -328,3 +441,51 @@ def test_a_logs_folder_others_could_write_is_refused(tmp_path):
         private_logs(shared)
     shared.chmod(0o755)
     assert private_logs(shared) == shared
+
+
+def test_a_cam_job_s_layers_and_checkpoints_are_checked_before_sbatch(demo_run, tmp_path, capsys):
+    """The CAM job's own checks, on the login node: each --layers name in each model it would
+    explain, and each --checkpoint; no data loaded, no cluster, nothing queued."""
+    proc = _launcher(capsys, tmp_path, "cam", "--run", str(demo_run), "--layers", "nosuch")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --layers: model mobilenetv3_small has no layer 'nosuch'"), proc.stderr
+    assert not (tmp_path / "logs").exists()
+    proc = _launcher(capsys, tmp_path, "cam", "--run", str(demo_run), "--checkpoint", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: not a cifarcam checkpoint (no meta.json)", proc.stderr
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1"}, (1, 2)),  # torchrun, one process per node
+        ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}, (3, 4)),  # Open MPI
+        ({"PMI_RANK": "0", "PMI_SIZE": "2"}, (0, 2)),  # MPICH, Intel MPI
+        ({"RANK": "0", "WORLD_SIZE": "2", "PMI_RANK": "1", "PMI_SIZE": "2"}, (0, 2)),  # torchrun's first
+        ({}, "no rank and node count in the environment: set one of RANK/WORLD_SIZE, OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE, PMI_RANK/PMI_SIZE"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2, WORLD_SIZE=2: expected 0 <= RANK < WORLD_SIZE"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x', WORLD_SIZE='2': expected integers"),
+        ({"RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, "LOCAL_WORLD_SIZE=4: one process per node (torchrun --nproc-per-node 1)"),
+    ],
+)
+def test_the_plain_adapter_reads_ranks_as_torchrun_and_mpi_set_them(environ, expected):
+    from cifarcam.errors import ConfigError
+    from cluster.ray_on_env import node_role, rank_and_size
+
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as raised:
+            rank_and_size(environ)
+        assert str(raised.value).startswith(expected)
+        return
+    assert rank_and_size(environ) == expected
+    role = node_role(Path("/shared/meet"), 4, None, {**environ, "MASTER_ADDR": "head", "TORCHELASTIC_RESTART_COUNT": "2"})
+    assert (role.attempt, role.meeting, role.cpus, role.gpus) == (2, Path("/shared/meet/attempt-2"), 4, None)
+    assert role.node_addr == ("head" if expected[0] == 0 else None)  # MASTER_ADDR is rank 0's own address only
+
+
+def test_a_restarted_attempt_continues_a_search_and_simply_reruns_the_other_jobs():
+    from cluster.job_kinds import JOBS
+
+    assert JOBS["pipeline"].driver_args(["--out", "/r"], "10.0.0.1:6379", True) == ["--out", "/r", "--address", "10.0.0.1:6379", "--resume-if-started"]
+    assert JOBS["search"].driver_args(["--out", "/r", "--resume"], "a:1", True) == ["--out", "/r", "--resume", "--address", "a:1"]  # the user's own
+    assert JOBS["pipeline"].driver_args(["--out", "/r"], "a:1", False) == ["--out", "/r", "--address", "a:1"]
+    assert JOBS["cam"].driver_args(["--run", "/r"], "a:1", True) == ["--run", "/r", "--address", "a:1"]  # complete partitions are skipped
+    assert JOBS["report"].driver_args(["--run", "/r"], None, True) == ["--run", "/r"]  # no Ray, written again

@@ -7,7 +7,7 @@ from cifarcam.faces import lazy_face
 __getattr__, __dir__, __all__ = lazy_face(
     __name__,
     {
-        "runner": ["actor_layout", "check_layers", "explain_run"],
+        "runner": ["actor_layout", "check_cam_job", "check_layers", "explain_run"],
         "settings": ["CLI", "CamSettings"],
     },
 )

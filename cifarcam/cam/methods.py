@@ -11,7 +11,7 @@ Methods that are not simple functions of (activations, gradients) run through py
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -125,6 +125,8 @@ class CamBatch:
     maps: dict[tuple[str, str, str], Tensor]  # (target kind, layer, method) -> (B, size, size) in [0, 1]
     grid: dict[tuple[str, str, str], Tensor]  # the same maps on the layer's own grid (B, h, w), in [0, 1]
     spread: dict[tuple[str, str, str], Tensor]  # (max - min) / largest magnitude, before scaling: 0 means constant
+    # methods with a fast path: the map on the layer's grid before the ReLU, signed and unscaled (the sanity check's)
+    raw: dict[tuple[str, str, str], Tensor] = field(default_factory=dict)
 
 
 class MultiLayerCam:
@@ -177,7 +179,7 @@ class MultiLayerCam:
         x_graph = x.detach().requires_grad_(True)  # the graph starts here; parameters stay out of it
         logits = self.model(x_graph)
         acts = [self.activations[name] for name in self.layers]
-        maps, grid, spread, grads = {}, {}, {}, []
+        maps, grid, spread, raw, grads = {}, {}, {}, {}, []
         kinds = list(targets)
         classes_of = {kind: targets[kind] if targets[kind] is not None else logits.argmax(1) for kind in kinds}
         for i, kind in enumerate(kinds):
@@ -186,7 +188,8 @@ class MultiLayerCam:
             for layer, a, g in zip(self.layers, acts, grads, strict=False):
                 a, g = self._nchw(a.detach()).float(), self._nchw(g).float()
                 for method in fast:
-                    cam = METHODS[method].fast(a, g).clamp(min=0)
+                    raw[(kind, layer, method)] = signed = METHODS[method].fast(a, g)
+                    cam = signed.clamp(min=0)
                     spread[(kind, layer, method)] = relative_spread(cam)
                     grid[(kind, layer, method)] = minmax(cam)
                     maps[(kind, layer, method)] = normalise_maps(cam, size)
@@ -206,7 +209,7 @@ class MultiLayerCam:
                     grid[(kind, layer, method)] = minmax(torch.from_numpy(layer_map[-1]).float().clamp(min=0).to(x.device))
                     spread[(kind, layer, method)] = relative_spread(heat)
         self.activations.clear()  # the hooks saw the fallback's forwards too
-        return CamBatch(logits, maps, grid, spread)
+        return CamBatch(logits, maps, grid, spread, raw)
 
 
 def relative_spread(cams: Tensor) -> Tensor:

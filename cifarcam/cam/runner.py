@@ -36,26 +36,46 @@ def check_layers(cfg: ExperimentConfig, settings: CamSettings) -> None:
             resolve_layers(ModelSpec(family, 10, cfg.train.stem, cfg.train.input_size), settings.layers, f"model {family}")
 
 
+def chosen_checkpoints(run_dir: Path, checkpoints: list[Path] | None) -> list[tuple[str, str]]:
+    """(family, checkpoint folder) of each model to explain: the ones given, else each family's
+    best in accuracy.parquet."""
+    import duckdb
+
+    from cifarcam.training import read_meta
+
+    if checkpoints:
+        return [(read_meta(c)["model"]["family"], str(c)) for c in checkpoints]
+    table = RunLayout(run_dir).accuracy
+    if not table.is_file():
+        raise UserError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
+    stored = duckdb.execute("select model, checkpoint from read_parquet(?) order by model", [str(table)]).fetchall()
+    if not stored:
+        raise UserError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
+    return [(name, str(RunLayout(run_dir).located(path))) for name, path in stored]
+
+
+def check_cam_job(run_dir: Path, settings: CamSettings, checkpoints: list[Path] | None) -> None:
+    """What a CAM job can check without its data or a cluster (a launcher runs it before queueing):
+    a run folder, the checkpoints it would explain and their weights, and each --layers name in
+    each of their models."""
+    from cifarcam.training import ModelSpec, check_weights, read_meta
+
+    if not RunLayout(run_dir).config.is_file():
+        raise UserError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    for family, folder in chosen_checkpoints(run_dir, checkpoints):
+        check_weights(folder)
+        if settings.layers is not None:
+            resolve_layers(ModelSpec(**read_meta(folder)["model"]), settings.layers, f"model {family}")
+
+
 def models_to_explain(run_dir: Path, checkpoints: list[Path] | None, num_classes: int) -> list[ModelToExplain]:
     """The checkpoints to explain (default: each family's best in accuracy.parquet), each checked
     against the run's dataset before any cluster time."""
-    import duckdb
-
     from cifarcam.cam.stage import ModelToExplain
     from cifarcam.training import check_weights, read_meta
 
-    if checkpoints:
-        chosen = [(read_meta(c)["model"]["family"], str(c)) for c in checkpoints]
-    else:
-        table = RunLayout(run_dir).accuracy
-        if not table.is_file():
-            raise UserError(f"--run {run_dir}: no accuracy.parquet; run jobs.search first or pass --checkpoint")
-        stored = duckdb.execute("select model, checkpoint from read_parquet(?) order by model", [str(table)]).fetchall()
-        chosen = [(name, str(RunLayout(run_dir).located(path))) for name, path in stored]
-        if not chosen:
-            raise UserError(f"--run {run_dir}: accuracy.parquet lists no model (the search produced no usable trial); nothing to explain")
     models = []
-    for name, folder in chosen:
+    for name, folder in chosen_checkpoints(run_dir, checkpoints):
         meta = read_meta(folder)
         if meta["model"]["num_classes"] != num_classes:
             raise ConfigError(f"--checkpoint {folder}: a {meta['model']['num_classes']}-class model, but the run's dataset has {num_classes} classes")

@@ -6,6 +6,11 @@ trained model's map of the same image and class (Spearman rank correlation per i
 whose maps barely change once everything above the explained layer is random is explaining the
 image (its edges, its colours), not what the model learned.
 
+Two comparisons of each pair of maps. The check's: the maps as the CAM stage stores them (ReLU'd,
+min-max scaled, upsampled to 32x32), whose 1,024 pixels a coarse layer interpolates from a few
+cells. And what Adebayo et al. compare: the map on the layer's own grid before the ReLU, signed and
+absolute (Spearman), with the SSIM of the absolute maps scaled to [0, 1] (``layer_map_similarity``).
+
 It runs on a small seeded sample (the first images of the faithfulness sample), for the methods
 with a fast path; methods that exist only in pytorch-grad-cam are skipped here (said in the table).
 """
@@ -23,12 +28,12 @@ import torch
 from torch import nn
 
 from cifarcam.cam.heatmap_metrics import constant_maps
-from cifarcam.cam.methods import MultiLayerCam, fast_methods
+from cifarcam.cam.methods import MultiLayerCam, fast_methods, relative_spread
 from cifarcam.rank_stats import spearman
 from cifarcam.run_layout import RunLayout
 
 # Changes whenever the cascade's steps do, so that files computed the old way are recomputed.
-CASCADE_VERSION = 4
+CASCADE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,53 @@ def reinitialise(module: nn.Module, generator: torch.Generator) -> None:
         module.reset_running_stats()
 
 
+# SSIM's stabilisers for maps in [0, 1] (Wang et al. 2004: K1 = 0.01, K2 = 0.03, data range 1)
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
+LAYER_METRICS = ("spearman_layer", "spearman_layer_abs", "ssim_layer")
+
+
+def _unit(maps: np.ndarray) -> np.ndarray:
+    """Each row scaled to [0, 1] (a constant row: zeros)."""
+    low, high = maps.min(1, keepdims=True), maps.max(1, keepdims=True)
+    return np.where(high > low, (maps - low) / np.where(high > low, high - low, 1), 0.0)
+
+
+def global_ssim(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per row of (N, P) arrays in [0, 1]: SSIM with one window over the whole row (1 for
+    identical rows). The usual 7x7 Gaussian window does not fit a 4x4 or 2x2 layer map."""
+    mx, my = x.mean(1), y.mean(1)
+    vx, vy = x.var(1), y.var(1)
+    cov = ((x - mx[:, None]) * (y - my[:, None])).mean(1)
+    return ((2 * mx * my + SSIM_C1) * (2 * cov + SSIM_C2)) / ((mx**2 + my**2 + SSIM_C1) * (vx + vy + SSIM_C2))
+
+
+def layer_map_similarity(before: np.ndarray, after: np.ndarray, after_constant: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image, what Adebayo et al. compare, on the layer's own grid (N, h, w) before the ReLU:
+    Spearman's rho of the signed maps and of their absolute values, and the SSIM of the absolute
+    maps scaled to [0, 1]. A randomised map that is constant (``after_constant``) has changed
+    completely: rho = 0, as in the check; its SSIM is computed as it is."""
+    b, a = before.reshape(len(before), -1), after.reshape(len(after), -1)
+    rho = {"spearman_layer": spearman(b, a), "spearman_layer_abs": spearman(np.abs(b), np.abs(a))}
+    return {name: np.where(after_constant, 0.0, value) for name, value in rho.items()} | {"ssim_layer": global_ssim(_unit(np.abs(b)), _unit(np.abs(a)))}
+
+
+def _mean_and_se(values: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean and standard error over the images where the value exists (a 1-cell map has no rho)."""
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return None, None
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
 def randomisation_rows(
     model: nn.Module, x: torch.Tensor, layers: list[str], methods: list[str], channels_last_output: bool, size: int, seed: int = 0, draws: int = 2
 ) -> list[dict]:
     """One row per (cascade step, layer, method): the mean and standard error over images of the
     rank correlation between the trained model's map and the randomised model's, for the class
-    the trained model predicts. The cascade is drawn ``draws`` times (seeds ``seed``,
-    ``seed`` + 1, ...): each image's correlation is its mean over the draws, so that one lucky
-    initialisation cannot decide a verdict. ``model`` is not modified (copies are randomised)."""
+    the trained model predicts, as stored (``spearman``) and on the layer's grid before the ReLU
+    (``LAYER_METRICS``). The cascade is drawn ``draws`` times (seeds ``seed``, ``seed`` + 1, ...):
+    each image's value is its mean over the draws, so that one lucky initialisation cannot decide a
+    verdict. ``model`` is not modified (copies are randomised)."""
     fast = fast_methods(methods)
     if not fast:
         return []
@@ -106,8 +150,7 @@ def randomisation_rows(
     grid_size = {key: grid.shape[-2:] for key, grid in trained.grid.items()}
     informative = {key: ~constant_maps(trained.spread[key], *grid_size[key]).cpu().numpy() for key in trained.spread}
     names: list[str] = []
-    per_draw: dict[tuple[int, str, str], list[np.ndarray]] = {}  # (step, layer, method) -> rho per image, per draw
-    constant: dict[tuple[int, str, str], list[np.ndarray]] = {}
+    per_draw: dict[tuple[int, str, str], dict[str, list[np.ndarray]]] = {}  # (step, layer, method) -> metric -> value per image, per draw
     for draw in range(draws):
         randomised = copy.deepcopy(model)
         generator = torch.Generator().manual_seed(seed + draw)
@@ -123,31 +166,38 @@ def randomisation_rows(
                     key = ("pred", layer, method)
                     before, after = trained.maps[key].flatten(1).cpu().numpy(), now.maps[key].flatten(1).cpu().numpy()
                     became_constant = constant_maps(now.spread[key], *grid_size[key]).cpu().numpy()
-                    per_draw.setdefault((step, layer, method), []).append(np.where(became_constant, 0.0, spearman(before, after)))
-                    constant.setdefault((step, layer, method), []).append(became_constant)
+                    raw_constant = constant_maps(relative_spread(now.raw[key]), *grid_size[key]).cpu().numpy()
+                    values = {
+                        "spearman": np.where(became_constant, 0.0, spearman(before, after)),
+                        "became_constant": became_constant,
+                        **layer_map_similarity(trained.raw[key].cpu().numpy(), now.raw[key].cpu().numpy(), raw_constant),
+                    }
+                    for metric, value in values.items():
+                        per_draw.setdefault((step, layer, method), {}).setdefault(metric, []).append(value)
     # The step after which every layer above a CAM layer is random: the head for the last one,
     # else the CAM layer just above it. That step's correlation is the check.
     check_step = {layer: names.index(layer) - 1 for layer in layers}
     rows = []
-    for (step, layer, method), rhos in per_draw.items():
+    for (step, layer, method), metrics in per_draw.items():
         kept = informative[("pred", layer, method)]
-        valid = np.mean(rhos, axis=0)[kept]
-        became = np.mean(constant[(step, layer, method)], axis=0)[kept]
-        rows.append(
-            {
-                "layer": layer,
-                "method": method,
-                "step": step,
-                "randomised_to": names[step],
-                "images": int(len(valid)),
-                "draws": draws,
-                "became_constant": float(became.mean()) if len(valid) else None,
-                "spearman": float(valid.mean()) if len(valid) else None,
-                "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
-                "above_random": step >= check_step[layer],  # every layer above this one is random
-                "check": step == check_step[layer],
-            }
-        )
+        over_draws = {metric: np.mean(np.stack(values).astype(float), axis=0)[kept] for metric, values in metrics.items()}
+        valid = over_draws["spearman"]
+        row = {
+            "layer": layer,
+            "method": method,
+            "step": step,
+            "randomised_to": names[step],
+            "images": int(len(valid)),
+            "draws": draws,
+            "became_constant": float(over_draws["became_constant"].mean()) if len(valid) else None,
+            "spearman": float(valid.mean()) if len(valid) else None,
+            "spearman_se": float(valid.std(ddof=1) / np.sqrt(len(valid))) if len(valid) > 1 else None,
+            "above_random": step >= check_step[layer],  # every layer above this one is random
+            "check": step == check_step[layer],
+        }
+        for metric in LAYER_METRICS:
+            row[metric], row[f"{metric}_se"] = _mean_and_se(over_draws[metric])
+        rows.append(row)
     return rows
 
 

@@ -245,7 +245,8 @@ def sanity_checks(con: Con) -> pd.DataFrame:
     """The step at which every layer above the explained one is random, per map."""
     return run_sql(
         con,
-        """select model, layer, method, randomised_to as random_above, images, draws, became_constant, spearman, spearman_se
+        """select model, layer, method, randomised_to as random_above, images, draws, became_constant, spearman, spearman_se,
+                  spearman_layer, spearman_layer_se, spearman_layer_abs, spearman_layer_abs_se, ssim_layer, ssim_layer_se
            from sanity where "check" order by model, layer, method""",
     )
 

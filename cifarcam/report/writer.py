@@ -103,6 +103,29 @@ def _pair(row: pd.Series) -> str:
     return f"{row.model} {row.a} and {row.b} ({row.of}), rho {row.rho:.2f}{se}"
 
 
+def _layer_resolution_text(frame: pd.DataFrame) -> str:
+    """The same check as Adebayo et al. compute it, beside the one on the stored maps, and where
+    the two disagree about the threshold."""
+    text = (
+        " The verdict reads the maps as the CAM stage stores them (ReLU'd, min-max scaled, upsampled to 32x32, where a 4x4 layer's"
+        " 1,024 pixels are interpolated from 16 cells). Beside it, what Adebayo et al. compare, on the layer's own grid before the"
+        " ReLU: spearman_layer (signed maps), spearman_layer_abs (their absolute values) and ssim_layer (SSIM of the absolute maps"
+        " scaled to [0, 1], one window over the grid, as a 7x7 window does not fit a 4x4 map; 1 = unchanged). A 1-cell grid has no"
+        " rank: empty there."
+    )
+    both = frame.dropna(subset=["spearman", "spearman_layer"])
+    differ = [
+        f"{r.model} {r.layer} {r.method} ({r.spearman:.2f} stored, {r.spearman_layer:.2f} on the grid)"
+        for r in both.itertuples(index=False)
+        if (r.spearman >= FAIL_SPEARMAN) != (r.spearman_layer >= FAIL_SPEARMAN)
+    ]
+    if differ:
+        text += f" The two readings fall on different sides of {FAIL_SPEARMAN} for: " + ", ".join(differ) + "."
+    elif len(both):
+        text += f" The two readings fall on the same side of {FAIL_SPEARMAN} for all {len(both)} maps with both."
+    return text
+
+
 def _two_class_text(frame: pd.DataFrame) -> str:
     """The reference beside the fixed threshold: how alike two maps are that ought to differ."""
     text = (
@@ -301,6 +324,7 @@ class RunReport(ReportRun):
             )
         flagged = [f"{r.model} {r.layer} {r.method} ({r.spearman:.2f})" for r in frame.itertuples(index=False) if r.verdict == "insensitive"]
         text += (" Flagged: " + ", ".join(flagged) + ".") if flagged else " No map is flagged."
+        text += _layer_resolution_text(frame)
         if "two_class_rho" in frame:
             text += _two_class_text(frame)
         unmeasured = [f"{r.model} {r.layer} {r.method}" for r in frame.itertuples(index=False) if r.verdict == "n/a"]
