@@ -32,7 +32,8 @@ class JobKind:
 
     def parser(self, prog: str) -> argparse.ArgumentParser:
         p = importlib.import_module(self.module).parser()
-        p.prog = prog
+        # No abbreviations: `--check ck` or `--addr` would slip past set_aside's path and cluster options.
+        p.prog, p.allow_abbrev = prog, False
         return p
 
     def driver_args(self, args: list[str], address: str | None, restarted: bool) -> list[str]:

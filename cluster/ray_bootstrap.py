@@ -288,7 +288,10 @@ class _Node:
     def _head_and_driver(self, job: JobToRun, restarted: bool) -> int:
         meeting, nodes = self.role.meeting, self.role.nodes
         ip = node_ip(self.options.interface, node_addr=self.role.node_addr, nodes=nodes)
-        gcs, dashboard, client = free_port(ip), free_port(ip), free_port(ip)
+        try:
+            gcs, dashboard, client = free_port(ip), free_port(ip), free_port(ip)
+        except OSError as err:  # a MASTER_ADDR (or NodeAddr) that names another host
+            raise ConfigError(f"{ip}: not an address of this node ({err.strerror or err}); start rank 0 where it points, or pass --interface") from None
         address = f"{ip}:{gcs}"
         log = meeting / "ray-head.log"
         head_options = [
@@ -309,6 +312,7 @@ class _Node:
             self._wait_for_nodes(api, head, log, need=nodes)
             return self._driver(job.name, JOBS[job.name].driver_args(job.args, address, restarted), f"{nodes} Ray node(s) up at {address}")
         finally:
+            (meeting / DONE_FILE).touch()  # the workers leave first, before their GCS goes
             stop_process_group(head)
 
     def _driver(self, name: str, args: list[str], where: str) -> int:
@@ -337,7 +341,9 @@ class _Node:
         meeting = self.role.meeting
         head_file, done = meeting / HEAD_FILE, meeting / DONE_FILE
         wait_until(lambda: head_file.exists() or done.exists(), self.options.join_timeout_s, f"Ray head address in {meeting}")
-        if not head_file.exists():
+        if done.exists():  # no Ray to join: the head failed before starting it, or it has come and gone
+            if head_file.exists():
+                return 0  # the job's outcome is rank 0's to report
             print(f"[cifarcam] the head ended before starting Ray (see rank 0's output); {done} says so", file=sys.stderr, flush=True)
             return 1
         address = json.loads(head_file.read_text())["address"]

@@ -7,8 +7,8 @@ The scheduler-neutral part is ``cluster/ray_bootstrap.py``; this is its second a
     RANK=1 WORLD_SIZE=2 python -m cluster.ray_on_env --meeting /shared/meet/run1 cam --run /shared/results/paper
     # torchrun (one process per node; its restarts are this adapter's attempts)
     torchrun --nnodes 2 --nproc-per-node 1 --node-rank $R --master-addr HEAD -m cluster.ray_on_env --meeting /shared/meet/$JOB pipeline --config ...
-    # Open MPI, MPICH, Intel MPI
-    mpirun -np 2 --map-by ppr:1:node python -m cluster.ray_on_env --meeting /shared/meet/$JOB search --config ...
+    # Open MPI, MPICH, Intel MPI (--bind-to none: mpirun would pin Ray, and every trial, to one core)
+    mpirun -np 2 --map-by ppr:1:node --bind-to none python -m cluster.ray_on_env --meeting /shared/meet/$JOB search --config ...
 
 What it reads, in order:
 - rank and node count: RANK / WORLD_SIZE (torchrun, or set by hand), else OMPI_COMM_WORLD_RANK /
@@ -21,7 +21,9 @@ What it reads, in order:
 The nodes meet in ``--meeting`` (a folder every node sees, one per launch, private to the user:
 the head's address and this launch's Ray token are there), under ``attempt-<n>``. Rank 0 checks
 the job's options before Ray starts, as ``cluster.slurm`` does before queueing, runs the driver and
-exits with its status; the others exit 0 once it ends.
+exits with its status; the others exit 0 once it ends. The launcher's own variables are then
+removed from the environment: Ray's workers, the DDP ranks, must not take torchrun's rank, world
+size and store for Ray Train's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import os
 import secrets
 import sys
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from cifarcam.errors import ConfigError, UserError
@@ -44,10 +47,10 @@ TOKEN_FILE = "ray-token"
 RANK_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
 
 
-def _count(text: str) -> int:
+def _count(text: str, least: int = 0) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text}")
     return value
 
 
@@ -55,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--meeting", type=Path, required=True, help="folder every node sees, one per launch: the nodes meet there")
     p.add_argument("--interface", default=None, metavar="NAME", help="network interface for Ray, Gloo and NCCL, e.g. ib0, or a list tried in order")
-    p.add_argument("--cpus-per-node", type=_count, default=None, help="CPUs Ray may use on each node (default: Ray's count)")
+    p.add_argument("--cpus-per-node", type=lambda text: _count(text, 1), default=None, help="CPUs Ray may use on each node (default: Ray's count)")
     p.add_argument("--gpus-per-node", type=_count, default=None, help="GPUs Ray may use on each node (default: Ray's count)")
     p.add_argument("--object-store-memory", type=int, default=None, metavar="BYTES", help="Ray object store per node (default: Ray's)")
     p.add_argument("--join-timeout", type=float, default=600.0, metavar="S", help="seconds to wait for every node to join (default: 600)")
@@ -64,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def rank_and_size(environ: os._Environ | dict[str, str] = os.environ) -> tuple[int, int]:
+def rank_and_size(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """This node's rank and the node count, from the first launcher's variables that are set."""
     for rank, size in RANK_VARIABLES:
         if rank in environ and size in environ:
@@ -83,7 +86,32 @@ def rank_and_size(environ: os._Environ | dict[str, str] = os.environ) -> tuple[i
     raise ConfigError(f"no rank and node count in the environment: set one of {names} (e.g. RANK=0 WORLD_SIZE=2 on the first of two nodes)")
 
 
-def node_role(meeting: Path, cpus: int | None, gpus: int | None, environ: os._Environ | dict[str, str] = os.environ) -> NodeRole:
+# What a launcher sets for its own processes, which Ray's workers (the DDP ranks) must not inherit:
+# torch.distributed's env:// rendezvous would take torchrun's rank, world size and agent store
+# (TORCHELASTIC_USE_AGENT_STORE) for Ray Train's, and wait for a store that nobody serves.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_", "PMI_")
+
+
+def without_launcher_variables(environ: MutableMapping[str, str]) -> None:
+    """Remove, once the node's role is read, every variable the launcher set for its own ranks."""
+    for name in [n for n in environ if n in LAUNCHER_VARIABLES or n.startswith(LAUNCHER_PREFIXES)]:
+        del environ[name]
+
+
+def node_role(meeting: Path, cpus: int | None, gpus: int | None, environ: Mapping[str, str] = os.environ) -> NodeRole:
     rank, nodes = rank_and_size(environ)
     attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     return NodeRole(
@@ -110,7 +138,9 @@ def start_head(role: NodeRole, name: str, job_argv: list[str]) -> tuple[JobToRun
         kind = JOBS[name]
         if not kind.uses_ray and role.nodes > 1:
             print(f"[cifarcam] {name} uses no Ray: it runs on rank 0 alone", flush=True)
-        (args,) = checked_runs(kind, job_argv, f"{PROG} [options] {name}", "cluster.ray_on_env")
+        # checked as the driver will run: a restarted search continues what the first attempt began
+        restarted_argv = kind.driver_args(job_argv, None, role.attempt > 0)
+        (args,) = checked_runs(kind, restarted_argv, f"{PROG} [options] {name}", "cluster.ray_on_env")
         token = role.meeting / TOKEN_FILE
         token.touch(mode=0o600)
         token.write_text(secrets.token_hex(32))
@@ -125,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     role = node_role(
         private_folder(opts.meeting, "--meeting", "the nodes read the head's address and the Ray token from there"), opts.cpus_per_node, opts.gpus_per_node
     )
+    without_launcher_variables(os.environ)
     role.meeting.mkdir(exist_ok=True)
     if role.rank == 0:
         job, token = start_head(role, opts.job, opts.job_args)

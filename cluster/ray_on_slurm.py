@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import submitit
 
@@ -58,6 +59,14 @@ class RayOnSlurm(submitit.helpers.Checkpointable):
     job: JobToRun
     options: RayNodeOptions
     resume: bool = False  # set by checkpoint() when submitit requeues on preemption or timeout
+
+    def __setstate__(self, state: dict) -> None:
+        """A job pickled by the version that ran only the pipeline (queued across an upgrade, then
+        requeued) had these fields instead."""
+        if "job" not in state:
+            options = RayNodeOptions(Path(state["token_path"]), state.get("object_store_bytes"), state.get("interface"), state.get("join_timeout_s", 600.0))
+            state = {"job": JobToRun("pipeline", state["pipeline_args"]), "options": options, "resume": state.get("resume", False)}
+        self.__dict__.update(state)
 
     def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
         # Requeued after preemption or timeout: the job continues from what the run folder holds.

@@ -226,7 +226,7 @@ def test_a_plain_launcher_s_ranks_start_one_ray_cluster_on_two_nodes_and_run_a_j
     assert (meeting / "attempt-0" / "ray-token").stat().st_mode & 0o077 == 0 and meeting.stat().st_mode & 0o077 == 0
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if any(f"cfr-{pid}-0-" in a for a in p.info["cmdline"] or [] for pid in (head.pid, worker.pid))]
     assert left == []
-    # a second launch into the same folder is refused before Ray starts, on every node
+    # a second launch into the same folder: rank 0 refuses it before Ray starts (its workers find the attempt ended)
     again = _on_node(1, {"RANK": "0", "WORLD_SIZE": "1"}, argv)
     _, again_err = _finish(again, timeout=120)
     assert again.returncode == 2 and again_err.strip().endswith("attempt 0 already ran there; give each launch its own folder (e.g. with its job id)")
@@ -399,6 +399,9 @@ def test_a_missing_pipeline_option_is_argparse_s_error_with_the_usage(tmp_path, 
     proc = _launcher(capsys, tmp_path, "cam", "--run", str(tmp_path), "--nodes", "2")
     assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m cluster.slurm [allocation options] cam"), proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "python -m cluster.slurm [allocation options] cam: error: unrecognized arguments: --nodes 2"
+    # no abbreviations: `--addr` would slip past the refusal of the cluster's own options
+    proc = _launcher(capsys, tmp_path, "cam", "--run", str(tmp_path), "--addr", "10.0.0.1:6379")
+    assert proc.stderr.strip().splitlines()[-1] == "python -m cluster.slurm [allocation options] cam: error: unrecognized arguments: --addr 10.0.0.1:6379"
     assert not (tmp_path / "logs").exists()
 
 
@@ -489,3 +492,60 @@ def test_a_restarted_attempt_continues_a_search_and_simply_reruns_the_other_jobs
     assert JOBS["pipeline"].driver_args(["--out", "/r"], "a:1", False) == ["--out", "/r", "--address", "a:1"]
     assert JOBS["cam"].driver_args(["--run", "/r"], "a:1", True) == ["--run", "/r", "--address", "a:1"]  # complete partitions are skipped
     assert JOBS["report"].driver_args(["--run", "/r"], None, True) == ["--run", "/r"]  # no Ray, written again
+
+
+def test_the_plain_adapter_leaves_ray_none_of_the_launcher_s_variables():
+    """torchrun's rank, world size and agent store, inherited by Ray's workers, would make each DDP
+    rank of a trial join a store nobody serves (TORCHELASTIC_USE_AGENT_STORE): they are removed."""
+    from cluster.ray_on_env import without_launcher_variables
+
+    environ = {
+        **{name: "1" for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")},
+        **{"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "1", "OMPI_COMM_WORLD_RANK": "0", "PMI_SIZE": "2"},
+        **{"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "0,1", "NCCL_SOCKET_IFNAME": "ib0", "RANKING": "kept"},
+    }
+    without_launcher_variables(environ)
+    assert environ == {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "0,1", "NCCL_SOCKET_IFNAME": "ib0", "RANKING": "kept"}
+
+
+def test_a_restarted_plain_launch_continues_the_search_it_began(tmp_path):
+    """torchrun's restart (attempt 1) of a search that began: rank 0's checks see the flag the
+    driver will get, instead of refusing the folder as a second search; a first attempt refuses it."""
+    from cifarcam.errors import UserError
+    from cluster.ray_bootstrap import DONE_FILE
+    from cluster.ray_on_env import node_role, start_head
+
+    config, out = write_config(tmp_path), tmp_path / "run"
+    (out / "tune" / "small").mkdir(parents=True)  # a search began there
+    argv = ["--config", str(config), "--out", str(out)]
+    for attempt in (0, 1):
+        (tmp_path / "meet" / f"attempt-{attempt}").mkdir(parents=True)
+    first = node_role(tmp_path / "meet", None, None, {"RANK": "0", "WORLD_SIZE": "1"})
+    with pytest.raises(UserError, match="already holds search 'small'; pass --resume"):
+        start_head(first, "search", argv)
+    assert (first.meeting / DONE_FILE).exists()  # the other ranks stop waiting
+    again = node_role(tmp_path / "meet", None, None, {"RANK": "0", "WORLD_SIZE": "1", "TORCHELASTIC_RESTART_COUNT": "1"})
+    job, token = start_head(again, "search", argv)
+    assert job.args == ["--resume-if-started", *argv] and token.stat().st_mode & 0o077 == 0
+
+
+def test_a_job_queued_by_the_pipeline_only_launcher_still_runs_when_requeued():
+    """A SLURM job pickled by the version before JOB (its fields: pipeline_args, token_path, ...),
+    requeued after an upgrade, unpickles as the pipeline it was."""
+    import pickle
+
+    from cluster.ray_bootstrap import JobToRun, RayNodeOptions
+    from cluster.ray_on_slurm import RayOnSlurm
+
+    old = RayOnSlurm(JobToRun("cam", []), RayNodeOptions(Path("/x")))
+    old.__dict__ = {
+        "pipeline_args": ["--config", "/c.yaml"],
+        "token_path": "/logs/tokens/t",
+        "object_store_bytes": None,
+        "join_timeout_s": 60.0,
+        "interface": "ib0",
+        "resume": True,
+    }
+    new = pickle.loads(pickle.dumps(old))
+    assert new.job == JobToRun("pipeline", ["--config", "/c.yaml"]) and new.resume
+    assert new.options == RayNodeOptions(Path("/logs/tokens/t"), None, "ib0", 60.0)

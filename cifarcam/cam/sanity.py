@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,7 +181,9 @@ def randomisation_rows(
     rows = []
     for (step, layer, method), metrics in per_draw.items():
         kept = informative[("pred", layer, method)]
-        over_draws = {metric: np.mean(np.stack(values).astype(float), axis=0)[kept] for metric, values in metrics.items()}
+        with warnings.catch_warnings():  # an image without a value in any draw (a 1-cell grid) stays NaN: left out below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            over_draws = {metric: np.nanmean(np.stack(values).astype(float), axis=0)[kept] for metric, values in metrics.items()}
         valid = over_draws["spearman"]
         row = {
             "layer": layer,
