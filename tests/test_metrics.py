@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, deletion_insertion, edge_map, sample
+from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, curve_ends, deletion_insertion, edge_map, sample
 from cifarcam.cam.heatmap_metrics import constant_maps, localisation
 from cifarcam.cam.methods import relative_spread
 
@@ -153,6 +153,39 @@ def test_chunked_forward_passes_give_the_same_curves(monkeypatch):
     x, maps = torch.randn(5, 3, 32, 32), torch.rand(5, 8, 8)
     classes, fill = torch.tensor([0, 1, 2, 0, 1]), blurred(torch.randn(5, 3, 32, 32), 2.0)
     whole = deletion_insertion(model, x, maps, classes, 16, fill)
-    monkeypatch.setattr(faithfulness, "FORWARD_CHUNK", 7)  # 85 inputs per curve: 13 chunks
+    monkeypatch.setattr(faithfulness, "FORWARD_CHUNK", 7)  # 75 inputs per curve: 11 chunks
     chunked = deletion_insertion(model, x, maps, classes, 16, fill)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked, strict=False))
+
+
+class _Counting(torch.nn.Module):
+    """A small CNN that counts the images it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        self.images = 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.net(x)
+
+
+def test_every_map_of_an_image_shares_the_curves_ends():
+    """Deletion starts at the image and ends at its fill, insertion the reverse, for every map:
+    those two forwards run once per image (curve_ends), not twice per map, and the curves are the
+    same either way. 16 steps: 2 x 15 inputs per image and map instead of 2 x 17."""
+    torch.manual_seed(0)
+    model = _Counting().eval()
+    x, classes = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1])
+    fill, maps = blurred(x, 2.0), [torch.rand(5, 8, 8) for _ in range(3)]
+    alone = [deletion_insertion(model, x, m, classes, 16, fill) for m in maps]
+    assert model.images == 3 * 5 * (2 * 15 + 2)
+    model.images = 0
+    ends = curve_ends(model, x, classes, fill)
+    shared = [deletion_insertion(model, x, m, classes, 16, fill, ends=ends) for m in maps]
+    assert model.images == 5 * 2 + 3 * 5 * 2 * 15
+    assert all(torch.allclose(a, b, atol=1e-6) for pair in zip(alone, shared, strict=True) for a, b in zip(*pair, strict=True))
+    with torch.no_grad():
+        probs = model.net(torch.cat([x, fill])).softmax(1)
+    assert torch.allclose(ends, torch.stack([probs[:5].gather(1, classes[:, None])[:, 0], probs[5:].gather(1, classes[:, None])[:, 0]], 1), atol=1e-6)

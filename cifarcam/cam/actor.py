@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from cifarcam import results
-from cifarcam.cam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, deletion_insertion, seeded_noise
+from cifarcam.cam.faithfulness import FaithfulnessSettings, baseline_maps, blurred, curve_ends, deletion_insertion, seeded_noise
 from cifarcam.cam.faithfulness import sample as faithfulness_sample
 from cifarcam.cam.heatmap_metrics import constant_maps, heatmap_stats, localisation
 from cifarcam.cam.methods import MultiLayerCam, normalise_maps
@@ -143,11 +143,12 @@ class CamActor:
         # and the seed): the same whichever actor, batch or job computes them.
         random_map = seeded_noise(chosen, f.seed, SIDE).to(x.device)
         tie_break = seeded_noise(chosen, f.seed + 1, SIDE).to(x.device)
+        ends = curve_ends(self.model, xs, cs, fill)  # every map's curves of these images start and end there
 
         def scores(heat: torch.Tensor) -> torch.Tensor:
             full = torch.full((2, n), float("nan"), device=x.device)
             if len(rows):
-                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill, tie_break))
+                full[:, rows] = torch.stack(deletion_insertion(self.model, xs, heat, cs, f.steps, fill, tie_break, ends))
             return full
 
         baselines = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -111,35 +112,59 @@ def _auc(curve: Tensor) -> Tensor:
     return ((curve[:, 1:] + curve[:, :-1]) / 2).mean(1)
 
 
+def _class_probs(model: nn.Module, image: Tensor, classes: Tensor, build: Callable[[Tensor], Tensor]) -> Tensor:
+    """The softmax probability of its image's class for each input row (``image``: the row's
+    image), the inputs built chunk by chunk (``build`` of the chunk's row numbers), so that
+    memory stays at one chunk whatever the sample size or input resolution."""
+    probs = []
+    for rows in torch.arange(len(image), device=image.device).split(FORWARD_CHUNK):
+        probs.append(model(build(rows)).float().softmax(1).gather(1, classes[image[rows], None])[:, 0])
+    return torch.cat(probs) if probs else torch.empty(0, device=image.device)
+
+
+@torch.no_grad()
+def curve_ends(model: nn.Module, x: Tensor, classes: Tensor, fill: Tensor) -> Tensor:
+    """(N, 2): the class's probability on each image and on its fill. They are the two ends of
+    both curves of every map of these images (deletion runs from the image to the fill, insertion
+    back), so they are computed once per image, not twice per map."""
+    n = len(x)
+    image = torch.arange(n, device=x.device).repeat(2)
+    both = _class_probs(model, image, classes, lambda rows: torch.where((rows < n)[:, None, None, None], x[image[rows]], fill[image[rows]]))
+    return both.view(2, n).T
+
+
 @torch.no_grad()
 def deletion_insertion(
-    model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, fill: Tensor, tie_break: Tensor | None = None
+    model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, fill: Tensor, tie_break: Tensor | None = None, ends: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(deletion AUC, insertion AUC), each (N,), for maps (N, h, w) of inputs ``x`` (N, C, H, W).
 
     ``fill``: what removed pixels become (N, C, H, W), e.g. ``blurred(x, sigma)``. Deletion
     starts at ``x`` and ends at ``fill``; insertion starts at ``fill`` and ends at ``x``.
-    ``tie_break``: (N, h, w) noise that orders equal map values (see ``_ranks``)."""
+    ``tie_break``: (N, h, w) noise that orders equal map values (see ``_ranks``). ``ends``: these
+    images' ``curve_ends``, shared by every map of them (computed here when not given): only the
+    steps in between, 2 x (steps - 1) inputs per image, run here."""
     n, c, hh, ww = x.shape
 
     def resized(t: Tensor) -> Tensor:
         return t if t.shape[-2:] == (hh, ww) else F.interpolate(t[:, None].float(), size=(hh, ww), mode="bilinear", align_corners=False)[:, 0]
 
+    if ends is None:
+        ends = curve_ends(model, x, classes, fill)
     maps = resized(maps)
     tie_break = resized(tie_break) if tie_break is not None else None
-    thresholds = torch.arange(steps + 1, device=x.device) * (hh * ww) // steps  # no host-to-device copy
-    # removed[i * (steps+1) + k, 0, p]: pixel p of image i is among the first k/steps most salient
-    removed = (_ranks(maps, tie_break)[:, None, :] < thresholds[None, :, None]).view(n * (steps + 1), 1, hh, ww)
-    image = torch.arange(n, device=x.device).repeat_interleave(steps + 1)
+    inner = steps - 1  # the steps between the ends
+    thresholds = torch.arange(1, steps, device=x.device) * (hh * ww) // steps  # no host-to-device copy
+    # removed[i * inner + k - 1, 0, p]: pixel p of image i is among the first k/steps most salient
+    removed = (_ranks(maps, tie_break)[:, None, :] < thresholds[None, :, None]).view(n * inner, 1, hh, ww)
+    image = torch.arange(n, device=x.device).repeat_interleave(inner)
+    start, end = ends[:, :1], ends[:, 1:]  # the image, the fill
     curves = []
-    for first, second in ((fill, x), (x, fill)):  # deletion: removed pixels become the fill; insertion: the reverse
-        probs = []
-        # Each chunk of (image, step) inputs is built just before its forward pass, so memory
-        # stays at one chunk whatever the sample size or input resolution.
-        for rows in torch.arange(n * (steps + 1), device=x.device).split(FORWARD_CHUNK):
-            batch = torch.where(removed[rows], first[image[rows]], second[image[rows]])
-            probs.append(model(batch).float().softmax(1).gather(1, classes[image[rows], None])[:, 0])
-        curves.append(torch.cat(probs).view(n, steps + 1))
+    for first, second, ends_of_curve in ((fill, x, (start, end)), (x, fill, (end, start))):  # deletion: removed pixels become the fill; insertion: the reverse
+        between = _class_probs(
+            model, image, classes, lambda rows, first=first, second=second: torch.where(removed[rows], first[image[rows]], second[image[rows]])
+        )
+        curves.append(torch.cat([ends_of_curve[0], between.view(n, inner), ends_of_curve[1]], dim=1))
     return _auc(curves[0]), _auc(curves[1])
 
 
