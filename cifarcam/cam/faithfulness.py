@@ -19,7 +19,10 @@ the model (results.BASELINES): a random map, a fixed Gaussian on the image centr
 edge map (Sobel magnitude), and per layer noise drawn on the layer's own grid and upsampled as its
 maps are. A method earns trust only by beating each of them (cifarcam.report.verdicts).
 
-Every step of every map of a batch runs in batched forward passes of FORWARD_CHUNK images.
+Every step of every map of a batch runs in batched forward passes of FORWARD_CHUNK images. The
+curves' ends are the same for every map of an image (deletion starts at the image and ends at its
+fill, insertion the reverse): they run once per image (``curve_ends``), the steps in between once
+per map, 2 x (steps - 1) forwards.
 """
 
 from __future__ import annotations
