@@ -266,6 +266,22 @@ def test_resume_if_started_starts_a_search_that_never_began_and_continues_one_th
         check_resumable(cfg, out, resume=False)
 
 
+def test_a_resume_may_change_the_start_timeout_and_nothing_else(tmp_path):
+    """A search stopped because its workers could not be placed in time may be resumed with a longer
+    scaling.start_timeout_s (its message says so); any other change is another search."""
+    from cifarcam.config import dump_config, load_config
+    from cifarcam.errors import ConfigError
+    from cifarcam.search import check_resumable
+
+    out = tmp_path / "run"
+    (out / "tune" / "x").mkdir(parents=True)
+    (out / "config.yaml").write_text(dump_config(load_config(_config(tmp_path, "name: x\n" + OK_DATA + "scaling: {start_timeout_s: 10}\n"))))
+    check_resumable(load_config(_config(tmp_path, "name: x\n" + OK_DATA + "scaling: {start_timeout_s: 900}\n")), out, resume=True)
+    changed = load_config(_config(tmp_path, "name: x\n" + OK_DATA + "scaling: {start_timeout_s: 10, workers_per_trial: 2}\n"))
+    with pytest.raises(ConfigError, match=r"the config differs from the run's config.yaml; .*only scaling.start_timeout_s may change"):
+        check_resumable(changed, out, resume=True)
+
+
 def test_more_gpus_than_this_machine_has_fail_before_ray(tmp_path, existing_run, capsys):
     import torch
 

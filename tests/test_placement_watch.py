@@ -77,7 +77,8 @@ def test_the_line_names_the_trial_what_it_waits_for_and_what_the_cluster_holds()
     assert line == (
         "search: trial a_00002 (resnet_tiny) could not place its 2 workers (1 CPU each) within scaling.start_timeout_s = 20 s; "
         "the cluster has 2 CPU, 1 CPU free, 1 CPU reserved by 1 placement group; the search stopped and kept its finished "
-        "trials and checkpoints: free those resources (`ray status` shows who holds them), then run again with --resume"
+        "trials and checkpoints: free those resources (`ray status` shows who holds them), then run again with --resume "
+        "(with a longer scaling.start_timeout_s if placement is merely slow here)"
     )
     w.on_trial_result(0, [], SimpleNamespace(trial_id="a_00002"), {})  # a trial that trains waits for nothing
     assert "a trial (restarting its workers)" in w.message(table, {}, {})

@@ -147,14 +147,26 @@ def _search_driver(head_pid: int) -> int:
 def search_run(ray_head, tmp_path_factory):
     """Half the head's CPUs are held by a placement group that nothing uses, so a trial of 2
     workers cannot be placed: Ray Train alone retries forever, silently (issue 19). The search must
-    end within scaling.start_timeout_s with one line. Once the CPUs are free, --resume (with
+    end within scaling.start_timeout_s (10 s) with one line. Once the CPUs are free, --resume (with
+    a timeout of 30 s, the one setting a resume may change; with
     --mlflow: a real local tracking store, read back below) meets the faults of the module's
     docstring, and a second --resume runs it to the end."""
     address, env, head, state = ray_head
     folder = tmp_path_factory.mktemp("search")
     out = folder / "run"
-    job = ["jobs.search", "--config", str(write_config(folder, "small", FAULTY_SEARCH)), "--out", str(out)]
-    resume = [*job, "--resume", "--mlflow", f"sqlite:///{folder}/mlflow.db"]
+    # The stall is judged at 10 s; the resumes, on a cluster that Ray Train's worker restarts keep
+    # busy, wait up to 30 s (the one setting a resume may change)
+    stalling = folder / "stalling"
+    stalling.mkdir()
+    job = [
+        "jobs.search",
+        "--config",
+        str(write_config(stalling, "small", FAULTY_SEARCH.replace("start_timeout_s: 30", "start_timeout_s: 10"))),
+        "--out",
+        str(out),
+    ]
+    resume = ["jobs.search", "--config", str(write_config(folder, "small", FAULTY_SEARCH)), "--out", str(out), "--resume"]
+    resume += ["--mlflow", f"sqlite:///{folder}/mlflow.db"]
     _leftover(env, "hold")
     try:
         stalled = subprocess.run(_submit_command(address, *job), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -216,8 +228,9 @@ def test_a_search_that_cannot_place_a_trial_ends_in_one_line(search_run):
     errors = sorted({line for line in stalled.stdout.splitlines() if line.startswith("error: ")})
     assert len(errors) == 1, stalled.stdout[-4000:]
     assert re.fullmatch(
-        r"error: search: trial \w+ \(resnet_tiny\) could not place its 2 workers \(1 CPU each\) within scaling.start_timeout_s = 30 s; "
-        r"the cluster has 2 CPU, 1 CPU free, 1 CPU reserved by 1 placement group; the search stopped .* then run again with --resume",
+        r"error: search: trial \w+ \(resnet_tiny\) could not place its 2 workers \(1 CPU each\) within scaling.start_timeout_s = 10 s; "
+        r"the cluster has 2 CPU, 1 CPU free, 1 CPU reserved by 1 placement group; the search stopped .* then run again with --resume "
+        r"\(with a longer scaling.start_timeout_s if placement is merely slow here\)",
         errors[0],
     ), errors[0]
 

@@ -193,7 +193,8 @@ class PlacementWatch(Callback):
             f"search: {who} could not place its {self.workers} worker{'s' if self.workers != 1 else ''} ({per_worker} each) "
             f"within scaling.start_timeout_s = {self.timeout_s:g} s; {cluster_summary(table, total, free)}; "
             "the search stopped and kept its finished trials and checkpoints: free those resources "
-            "(`ray status` shows who holds them), then run again with --resume"
+            "(`ray status` shows who holds them), then run again with --resume "
+            "(with a longer scaling.start_timeout_s if placement is merely slow here)"
         )
 
     def stop_search(self) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cifarcam.config import ExperimentConfig, SearchConfig, dump_config
+from cifarcam.config import ExperimentConfig, SearchConfig, dump_config, load_config
 from cifarcam.errors import ConfigError, UserError
 from cifarcam.run_layout import RunLayout
 
@@ -197,5 +197,19 @@ def check_resumable(cfg: ExperimentConfig, out_dir: Path, resume: bool, must_exi
         return
     if not resume:
         raise UserError(f"--out {out_dir}: already holds search {cfg.name!r}; pass --resume to continue it, or choose another --out")
-    if saved.is_file() and saved.read_text() != dump_config(cfg):
-        raise ConfigError(f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config")
+    if saved.is_file() and saved.read_text() != dump_config(_with_saved_start_timeout(cfg, saved)):
+        raise ConfigError(
+            f"--resume {out_dir}: the config differs from the run's config.yaml; resume with the same config (only scaling.start_timeout_s may change)"
+        )
+
+
+def _with_saved_start_timeout(cfg: ExperimentConfig, saved: Path) -> ExperimentConfig:
+    """``cfg`` with the saved run's ``scaling.start_timeout_s``: the one setting a resume may change.
+    A search stopped because its workers could not be placed in time is resumed by a user who may
+    know that placement is slow here (an autoscaler adding nodes), and Tune's restored trials take
+    the new value; every other setting defines the search being continued."""
+    try:
+        timeout = load_config(saved).scaling.start_timeout_s
+    except UserError:
+        return cfg  # the saved text differs anyway: the caller's comparison says so
+    return replace(cfg, scaling=replace(cfg.scaling, start_timeout_s=timeout))
