@@ -4,7 +4,7 @@ as the test set grows.
 The real stage (`cifarcam.cam.stage.plan` + `explain`, Ray Data actors sized as `jobs.cam` sizes
 them) on the first 1,000 and on all 10,000 real CIFAR-10 test images, for each family given, at
 every default CAM layer with the default settings (Grad-CAM, both targets, faithfulness on its
-seeded 128-image sample with 16 steps) and again with faithfulness off (``faithfulness_steps``
+seeded 128-image sample, default steps) and again with faithfulness off (``faithfulness_steps``
 0). Weights are random (speed does not depend on them). The sanity check is not part of the
 stage and is not timed here.
 

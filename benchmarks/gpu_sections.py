@@ -190,7 +190,7 @@ def cam(ctx: Context) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(save_checkpoint(Path(tmp), model, spec, {}))
         layers = resolve_layers(spec, ("layer3",), spec.family)
-        for steps in (0, 16):  # off, and the default (16 steps on the default 128-image sample)
+        for steps in (0, CamSettings.faithfulness_steps):  # off, and the default steps on the default 128-image sample
             settings = CamSettings(methods=("gradcam",), layers=("layer3",), targets=("pred",), batch_size=sizes.cam_batch, faithfulness_steps=steps)
             table = images_table(test, faithfulness=settings.faithfulness)
             actor = CamActor(ckpt, "check", settings, layers)

@@ -125,6 +125,8 @@ CAMS_MEANING = 3
 # coarse_random: noise drawn on the explained layer's own grid and upsampled as its maps are, the
 # control that separates "coarse" from "meaningful" (pixel noise cannot); per layer, the others per image.
 BASELINES = ("random", "centre", "edge", "coarse_random")
+# Where the faithfulness curves' steps fall: k / steps, or (k / steps)^2 of the pixels (cam.faithfulness.step_pixels).
+SPACINGS = ("uniform", "quadratic")
 CAM_FAITHFULNESS = tuple(f"{curve}_auc{suffix}" for suffix in ("", *(f"_{b}" for b in BASELINES)) for curve in ("deletion", "insertion"))
 _FAITHFULNESS_COLUMNS = [(name, pa.float64()) for name in CAM_FAITHFULNESS]
 CAMS = pa.schema(

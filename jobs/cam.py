@@ -24,7 +24,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 # The argparse type of each annotation (its text: cam_settings postpones annotations).
-_TYPES = {"tuple[str, ...]": _csv, "tuple[str, ...] | None": _csv, "int": int, "int | None": int, "float": float}
+_TYPES = {"tuple[str, ...]": _csv, "tuple[str, ...] | None": _csv, "int": int, "int | None": int, "float": float, "str": str}
 
 
 def _dest(flag: str) -> str:

@@ -167,6 +167,26 @@ def test_a_batch_without_a_sampled_image_has_null_aucs_and_the_same_schema(check
     assert with_sample["deletion_auc_random"].null_count < with_sample.num_rows
 
 
+def test_the_sample_comes_first_and_every_row_keeps_its_image(test_set):
+    """The faithfulness sample's rows come first, so that they fill whole batches (its curves then
+    run in a few large forward passes, not one or two images' worth per batch); every row keeps its
+    image_index, label and image, and the others keep their order."""
+    from cifarcam.cam.faithfulness import sample
+
+    settings = CamSettings(faithfulness_images=5)
+    table = images_table(test_set, faithfulness=settings.faithfulness)
+    flags = table["faithfulness"].to_numpy(zero_copy_only=False)
+    assert flags[:5].all() and not flags[5:].any()
+    index = table["image_index"].to_numpy()
+    assert sorted(index) == list(test_set.index) and list(index[5:]) == sorted(index[5:])
+    assert set(index[:5]) == set(test_set.index[sample(len(test_set), settings.faithfulness)])
+    position = {i: k for k, i in enumerate(test_set.index)}
+    rows = [position[i] for i in index]
+    images = table["image"].combine_chunks().flatten().to_numpy().reshape(len(index), 32, 32, 3)
+    assert (images == test_set.images[rows]).all() and (table["label"].to_numpy() == test_set.labels[rows]).all()
+    assert images_table(test_set)["image_index"].to_pylist() == list(test_set.index)  # no sample: the test set's order
+
+
 def test_a_constant_map_has_no_statistics(tmp_path, test_set):
     """The final layer of the paper's ImageNet stem at 32 px is 1x1: its map is constant. Its peak,
     entropy, concentration and object overlap are null, not "all mass on pixel (0, 0)"; its

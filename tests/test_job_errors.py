@@ -338,6 +338,7 @@ def test_an_unreachable_mlflow_store_fails_before_ray(tmp_path, capsys):
         (["--layers", "layer3,lyer4"], "error: --layers: model resnet_tiny has no layer 'lyer4'; did you mean 'layer4'?"),
         (["--targets", "both"], "error: --targets: unknown target 'both'; expected pred, label, or both as pred,label"),
         (["--cam-batch-size", "0"], "error: --cam-batch-size: must be > 0, got 0"),
+        (["--faithfulness-spacing", "log"], "error: --faithfulness-spacing: expected uniform or quadratic, got 'log'"),
         (["--actors", "2", "--num-cpus", "2"], "error: --actors 2: at most 1 CPU actors fit this 2-CPU cluster (one CPU is left for writing)"),
     ],
 )

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, curve_ends, deletion_insertion, edge_map, sample
+from cifarcam.cam.faithfulness import FaithfulnessSettings, blurred, centre_prior, curve_ends, deletion_insertion, edge_map, sample, step_pixels
 from cifarcam.cam.heatmap_metrics import constant_maps, localisation
 from cifarcam.cam.methods import relative_spread
 
@@ -105,6 +105,29 @@ def test_the_deletion_auc_of_the_right_map_is_known():
     assert deletion.tolist() == pytest.approx([expected] * 2, abs=1e-6)
     s10 = torch.sigmoid(torch.tensor(10.0)).item()  # insertion: 0.5 from the fill, then sigmoid(10) once the block is back
     assert insertion.tolist() == pytest.approx([((0.5 + s10) / 2 + 15 * s10) / 16] * 2, abs=1e-6)
+
+
+def test_quadratic_steps_fall_where_the_curves_move_and_weigh_by_their_widths():
+    """8 quadratic steps of 1,024 pixels remove 16, 64, 144, ... of them: the 8x8 block the model
+    reads is gone by the second step, so the deletion curve is sigmoid(10), sigmoid(7.5), then 0.5
+    (insertion: 0.5, sigmoid(2.5), then sigmoid(10)), and each trapezoid weighs by its width."""
+    counts = [0, 16, 64, 144, 256, 400, 576, 784, 1024]
+    assert step_pixels(8, "quadratic", 1024).tolist() == counts
+    assert step_pixels(16, "uniform", 1024).tolist() == [64 * k for k in range(17)]
+    x, fill = torch.ones(1, 3, 32, 32), torch.zeros(1, 3, 32, 32)
+    right = torch.zeros(1, 32, 32)
+    right[:, :8, :8] = 1
+    deletion, insertion = deletion_insertion(_LooksAtTopLeft(), x, right, torch.zeros(1, dtype=torch.long), 8, fill, spacing="quadratic")
+
+    def s(v: float) -> float:
+        return torch.sigmoid(torch.tensor(v)).item()
+
+    def trapezoid(curve: list[float]) -> float:
+        return sum((a + b) / 2 * (q - p) / 1024 for a, b, p, q in zip(curve, curve[1:], counts, counts[1:]))
+
+    assert deletion.item() == pytest.approx(trapezoid([s(10), s(7.5)] + [0.5] * 7), abs=1e-6)
+    assert insertion.item() == pytest.approx(trapezoid([0.5, s(2.5)] + [s(10)] * 7), abs=1e-6)
+    assert deletion.item() < 0.5 + 0.02  # the block is gone after 6 % of the pixels: nearly the floor
 
 
 def test_the_tie_break_orders_equal_values_and_nothing_else():

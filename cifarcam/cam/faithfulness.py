@@ -10,7 +10,7 @@ Removed pixels take the value of a Gaussian-blurred copy of the image, not the d
 mean-filled square is far out of distribution, and on real CIFAR-10 it rated Grad-CAM below a
 random map. ROAD's noisy linear imputation (pytorch-grad-cam ``metrics.road``) stays closer to the
 data still, but it solves a sparse system per image and step on the host (7 ms each, measured on
-this CPU): 128 images x 16 steps x 2 curves x 9 maps is 4.3 minutes per model, against one
+this CPU): 128 images x 16 steps x 2 curves x 9 maps was 4.3 minutes per model, against one
 batched forward per curve step for the blur, on the device.
 
 A trivial map can score well on these curves (blurry maps are rewarded, arXiv 2304.13836, and an
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from cifarcam.results import BASELINES
+from cifarcam.results import BASELINES, SPACINGS
 
 Tensor = torch.Tensor
 
@@ -51,6 +51,7 @@ class FaithfulnessSettings:
 
     steps: int  # fractions of pixels removed / revealed; 0 turns faithfulness off (default: CamSettings')
     images: int  # a seeded sample of the test set (the predicted class only)
+    spacing: str = "quadratic"  # where the steps fall on [0, 1] (step_fractions)
     seed: int = 0
     blur_sigma: float = 2.0  # in 32-px image pixels (scaled with input_size): removed pixels take the blurred image's values
     centre_sigma: float = 0.25  # of the image side, for the centre-prior baseline
@@ -111,8 +112,23 @@ def _ranks(maps: Tensor, tie_break: Tensor | None) -> Tensor:
     return rank
 
 
-def _auc(curve: Tensor) -> Tensor:
-    return ((curve[:, 1:] + curve[:, :-1]) / 2).mean(1)
+def step_pixels(steps: int, spacing: str, pixels: int, device: torch.device | str = "cpu") -> Tensor:
+    """How many of ``pixels`` are removed (deletion) or revealed (insertion) at each of the
+    ``steps`` + 1 points of a curve, from 0 to all. ``uniform``: k / steps of them. ``quadratic``:
+    (k / steps)^2, dense where both curves move fastest, in their first, most salient pixels, and
+    sparse over their flat tails: at 12 steps the first step is 7 of 1,024 CIFAR pixels, the last
+    164. Measured against 64 uniform steps (README, "Faithfulness: where the steps fall"), every
+    margin of 12 quadratic steps comes closer than those of 16 uniform ones, with 11 forward passes
+    per curve instead of 15."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing {spacing!r}: expected one of {SPACINGS}")
+    power = SPACINGS.index(spacing) + 1
+    return torch.arange(steps + 1, device=device) ** power * pixels // steps**power  # built on the device: no host-to-device copy
+
+
+def _auc(curve: Tensor, fractions: Tensor) -> Tensor:
+    """The trapezoid rule over the curve's points at ``fractions`` (0 to 1) of the pixels."""
+    return ((curve[:, 1:] + curve[:, :-1]) / 2 * fractions.diff()).sum(1)
 
 
 def _class_probs(model: nn.Module, image: Tensor, classes: Tensor, build: Callable[[Tensor], Tensor]) -> Tensor:
@@ -138,7 +154,15 @@ def curve_ends(model: nn.Module, x: Tensor, classes: Tensor, fill: Tensor) -> Te
 
 @torch.no_grad()
 def deletion_insertion(
-    model: nn.Module, x: Tensor, maps: Tensor, classes: Tensor, steps: int, fill: Tensor, tie_break: Tensor | None = None, ends: Tensor | None = None
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    classes: Tensor,
+    steps: int,
+    fill: Tensor,
+    tie_break: Tensor | None = None,
+    ends: Tensor | None = None,
+    spacing: str = "uniform",
 ) -> tuple[Tensor, Tensor]:
     """(deletion AUC, insertion AUC), each (N,), for maps (N, h, w) of inputs ``x`` (N, C, H, W).
 
@@ -146,7 +170,8 @@ def deletion_insertion(
     starts at ``x`` and ends at ``fill``; insertion starts at ``fill`` and ends at ``x``.
     ``tie_break``: (N, h, w) noise that orders equal map values (see ``_ranks``). ``ends``: these
     images' ``curve_ends``, shared by every map of them (computed here when not given): only the
-    steps in between, 2 x (steps - 1) inputs per image, run here."""
+    steps in between, 2 x (steps - 1) inputs per image, run here. ``spacing``: where the steps
+    fall (``step_pixels``)."""
     n, c, hh, ww = x.shape
 
     def resized(t: Tensor) -> Tensor:
@@ -157,8 +182,9 @@ def deletion_insertion(
     maps = resized(maps)
     tie_break = resized(tie_break) if tie_break is not None else None
     inner = steps - 1  # the steps between the ends
-    thresholds = torch.arange(1, steps, device=x.device) * (hh * ww) // steps  # no host-to-device copy
-    # removed[i * inner + k - 1, 0, p]: pixel p of image i is among the first k/steps most salient
+    counts = step_pixels(steps, spacing, hh * ww, x.device)
+    thresholds = counts[1:-1]
+    # removed[i * inner + k - 1, 0, p]: pixel p of image i is among its map's first counts[k] most salient
     removed = (_ranks(maps, tie_break)[:, None, :] < thresholds[None, :, None]).view(n * inner, 1, hh, ww)
     image = torch.arange(n, device=x.device).repeat_interleave(inner)
     start, end = ends[:, :1], ends[:, 1:]  # the image, the fill
@@ -168,7 +194,8 @@ def deletion_insertion(
             model, image, classes, lambda rows, first=first, second=second: torch.where(removed[rows], first[image[rows]], second[image[rows]])
         )
         curves.append(torch.cat([ends_of_curve[0], between.view(n, inner), ends_of_curve[1]], dim=1))
-    return _auc(curves[0]), _auc(curves[1])
+    fractions = counts.float() / (hh * ww)
+    return _auc(curves[0], fractions), _auc(curves[1], fractions)
 
 
 def centre_prior(n: int, size: int, sigma: float, device: torch.device) -> Tensor:
