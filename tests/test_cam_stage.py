@@ -106,6 +106,43 @@ def test_changed_settings_refuse_to_mix_with_existing_partitions(tmp_path, test_
         check_settings(tmp_path, recorded_settings(CamSettings(targets=("pred",)), test_set))
 
 
+def test_partitions_from_before_the_spacing_count_as_uniform_steps(tmp_path, test_set):
+    """A marker written before faithfulness had a spacing (16 uniform steps, the default then) is
+    reused by a job that asks for those steps, and refused, in words that say how, by the new default."""
+    old = recorded_settings(CamSettings(faithfulness_steps=16, faithfulness_spacing="uniform"), test_set)
+    del old["faithfulness"]["spacing"]
+    _published(tmp_path, "model=resnet_tiny/layer=layer3/method=gradcam", old)
+    check_settings(tmp_path, recorded_settings(CamSettings(faithfulness_steps=16, faithfulness_spacing="uniform"), test_set))
+    with pytest.raises(
+        ConfigError,
+        match=r"computed with faithfulness.steps 16 \(now asked for 12\), faithfulness.spacing 'uniform' \(now asked for 'quadratic'\); use the same",
+    ):
+        check_settings(tmp_path, recorded_settings(CamSettings(), test_set))
+
+
+def test_the_sample_leads_the_first_block_of_every_actor_and_no_row_is_lost(test_set):
+    """The faithfulness sample is split over the first ``actors`` blocks, at their head, so that it
+    fills whole batches on every actor (its curves then run in a few large forward passes); every
+    row comes once, with its own image, label and index, and the others keep their order."""
+    from cifarcam.cam.stage import sample_first_blocks
+
+    settings = CamSettings(faithfulness_images=6)
+    table = images_table(test_set, faithfulness=settings.faithfulness)
+    for rows, actors in ((8, 2), (8, 3), (128, 1), (1, 4), (5, 20)):
+        blocks = sample_first_blocks(table, rows, actors)
+        joined = pa.concat_tables(blocks)
+        assert sorted(joined["image_index"].to_pylist()) == sorted(table["image_index"].to_pylist())
+        flags = [b["faithfulness"].to_pylist() for b in blocks]
+        heads = [sum(f) for f in flags]
+        assert sum(heads) == 6 and all(f == sorted(f, reverse=True) for f in flags)  # sampled rows lead their block
+        assert heads[: min(actors, 6)] == [len(g) for g in np.array_split(np.arange(6), actors)][: min(actors, 6)]
+        others = [i for b in blocks for i, f in zip(b["image_index"].to_pylist(), b["faithfulness"].to_pylist()) if not f]
+        assert others == sorted(others)
+        by_index = {r["image_index"]: r for r in table.to_pylist()}
+        assert all(by_index[r["image_index"]] == r for r in joined.to_pylist())
+    assert sample_first_blocks(images_table(test_set), 8, 2)[0]["image_index"].to_pylist() == list(test_set.index[:8])  # no sample
+
+
 def test_partitions_of_another_test_set_are_refused(tmp_path, test_set):
     """A regenerated test set gets another fingerprint: stored ``image_index`` values would point at
     other images."""
@@ -165,26 +202,6 @@ def test_a_batch_without_a_sampled_image_has_null_aucs_and_the_same_schema(check
     assert len(aucs) == 2 * (1 + len(BASELINES)) and all(without[c].null_count == without.num_rows for c in aucs)
     assert not any(without["faithfulness_sample"].to_pylist())
     assert with_sample["deletion_auc_random"].null_count < with_sample.num_rows
-
-
-def test_the_sample_comes_first_and_every_row_keeps_its_image(test_set):
-    """The faithfulness sample's rows come first, so that they fill whole batches (its curves then
-    run in a few large forward passes, not one or two images' worth per batch); every row keeps its
-    image_index, label and image, and the others keep their order."""
-    from cifarcam.cam.faithfulness import sample
-
-    settings = CamSettings(faithfulness_images=5)
-    table = images_table(test_set, faithfulness=settings.faithfulness)
-    flags = table["faithfulness"].to_numpy(zero_copy_only=False)
-    assert flags[:5].all() and not flags[5:].any()
-    index = table["image_index"].to_numpy()
-    assert sorted(index) == list(test_set.index) and list(index[5:]) == sorted(index[5:])
-    assert set(index[:5]) == set(test_set.index[sample(len(test_set), settings.faithfulness)])
-    position = {i: k for k, i in enumerate(test_set.index)}
-    rows = [position[i] for i in index]
-    images = table["image"].combine_chunks().flatten().to_numpy().reshape(len(index), 32, 32, 3)
-    assert (images == test_set.images[rows]).all() and (table["label"].to_numpy() == test_set.labels[rows]).all()
-    assert images_table(test_set)["image_index"].to_pylist() == list(test_set.index)  # no sample: the test set's order
 
 
 def test_a_constant_map_has_no_statistics(tmp_path, test_set):

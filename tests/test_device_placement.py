@@ -103,7 +103,7 @@ def test_the_cam_fast_path_stays_on_the_device(family):
         stats |= localisation(heat, torch.zeros(8, 32, 32, dtype=torch.bool, device=META), stats["peak_y"], stats["peak_x"], tuple(grid.shape[-2:]))
         constant = constant_maps(out.spread[("pred", layers[0], "gradcam")], 16, 16)
         settings = FaithfulnessSettings(steps=4, images=128)
-        curves = deletion_insertion(model, x, heat, y, 4, blurred(x, settings.blur_sigma))
+        curves = deletion_insertion(model, x, heat, y, 4, blurred(x, settings.blur_sigma), spacing=settings.spacing)
         baselines = {"centre": centre_prior(8, 32, settings.centre_sigma, META), "edge": edge_map(x)}
     assert len(out.maps) == 2 * len(layers) * len(fast)
     assert {t.device for t in [*out.maps.values(), *out.spread.values(), *stats.values(), constant, *curves, *baselines.values()]} == {META}

@@ -34,11 +34,8 @@ OUTPUT_SCHEMA = pa.schema(list(results.CAMS) + [pa.field(name, pa.string()) for 
 
 def images_table(test: ImageSet, pred: np.ndarray | None = None, faithfulness: FaithfulnessSettings | None = None) -> pa.Table:
     """The test set as Arrow rows; ``pred``: the run's stored predicted class per image, if any;
-    ``faithfulness``: marks its seeded sample of rows, which come first (each row keeps its
-    ``image_index``). So the sample fills whole batches, and its curves run in a few large forward
-    passes: spread over the test set, 128 sampled images of 10,000 were one or two per 128-image
-    batch, and each batch ran its 9 maps' curves in passes of 20 to 40 inputs, whose fixed cost
-    was most of faithfulness (README, "The CAM stage at full size")."""
+    ``faithfulness``: marks its seeded sample of rows (``stage.sample_first_blocks`` puts them at
+    the head of the first blocks)."""
     n = len(test)
     in_sample = faithfulness_sample(n, faithfulness) if faithfulness is not None and faithfulness.enabled else np.zeros(n, bool)
     image = pa.FixedSizeListArray.from_arrays(pa.array(test.images.reshape(-1), pa.uint8()), SIDE * SIDE * 3)
@@ -47,8 +44,7 @@ def images_table(test: ImageSet, pred: np.ndarray | None = None, faithfulness: F
     else:
         mask = pa.nulls(n, pa.list_(pa.uint8(), SIDE * SIDE))
     pred_column = pa.array(pred, pa.int64()) if pred is not None else pa.nulls(n, pa.int64())
-    table = pa.table({"image_index": test.index, "label": test.labels, "pred": pred_column, "image": image, "mask": mask, "faithfulness": in_sample})
-    return table.take(np.argsort(~in_sample, kind="stable")) if in_sample.any() else table
+    return pa.table({"image_index": test.index, "label": test.labels, "pred": pred_column, "image": image, "mask": mask, "faithfulness": in_sample})
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def check_settings(cams_dir: Path, settings: dict) -> None:
         marker = _marker_text(partition)
         if marker is None:  # no marker: recomputed anyway
             continue
-        saved = marker.get("settings") or {}
+        saved = _as_now(marker.get("settings") or {})
         # A marker from before test-set fingerprints cannot say which test set it had: its other settings decide.
         wanted = settings if "test_set" in saved else {k: v for k, v in settings.items() if k != "test_set"}
         if saved != wanted:
@@ -151,13 +151,30 @@ def check_settings(cams_dir: Path, settings: dict) -> None:
             )
 
 
-def _differences(saved: dict, wanted: dict) -> str:
+def _as_now(saved: dict) -> dict:
+    """A marker's settings in today's terms: one written before faithfulness had a spacing used
+    uniform steps (the same thresholds and AUCs as today's uniform ones at 16 steps of 1,024
+    pixels), so `--faithfulness-steps 16 --faithfulness-spacing uniform` reuses it."""
+    faithfulness = saved.get("faithfulness")
+    if isinstance(faithfulness, dict) and "spacing" not in faithfulness:
+        return {**saved, "faithfulness": {**faithfulness, "spacing": "uniform"}}
+    return saved
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> str:
+    """The settings that differ, by name (``faithfulness.steps``: the differing keys of a nested
+    dict, not the whole dict)."""
     keys = [k for k in dict.fromkeys([*saved, *wanted]) if saved.get(k) != wanted.get(k)]
 
     def shown(value: object) -> str:  # a fingerprint's first digits are enough to tell two apart
         return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 40 else repr(value)
 
-    return ", ".join(f"{k} {shown(saved.get(k))} (now asked for {shown(wanted.get(k))})" for k in keys)
+    return ", ".join(
+        _differences(saved[k], wanted[k], f"{prefix}{k}.")
+        if isinstance(saved.get(k), dict) and isinstance(wanted.get(k), dict)
+        else f"{prefix}{k} {shown(saved.get(k))} (now asked for {shown(wanted.get(k))})"
+        for k in keys
+    )
 
 
 class Staging:
