@@ -93,14 +93,13 @@ def main() -> int:
 
     report: dict = {"run": str(args.run), "steps": steps, "models": {}}
     for model in models:
-        base = CamSettings(targets=("pred",))
-        rows, checkpoint = sample_rows(args.run, model, base)
+        rows, checkpoint = sample_rows(args.run, model, CamSettings(targets=("pred",)))
+        layers = resolve_layers(ModelSpec(**read_meta(checkpoint)["model"]), None, model)  # the same for every step count
         actors = {}
         for s in steps:
             count, spacing = int(s.rstrip("uq")), {"u": "uniform", "q": "quadratic"}.get(s[-1], "quadratic")
             settings = CamSettings(targets=("pred",), faithfulness_steps=count, faithfulness_spacing=spacing)
-            spec = ModelSpec(**read_meta(checkpoint)["model"])
-            actors[s] = CamActor(checkpoint, str(args.run), settings, resolve_layers(spec, None, model), device="cpu", threads=args.threads)
+            actors[s] = CamActor(checkpoint, str(args.run), settings, layers, device="cpu", threads=args.threads)
         explain(actors[steps[-1]], rows.slice(0, 4))  # warm: the first forward pays for allocations
         seconds = {s: [] for s in steps}
         tables = {}
