@@ -75,7 +75,8 @@ def set_aside(kind: JobKind, argv: list[str]) -> tuple[argparse.Namespace, list[
 def checked_runs(kind: JobKind, argv: list[str], prog: str, launcher: str, array: list[Path] | None = None) -> list[list[str]]:
     """One argument list per job to submit (one per ``array`` config, else one), each checked as
     the job checks it before any cluster time, with absolute paths. argparse's own mistakes (and
-    --help) exit here with the job's usage."""
+    --help) exit here with the job's usage. The data is not looked for here: it may be staged on
+    the nodes alone (``check_on_node`` looks there)."""
     aside, rest = set_aside(kind, argv)
     for option in OWN_CLUSTER:
         if getattr(aside, _dest(option), None) is not None:
@@ -90,6 +91,20 @@ def checked_runs(kind: JobKind, argv: list[str], prog: str, launcher: str, array
     if kind.name == "cam":
         return [_cam_run(args, rest)]
     return [_report_run(args, rest)]
+
+
+def check_on_node(kind: JobKind, argv: list[str]) -> None:
+    """On the node that would run the driver, before its Ray cluster starts: the launcher's
+    checks again, where the paths may differ from the launcher's host, and for a search that its
+    data is there. A mistake found here costs no Ray cluster on any node. (A CAM job's inputs,
+    the run folder and its checkpoints, were checked by the launcher, and every node sees them.)"""
+    if kind.name not in ("pipeline", "search"):
+        return
+    from cifarcam.data import check_data_present
+    from cifarcam.training import load_experiment
+
+    (runs,) = checked_runs(kind, argv, f"python -m {kind.module}", "the launcher")
+    check_data_present(load_experiment(Path(runs[runs.index("--config") + 1])).data)
 
 
 def _search_runs(kind: JobKind, args: argparse.Namespace, rest: list[str], array: list[Path] | None) -> list[list[str]]:

@@ -63,7 +63,7 @@ import psutil
 from cifarcam.errors import ConfigError, UserError
 from cifarcam.ray_env import NODE_ENV
 from cifarcam.results import write_text_atomic
-from cluster.job_kinds import JOBS
+from cluster.job_kinds import JOBS, check_on_node
 from jobs.common import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,11 +279,26 @@ class _Node:
             if not kind.uses_ray:
                 rc = self._driver(job.name, kind.driver_args(job.args, None, restarted), "one node, no Ray")
             else:
-                rc = self._head_and_driver(job, restarted)
+                rc = self._checked_here(job, restarted)
+                if rc == 0:
+                    rc = self._head_and_driver(job, restarted)
         finally:
             (meeting / DONE_FILE).touch()  # the workers leave (or never wait for a head that will not come)
         write_text_atomic(meeting.parent / STATUS_FILE, json.dumps({"returncode": rc, "resumed": restarted}))
         return rc
+
+    def _checked_here(self, job: JobToRun, restarted: bool) -> int:
+        """0, or the job's status for a user error (2) with its one line: the job's checks on
+        this node before any Ray starts (``check_on_node``: a search's data may be missing here
+        alone). Each would otherwise come only after the cluster's start on every node."""
+        kind = JOBS[job.name]
+        try:
+            check_on_node(kind, kind.driver_args(job.args, None, restarted))
+        except UserError as err:
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            print(f"[cifarcam] {kind.module} refused its input on this node; no Ray started", flush=True)
+            return 2
+        return 0
 
     def _head_and_driver(self, job: JobToRun, restarted: bool) -> int:
         meeting, nodes = self.role.meeting, self.role.nodes

@@ -237,6 +237,32 @@ def test_bad_input_fails_in_one_line_before_any_trial(case, tmp_path, existing_r
     assert not Path("/tmp/cifarcam-pwned").exists()
 
 
+def case_missing_test_split(tmp_path, data):
+    folder = _parquet_dir(tmp_path / "ds", pa.table({"image": [_png()], "label": [0]}))
+    (folder / "test.parquet").unlink()
+    return f"name: x\ndata: {{source: parquet, path: {folder}}}\n", f"error: data.path {folder}: no test.parquet in it; expected train.parquet and test.parquet"
+
+
+@pytest.mark.parametrize("case", [case_missing_dataset_dir, case_missing_test_split, case_dataset_not_cached_offline])
+def test_a_node_refuses_missing_data_as_the_job_would_before_its_ray_starts(case, tmp_path, cifar10_parquet, capsys):
+    """What a SLURM or plain-launcher node checks before its Ray cluster starts
+    (``check_on_node``): the job's own line for data that is not there, without reading any;
+    data that is there passes, and a CAM job is left to its launcher's checks."""
+    from cifarcam.errors import UserError
+    from cluster.job_kinds import JOBS, check_on_node
+
+    text, expected = case(tmp_path, None)
+    argv = ["--config", str(_config(tmp_path, text)), "--out", str(tmp_path / "run")]
+    with pytest.raises(UserError) as refused:
+        check_on_node(JOBS["search"], argv)
+    assert f"error: {refused.value}".startswith(expected)
+    proc = in_process(capsys, "jobs.search", *argv)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {refused.value}", proc.stderr
+    present = _config(tmp_path, f"name: x\ndata: {{source: parquet, path: {cifar10_parquet}}}\n")
+    check_on_node(JOBS["pipeline"], ["--config", str(present), "--out", str(tmp_path / "run")])
+    check_on_node(JOBS["cam"], ["--run", str(tmp_path / "no-run")])
+
+
 def test_resume_with_a_mistyped_out_refuses_instead_of_starting_afresh(tmp_path, existing_run, capsys):
     """--resume names a search to continue: a folder without it is a typo, not a fresh start (a
     requeued SLURM attempt passes --resume-if-started instead, which starts it)."""

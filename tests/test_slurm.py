@@ -303,9 +303,10 @@ def test_pipeline_on_two_nodes_requeued_mid_search_resumes_and_completes(slurm, 
     assert _sacct_state(job) == "COMPLETED"
 
 
-def test_array_runs_one_sweep_per_config_and_a_failing_driver_fails_its_task(slurm, tmp_path):
-    """Two configs whose data is missing: each array task runs its own config and fails on it, in
-    the driver on its node; the launcher's status is the driver's, and SLURM records FAILED."""
+def test_array_runs_one_sweep_per_config_and_a_config_refused_on_its_node_fails_its_task(slurm, tmp_path):
+    """Two configs whose data is missing: each array task checks its own config on its node and
+    fails on it before any Ray starts there; the launcher's status is the job's (2, a user
+    error), and SLURM records FAILED."""
     configs = []
     for name in ("sweep_a", "sweep_b"):
         path = tmp_path / f"{name}.yaml"
@@ -341,6 +342,8 @@ def test_array_runs_one_sweep_per_config_and_a_failing_driver_fails_its_task(slu
     for (job, _, _), name in zip(jobs, ("sweep_a", "sweep_b")):
         err = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
         assert f"error: data.path /nonexistent-{name}: not a folder" in err
+        assert "no Ray started" in (tmp_path / "logs" / job / f"{job}_0_log.out").read_text()
+        assert not (tmp_path / "logs" / job / "attempt-0" / "ray-head.log").exists()
         assert f"job {job}: driver exit status 2" in proc.stdout  # jobs.pipeline's status for a user error
         deadline = time.monotonic() + 60
         while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:

@@ -7,6 +7,6 @@ __getattr__, __dir__, __all__ = lazy_face(
     __name__,
     {
         "image_set": ["ImageSet"],
-        "splits": ["CIFAR_MEAN", "CIFAR_STD", "Splits", "load_splits"],
+        "splits": ["CIFAR_MEAN", "CIFAR_STD", "Splits", "check_data_present", "load_splits"],
     },
 )

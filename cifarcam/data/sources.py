@@ -134,7 +134,9 @@ def _reader_for(path: Path, release: CifarRelease) -> Callable[[str], bytes]:
     return read_member
 
 
-def _locate(source: str, path: str | None, cache_dir: str, download: bool) -> Path:
+def locate_cifar(source: str, path: str | None, cache_dir: str, download: bool) -> Path:
+    """The official release's folder or archive: ``path``, else the cache (downloaded there when
+    ``download`` allows)."""
     release = CIFAR_RELEASES[source]
     if path is not None:
         p = Path(path).expanduser()
@@ -183,7 +185,7 @@ def read_cifar_split(source: str, path: Path, split: str) -> ImageSet:
 
 
 def read_cifar(source: str, path: str | None, cache_dir: str, download: bool) -> tuple[ImageSet, ImageSet]:
-    located = _locate(source, path, cache_dir, download)
+    located = locate_cifar(source, path, cache_dir, download)
     return read_cifar_split(source, located, "train"), read_cifar_split(source, located, "test")
 
 
@@ -275,13 +277,22 @@ def _object_masks(table: Any, file: Path, size: tuple[int, int]) -> np.ndarray |
     return None
 
 
-def read_parquet_dir(path: str | None) -> tuple[ImageSet, ImageSet]:
-    """``train.parquet`` and ``test.parquet`` (plus an optional ``classes.json``) in ``path``."""
+def parquet_folder(path: str | None) -> Path:
+    """The folder of a ``parquet`` source, which holds ``train.parquet`` and ``test.parquet``."""
     if path is None:
         raise ConfigError("data.path: required for source 'parquet' (a folder with train.parquet and test.parquet)")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DataError(f"data.path {folder}: not a folder; expected train.parquet and test.parquet in it")
+    for name in ("train.parquet", "test.parquet"):
+        if not (folder / name).is_file():
+            raise DataError(f"data.path {folder}: no {name} in it; expected train.parquet and test.parquet")
+    return folder
+
+
+def read_parquet_dir(path: str | None) -> tuple[ImageSet, ImageSet]:
+    """``train.parquet`` and ``test.parquet`` (plus an optional ``classes.json``) in ``path``."""
+    folder = parquet_folder(path)
     names = _class_names(folder / "classes.json") if (folder / "classes.json").is_file() else None
     return read_parquet_split(folder / "train.parquet", names), read_parquet_split(folder / "test.parquet", names)
 

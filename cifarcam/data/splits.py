@@ -70,6 +70,16 @@ def _check_side(images: ImageSet, cfg: DataConfig) -> None:
         )
 
 
+def check_data_present(cfg: DataConfig) -> None:
+    """That the configured data is where the config says, without reading it: what
+    ``load_splits`` would refuse first, checked in a moment (a node runs this before its Ray
+    cluster starts). A release that ``data.download`` may still fetch counts as present."""
+    if cfg.source == "parquet":
+        sources.parquet_folder(cfg.path)
+    elif cfg.source in ("cifar10", "cifar100") and (cfg.path is not None or not cfg.download):
+        sources.locate_cifar(cfg.source, cfg.path, cfg.cache_dir, download=False)
+
+
 def load_splits(cfg: DataConfig) -> Splits:
     """Read the configured source and return the seeded 90/10 train/val split and the test set."""
     if cfg.source == "synthetic":
