@@ -217,10 +217,11 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
 
 
 def run_node(role: NodeRole, job: JobToRun, options: RayNodeOptions) -> int:
-    """This node's part: on rank 0 a Ray head, then the job's driver, whose exit status is
-    returned (written to ``<meeting>/../driver-status.json`` too); elsewhere a Ray worker until the
-    driver ends (0), or 1 when the head ended before Ray started. A job that uses no Ray (the
-    report) runs on rank 0 alone."""
+    """This node's part: on rank 0 the job's checks that need no cluster (``check_on_node``), a
+    Ray head, then the job's driver, whose exit status is returned (written to
+    ``<meeting>/../driver-status.json`` too); elsewhere a Ray worker until the driver ends (0), or
+    1 when the head ended before Ray started. A job that uses no Ray (the report) runs on rank 0
+    alone."""
     role.meeting.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.gettempdir()) / f"cfr-{role.label}-{role.attempt}-{role.rank}"  # short: AF_UNIX paths
     os.environ.update(
