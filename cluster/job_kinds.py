@@ -9,6 +9,7 @@ folder): a mistake costs no allocation. Paths are made absolute: the nodes need 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from cifarcam.errors import ConfigError, UserError
 
 OWN_CLUSTER = ("--address", "--num-cpus", "--num-gpus")  # what the allocation's own Ray cluster sets
+DRIVER_CWD = Path(__file__).resolve().parent.parent  # the project's folder: each node runs the job's driver there
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,19 @@ def checked_runs(kind: JobKind, argv: list[str], prog: str, launcher: str, array
 def check_on_node(kind: JobKind, argv: list[str]) -> None:
     """On the node that would run the driver, before its Ray cluster starts: the launcher's
     checks again, where the paths may differ from the launcher's host, and for a search that its
-    data is there. A mistake found here costs no Ray cluster on any node. (A CAM job's inputs,
-    the run folder and its checkpoints, were checked by the launcher, and every node sees them.)"""
+    data is there (not for a --dry-run, which reads none). A mistake found here costs no Ray
+    cluster on any node. (A CAM job's inputs, the run folder and its checkpoints, were checked by
+    the launcher, and every node sees them.) Relative paths are taken as the driver takes them,
+    from the project's folder, where it runs."""
     if kind.name not in ("pipeline", "search"):
         return
     from cifarcam.data import check_data_present
     from cifarcam.training import load_experiment
 
-    (runs,) = checked_runs(kind, argv, f"python -m {kind.module}", "the launcher")
-    check_data_present(load_experiment(Path(runs[runs.index("--config") + 1])).data)
+    with contextlib.chdir(DRIVER_CWD):
+        (runs,) = checked_runs(kind, argv, f"python -m {kind.module}", "the launcher")
+        if "--dry-run" not in argv:
+            check_data_present(load_experiment(Path(runs[runs.index("--config") + 1])).data)
 
 
 def _search_runs(kind: JobKind, args: argparse.Namespace, rest: list[str], array: list[Path] | None) -> list[list[str]]:

@@ -63,10 +63,9 @@ import psutil
 from cifarcam.errors import ConfigError, UserError
 from cifarcam.ray_env import NODE_ENV
 from cifarcam.results import write_text_atomic
-from cluster.job_kinds import JOBS, check_on_node
+from cluster.job_kinds import DRIVER_CWD, JOBS, check_on_node
 from jobs.common import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 HEAD_FILE, DONE_FILE, STATUS_FILE = "ray-head.json", "driver-done", "driver-status.json"
 
 
@@ -295,7 +294,7 @@ class _Node:
         kind = JOBS[job.name]
         try:
             check_on_node(kind, kind.driver_args(job.args, None, restarted))
-        except UserError as err:
+        except (UserError, OSError) as err:  # OSError: a data path this node may not read
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
             print(f"[cifarcam] {kind.module} refused its input on this node; no Ray started", flush=True)
             return 2
@@ -334,7 +333,7 @@ class _Node:
     def _driver(self, name: str, args: list[str], where: str) -> int:
         module = JOBS[name].module
         print(f"[cifarcam] {where}; running {module} {' '.join(args)}", flush=True)
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT).returncode
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=DRIVER_CWD).returncode
 
     def _wait_for_nodes(self, dashboard: str, head: subprocess.Popen, log: Path, need: int) -> None:
         """Until ``need`` nodes are alive, as the head's state API (on its dashboard) reports them."""

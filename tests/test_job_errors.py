@@ -258,9 +258,15 @@ def test_a_node_refuses_missing_data_as_the_job_would_before_its_ray_starts(case
     assert f"error: {refused.value}".startswith(expected)
     proc = in_process(capsys, "jobs.search", *argv)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {refused.value}", proc.stderr
-    present = _config(tmp_path, f"name: x\ndata: {{source: parquet, path: {cifar10_parquet}}}\n")
-    check_on_node(JOBS["pipeline"], ["--config", str(present), "--out", str(tmp_path / "run")])
+    check_on_node(JOBS["search"], [*argv, "--dry-run"])  # it reads no data
     check_on_node(JOBS["cam"], ["--run", str(tmp_path / "no-run")])
+    present = _config(tmp_path, f"name: x\ndata: {{source: parquet, path: {cifar10_parquet}}}\n")
+    out = tmp_path / "run"
+    check_on_node(JOBS["pipeline"], ["--config", str(present), "--out", str(out)])
+    (out / "tune" / "x").mkdir(parents=True)  # a search an earlier attempt began: a requeue continues it
+    check_on_node(JOBS["pipeline"], JOBS["pipeline"].driver_args(["--config", str(present), "--out", str(out)], None, restarted=True))
+    with pytest.raises(UserError, match="--resume"):
+        check_on_node(JOBS["pipeline"], ["--config", str(present), "--out", str(out)])
 
 
 def test_resume_with_a_mistyped_out_refuses_instead_of_starting_afresh(tmp_path, existing_run, capsys):

@@ -343,7 +343,7 @@ def test_array_runs_one_sweep_per_config_and_a_config_refused_on_its_node_fails_
         err = (tmp_path / "logs" / job / f"{job}_0_log.err").read_text()
         assert f"error: data.path /nonexistent-{name}: not a folder" in err
         assert "no Ray started" in (tmp_path / "logs" / job / f"{job}_0_log.out").read_text()
-        assert not (tmp_path / "logs" / job / "attempt-0" / "ray-head.log").exists()
+        assert (tmp_path / "logs" / job / "attempt-0").is_dir() and not (tmp_path / "logs" / job / "attempt-0" / "ray-head.log").exists()
         assert f"job {job}: driver exit status 2" in proc.stdout  # jobs.pipeline's status for a user error
         deadline = time.monotonic() + 60
         while _sacct_state(job) != "FAILED" and time.monotonic() < deadline:

@@ -71,9 +71,10 @@ def _check_side(images: ImageSet, cfg: DataConfig) -> None:
 
 
 def check_data_present(cfg: DataConfig) -> None:
-    """That the configured data is where the config says, without reading it: what
-    ``load_splits`` would refuse first, checked in a moment (a node runs this before its Ray
-    cluster starts). A release that ``data.download`` may still fetch counts as present."""
+    """That the configured data is where the config says, without decoding it: what
+    ``load_splits`` would refuse first, in a moment (a node runs this before its Ray cluster
+    starts). A cached archive's checksum is verified, as the job verifies it; a release that
+    ``data.download`` may still fetch counts as present."""
     if cfg.source == "parquet":
         sources.parquet_folder(cfg.path)
     elif cfg.source in ("cifar10", "cifar100") and (cfg.path is not None or not cfg.download):
