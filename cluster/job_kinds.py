@@ -74,11 +74,11 @@ def set_aside(kind: JobKind, argv: list[str]) -> tuple[argparse.Namespace, list[
     return p.parse_known_args(argv)
 
 
-def checked_runs(kind: JobKind, argv: list[str], prog: str, launcher: str, array: list[Path] | None = None) -> list[list[str]]:
+def checked_runs(kind: JobKind, argv: list[str], prog: str, launcher: str, array: list[Path] | None = None, look_for_data: bool = False) -> list[list[str]]:
     """One argument list per job to submit (one per ``array`` config, else one), each checked as
     the job checks it before any cluster time, with absolute paths. argparse's own mistakes (and
-    --help) exit here with the job's usage. The data is not looked for here: it may be staged on
-    the nodes alone (``check_on_node`` looks there)."""
+    --help) exit here with the job's usage. A search's data is looked for only when asked
+    (``look_for_data``, on a node: it may be staged on the nodes alone), and never for a --dry-run."""
     aside, rest = set_aside(kind, argv)
     for option in OWN_CLUSTER:
         if getattr(aside, _dest(option), None) is not None:
@@ -89,7 +89,7 @@ def checked_runs(kind: JobKind, argv: list[str], prog: str, launcher: str, array
         raise ConfigError("--array: each config is one array task; do not pass --config as well")
     args = kind.parser(prog).parse_args([*argv, "--config", str(array[0])] if array else argv)
     if kind.name in ("pipeline", "search"):
-        return _search_runs(kind, args, rest, array)
+        return _search_runs(kind, args, rest, array, look_for_data and not getattr(args, "dry_run", False))
     if kind.name == "cam":
         return [_cam_run(args, rest)]
     return [_report_run(args, rest)]
@@ -102,18 +102,13 @@ def check_on_node(kind: JobKind, argv: list[str]) -> None:
     cluster on any node. (A CAM job's inputs, the run folder and its checkpoints, were checked by
     the launcher, and every node sees them.) Relative paths are taken as the driver takes them,
     from the project's folder, where it runs."""
-    if kind.name not in ("pipeline", "search"):
-        return
+    if kind.name in ("pipeline", "search"):
+        with contextlib.chdir(DRIVER_CWD):
+            checked_runs(kind, argv, f"python -m {kind.module}", "the launcher", look_for_data=True)
+
+
+def _search_runs(kind: JobKind, args: argparse.Namespace, rest: list[str], array: list[Path] | None, look_for_data: bool) -> list[list[str]]:
     from cifarcam.data import check_data_present
-    from cifarcam.training import load_experiment
-
-    with contextlib.chdir(DRIVER_CWD):
-        (runs,) = checked_runs(kind, argv, f"python -m {kind.module}", "the launcher")
-        if "--dry-run" not in argv:
-            check_data_present(load_experiment(Path(runs[runs.index("--config") + 1])).data)
-
-
-def _search_runs(kind: JobKind, args: argparse.Namespace, rest: list[str], array: list[Path] | None) -> list[list[str]]:
     from cifarcam.results import check_writable
     from cifarcam.search import check_resumable
     from cifarcam.training import load_experiment  # torch: after --help, which exits in parse_args
@@ -132,6 +127,8 @@ def _search_runs(kind: JobKind, args: argparse.Namespace, rest: list[str], array
         out = (args.out / cfg.name if array and args.out else args.out) or Path("results") / cfg.name
         check_resumable(cfg, out.resolve(), args.resume or args.resume_if_started, must_exist=args.resume)  # a mistyped --out costs no allocation
         check_writable(out)
+        if look_for_data:
+            check_data_present(cfg.data)
         runs.append([*rest, "--config", str(Path(config).resolve()), "--out", str(out.resolve())])
     return runs
 
