@@ -26,7 +26,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from helpers import ROOT, SMALL_SEARCH, in_process, write_config
+from helpers import ROOT, SMALL_SEARCH, BackgroundJob, in_process, run_job, write_config
 
 STATE = Path("/tmp/cifarcam-slurm")
 SLURM_ENV = {**os.environ, "SLURM_STATE_DIR": str(STATE), "SLURM_NODES": "2", "SLURM_NETNS": "1"}
@@ -133,50 +133,83 @@ def _markers(run: Path, model: str, method: str) -> dict[str, int]:
     return {p.parent.parent.name: p.stat().st_mtime_ns for p in (run / "cams" / f"model={model}").glob(f"layer=*/method={method}/_COMPLETE.json")}
 
 
-def test_cam_on_two_nodes_requeued_mid_stage_finishes_every_partition_once(slurm, demo_run, tmp_path):
-    """`cluster.slurm cam` explains a finished demo run (its search's checkpoints; its maps left
-    out, so that the smallest work may be asked for: one target, no faithfulness curves) on two
-    nodes (the Ray head on one, a worker at its own address on the other), and `scontrol requeue`
-    lands once the first model's partitions are published and before the second's are. The second
-    attempt skips what the first published (its markers are untouched), computes the rest, and at
-    the end every partition is complete, with one row per image, none twice. (Another method beside
-    existing maps, on one node: tests/test_cam_concurrency.py.)"""
+def test_two_cam_jobs_on_one_run_one_requeued_mid_stage_lose_nothing_and_recompute_nothing(slurm, demo_run, tmp_path):
+    """CAM jobs on one run folder as users start them: `cluster.slurm cam` explains every model of a
+    finished demo run (its search's checkpoints; its maps left out) on two nodes (the Ray head on
+    one, a worker at its own address on the other), while a second job on this host (its own local
+    Ray) explains one checkpoint with another method. `scontrol requeue` lands once the SLURM job's
+    first model is published and before its second is, and one of the published partitions goes
+    missing then (as an `rm` would). The second attempt skips what the first published (its markers
+    untouched), computes the missing one and the second model; the local job is not disturbed. Then
+    every partition is complete once, with one row per image; each job's sanity check is stored;
+    a rerun with nothing left starts no Ray; and the copied run explained its own checkpoints. The
+    smallest work that shows it: one target, no faithfulness curves, a small sanity sample."""
     layers = {m.name.removeprefix("model="): sorted(_markers(demo_run, m.name.removeprefix("model="), "gradcam")) for m in (demo_run / "cams").glob("model=*")}
     run = _copy_run(demo_run, tmp_path, "cams", "sanity")
     models = [m for (m,) in duckdb.sql(f"select model from '{run}/accuracy.parquet' order by model").fetchall()]  # the stage's order
-    assert len(models) == 2 and sorted(layers) == models and all(layers.values())
-    # the smallest work: one target, no faithfulness curves, no sanity check (its tasks, and their
-    # survival of a kill, are tests/test_cam_concurrency.py's)
-    cam = ["cam", "--run", str(run), "--methods", "layercam", "--targets", "pred", "--faithfulness-steps", "0", "--sanity-images", "0"]
-    proc = _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), *cam])
+    assert len(models) == 2 and sorted(layers) == models and all(len(found) > 1 for found in layers.values())
+    stored = duckdb.sql(f"select checkpoint from '{run}/accuracy.parquet' where model = '{models[1]}'").fetchall()[0][0]
+    checkpoint = str(run / stored)  # the copy's own: checkpoints are stored relative to the run folder
+    common = ["--run", str(run), "--targets", "pred", "--faithfulness-steps", "0", "--sanity-images", "16"]
+    proc = _popen([*LAUNCH, "--logs", str(tmp_path / "logs"), "cam", *common, "--methods", "layercam"])
     job = _job_id(proc)
-    deadline = time.monotonic() + 300
-    while sorted(_markers(run, models[0], "layercam")) != layers[models[0]]:
-        assert time.monotonic() < deadline and proc.poll() is None, "the first model's partitions were not published"
+    attempt0 = tmp_path / "logs" / job / "attempt-0"
+    deadline = time.monotonic() + 420
+    while not (attempt0 / "ray-head.json").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the SLURM job's Ray did not start"
         time.sleep(0.2)
-    first = _markers(run, models[0], "layercam")
-    assert not _markers(run, models[1], "layercam"), "the second model finished before the requeue"
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-    out, err = _finish(proc)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    local_job = ["jobs.cam", *common, "--num-cpus", "2", "--checkpoint", checkpoint, "--methods", "xgradcam"]
+    with BackgroundJob(tmp_path / "local.log", *local_job) as local:  # starts while the SLURM job's attempt runs
+        assert not (attempt0 / "driver-done").exists()
+        while sorted(_markers(run, models[0], "layercam")) != layers[models[0]]:
+            assert time.monotonic() < deadline and proc.poll() is None, "the first model's partitions were not published"
+            time.sleep(0.2)
+        assert not _markers(run, models[1], "layercam"), "the second model finished before the requeue"
+        missing, *kept = sorted(_markers(run, models[0], "layercam"))
+        shutil.rmtree(run / "cams" / f"model={models[0]}" / missing / "method=layercam")
+        first = _markers(run, models[0], "layercam")
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        out, err = _finish(proc)
+        assert proc.returncode == 0, out[-2000:] + err[-3000:]
+        assert local.finish() == 0, local.output()[-3000:]  # the other job is not disturbed
+    images = duckdb.sql(f"select count(*) from '{run}/predictions.parquet' where model = '{models[1]}'").fetchall()[0][0]
+    assert f"cams {models[1]} (xgradcam): {images}/{images} images (100%)" in local.output()
+
     logs = tmp_path / "logs" / job
     driver = (logs / f"{job}_0_log.out").read_text()
     assert json.loads((logs / "driver-status.json").read_text()) == {"returncode": 0, "resumed": True}
     assert (logs / "attempt-1").is_dir() and "2 Ray node(s) up at 10.77.0.1:" in driver
-    assert f"running jobs.cam --methods layercam --targets pred --faithfulness-steps 0 --sanity-images 0 --run {run} --address 10.77.0.1:" in driver
+    attempts = [line.split("running jobs.cam ", 1)[1].split() for line in driver.splitlines() if "running jobs.cam " in line]
+    assert len(attempts) == 2  # each attempt's driver: the job's options as given (in the launcher's order), then its cluster
+    for ran in attempts:
+        assert ran[-2] == "--address" and ran[-1].startswith("10.77.0.1:")
+        assert sorted(zip(ran[:-2:2], ran[1:-2:2])) == sorted([*zip(common[::2], common[1::2]), ("--methods", "layercam")])
     assert "--resume" not in driver  # a CAM job's rerun needs no flag: it skips complete partitions
-    assert "10.77.0.2" in (logs / "attempt-0" / "ray-worker-1.log").read_text()  # the second node's Ray at its own address
+    assert "10.77.0.2" in (attempt0 / "ray-worker-1.log").read_text()  # the second node's Ray at its own address
     # before any work, a task on each node read the driver's token in the run folder and could not take its lock
     assert "run folder: one folder, with shared locks, on all 2 nodes" in driver
-    assert _markers(run, models[0], "layercam") == first  # skipped, not recomputed
+    after = _markers(run, models[0], "layercam")
+    assert {k: after[k] for k in kept} == first and missing in after  # the published ones skipped, the missing one computed again
     assert sorted(_markers(run, models[1], "layercam")) == layers[models[1]]
-    cams = f"'{run}/cams/**/*.parquet'"
-    images = duckdb.sql(f"select count(*) from '{run}/predictions.parquet' where model = '{models[0]}'").fetchall()[0][0]
-    per_partition = duckdb.sql(f"select count(*) from {cams} where method = 'layercam' group by model, layer").fetchall()
-    assert sorted(n for (n,) in per_partition) == [images] * sum(map(len, layers.values()))  # one target
-    duplicates = duckdb.sql(f"select count(*) from {cams} group by model, layer, method, target, image_index having count(*) > 1").fetchall()
-    assert duplicates == []
-    assert not list((run / ".staging").rglob("*.parquet"))  # what the killed attempt staged was swept
+    assert not list((run / ".staging").rglob("*.parquet"))  # what the requeued attempt staged was swept
+
+    # every model's maps, each (layer, method) complete once: nothing lost, nothing twice
+    counts = duckdb.sql(f"select model, layer, method, count(*), count(distinct image_index) from '{run}/cams/**/*.parquet' group by all").fetchall()
+    assert all(n == distinct == images for *_, n, distinct in counts), counts
+    expected = {(m, "layercam") for m in models} | {(models[1], "xgradcam")}
+    assert {(m, k) for m, _, k, *_ in counts} == expected
+    assert len(counts) == sum(len(layers[m]) for m, _ in expected)
+    # the sanity check of each job's methods: one file per model and method
+    sanity = duckdb.sql(f"select distinct model, method from read_parquet('{run}/sanity/*/*.parquet')").fetchall()
+    assert set(sanity) == expected and len(list((run / "sanity").glob("*/*.parquet"))) == len(expected)
+
+    noop = run_job("jobs.cam", *common, "--checkpoint", checkpoint, "--methods", "layercam,xgradcam", timeout=300)
+    assert noop.returncode == 0, noop.stderr[-3000:]
+    assert f"cams: 0 partitions written, {2 * len(layers[models[1]])} already complete" in noop.stdout
+    assert "Started a local Ray" not in noop.stdout + noop.stderr  # nothing to compute: no cluster
+    # the copied run explained its own checkpoints (its tables store them relative to the run folder), not the original's
+    claims = [json.loads(p.read_text())["checkpoint"] for p in (run / "cams").glob("model=*/_SOURCE.json")]
+    assert len(claims) == 2 and all(Path(c).is_relative_to(run.resolve() / "train") for c in claims), claims
 
 
 def test_the_report_runs_on_one_cpu_node_without_ray(slurm, demo_run, tmp_path):
