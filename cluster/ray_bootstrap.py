@@ -193,21 +193,6 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, what: str, poll_s: f
 # -- the node's process -------------------------------------------------------------------------
 
 
-def _check_alive(head: subprocess.Popen, log: Path) -> None:
-    if head.poll() is not None:
-        raise RuntimeError(f"the Ray head exited with status {head.returncode}; see {log}")
-
-
-def _listening(head: subprocess.Popen, log: Path, ip: str, port: int) -> bool:
-    """Whether the Ray head's GCS accepts connections at ``ip:port`` (its head process alive)."""
-    _check_alive(head, log)
-    try:
-        with socket.create_connection((ip, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 class AttemptEnded(BaseException):
     """The scheduler is ending this attempt (requeue, preemption, cancel, time limit). A
     BaseException so that nothing reports it as the job's result: SLURM's waiting client keeps
@@ -335,12 +320,11 @@ class _Node:
         with open(log, "ab") as out:
             head = self._ray_start(ip, address, head_options, out)
         try:
-            # The workers need the head's GCS alone: they join while its dashboard starts (about
-            # 10 s here), and Ray's worker start retries until the head has published its session.
-            wait_until(lambda: _listening(head, log, ip, gcs), self.options.join_timeout_s, f"Ray head's GCS at {address}", poll_s=0.2)
+            api = f"http://127.0.0.1:{dashboard}"
+            self._wait_for_nodes(api, head, log, need=1)
             # Atomic: a worker polling on NFS must never read an empty or half-written file.
             write_text_atomic(meeting / HEAD_FILE, json.dumps({"address": address}))  # workers may now join
-            self._wait_for_nodes(f"http://127.0.0.1:{dashboard}", head, log, need=nodes)
+            self._wait_for_nodes(api, head, log, need=nodes)
             return self._driver(job.name, JOBS[job.name].driver_args(job.args, address, restarted), f"{nodes} Ray node(s) up at {address}")
         finally:
             (meeting / DONE_FILE).touch()  # the workers leave first, before their GCS goes
@@ -357,7 +341,8 @@ class _Node:
         request = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=10000", headers={"Authorization": f"Bearer {token}"})
 
         def alive() -> bool:
-            _check_alive(head, log)
+            if head.poll() is not None:
+                raise RuntimeError(f"the Ray head exited with status {head.returncode}; see {log}")
             try:
                 with urllib.request.urlopen(request, timeout=5) as response:
                     nodes = json.load(response)["data"]["result"]["result"]
