@@ -164,7 +164,7 @@ def test_two_cam_jobs_on_one_run_one_requeued_mid_stage_lose_nothing_and_recompu
     while len(_published(run, models[0], methods)) < len(methods) * len(layers[models[0]]):
         assert time.monotonic() < deadline and proc.poll() is None, "the first model's partitions were not published"
         time.sleep(0.2)
-    assert not _published(run, models[1], methods), "the second model finished before the requeue"
+    assert not _published(run, models[1], methods), "the second model was published before the requeue could land"
     local_job = ["jobs.cam", "--run", str(run), *common, "--num-cpus", "2", "--checkpoint", checkpoint, "--methods", "xgradcam"]
     with BackgroundJob(tmp_path / "local.log", *local_job) as local:
         missing, *kept = sorted(_published(run, models[0], methods))
@@ -198,7 +198,7 @@ def test_two_cam_jobs_on_one_run_one_requeued_mid_stage_lose_nothing_and_recompu
     assert {k: after[k] for k in kept} == first and missing in after
     assert {p: p.stat().st_mtime_ns for p in files} == files  # the finished parts untouched
     assert len(_published(run, models[1], methods)) == len(methods) * len(layers[models[1]])
-    assert not (run / ".staging").exists()  # what the requeued attempt staged was swept
+    assert not (run / ".staging").exists()  # no staging left: the requeued attempt's swept, each finished job's removed
 
     # every model's maps, each (layer, method) complete once: nothing lost, nothing twice
     counts = duckdb.sql(f"select model, layer, method, count(*), count(distinct image_index) from '{run}/cams/**/*.parquet' group by all").fetchall()
@@ -211,10 +211,11 @@ def test_two_cam_jobs_on_one_run_one_requeued_mid_stage_lose_nothing_and_recompu
     assert set(sanity) == expected and len(list((run / "sanity").glob("*/*.parquet"))) == len(expected)
 
     every_method = ",".join((*methods, "xgradcam"))
+    job_logs = set((run / "logs").iterdir())  # each job that starts Ray keeps Ray's logs in a folder of its own there
     noop = run_job("jobs.cam", "--run", str(run), *common, "--checkpoint", checkpoint, "--methods", every_method, timeout=300)
     assert noop.returncode == 0, noop.stderr[-3000:]
     assert f"cams: 0 partitions written, {3 * len(layers[models[1]])} already complete" in noop.stdout
-    assert "Started a local Ray" not in noop.stdout + noop.stderr  # nothing to compute: no cluster
+    assert set((run / "logs").iterdir()) == job_logs and "Ray's logs:" not in noop.stdout + noop.stderr  # nothing to compute: no Ray
     # the copied run explained its own checkpoints (its tables store them relative to the run folder), not the original's
     claims = [json.loads(p.read_text())["checkpoint"] for p in (run / "cams").glob("model=*/_SOURCE.json")]
     assert len(claims) == 2 and all(Path(c).is_relative_to(run.resolve() / "train") for c in claims), claims
